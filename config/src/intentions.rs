@@ -1,0 +1,98 @@
+//! Intentions as operators write them: `source`, `action`, default policy.
+
+use crate::identity::{IdentityError, Name};
+use std::fmt;
+
+/// What an intention does with a matching caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "allow" => Some(Action::Allow),
+            "deny" => Some(Action::Deny),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The caller an intention names: `*`, `svc` (in the destination's namespace) or `ns/svc`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    Any,
+    Service { namespace: Option<Name>, name: Name },
+}
+
+impl Source {
+    pub fn parse(s: &str) -> Result<Self, IdentityError> {
+        if s == "*" {
+            return Ok(Source::Any);
+        }
+        match s.split_once('/') {
+            Some((ns, svc)) => Ok(Source::Service {
+                namespace: Some(Name::new(ns)?),
+                name: Name::new(svc)?,
+            }),
+            None => Ok(Source::Service {
+                namespace: None,
+                name: Name::new(s)?,
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Any => f.write_str("*"),
+            Source::Service {
+                namespace: Some(ns),
+                name,
+            } => write!(f, "{ns}/{name}"),
+            Source::Service {
+                namespace: None,
+                name,
+            } => write!(f, "{name}"),
+        }
+    }
+}
+
+/// One L4 rule: a source and what to do with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub source: Source,
+    pub action: Action,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources() {
+        assert_eq!(Source::parse("*").unwrap(), Source::Any);
+        assert_eq!(Source::parse("web").unwrap().to_string(), "web");
+        assert_eq!(Source::parse("prod/web").unwrap().to_string(), "prod/web");
+        for bad in ["", "Web", "a/b/c", "/web", "web/", "*/web", "a b"] {
+            assert!(Source::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! ward's configuration: typed, parsed and validated whole before anything starts.
+//!
+//! Every error is one sentence naming the file, the key and what is wrong.
+
+pub mod duration;
+pub mod error;
+pub mod identity;
+pub mod intentions;
+pub mod proxy;
+pub mod server;
+
+pub use duration::Duration;
+pub use error::ConfigError;
+pub use identity::{IdentityError, Name, SpiffeId, TrustDomain};

@@ -1,0 +1,598 @@
+//! `ward proxy` configuration (see PRODUCT.md "Proxy config").
+
+use crate::duration::Duration;
+use crate::error::{parse_toml, ConfigError};
+use crate::identity::{Name, TrustDomain};
+use crate::intentions::{Action, Rule, Source};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The validated proxy configuration.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub service: ServiceConfig,
+    pub inbound: Option<InboundConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub credentials: CredentialSource,
+    pub admin: AdminConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: Name,
+    pub namespace: Name,
+    pub trust_domain: Option<TrustDomain>,
+}
+
+/// The L4/L7 protocol a listener carries. Only `tcp` is built so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Http,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    pub listen: SocketAddr,
+    pub local_app: SocketAddr,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub service: Name,
+    /// The upstream's namespace; the proxy's own when not written.
+    pub namespace: Option<Name>,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    /// Static endpoints; empty means "from the control plane's catalog".
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// Where certificates and intentions come from.
+#[derive(Debug, Clone)]
+pub enum CredentialSource {
+    /// `[tls]` files written by another agent, plus static `[intentions]`.
+    Files {
+        tls: TlsFiles,
+        intentions: StaticIntentions,
+    },
+    /// `[control_plane]`: certificates and intentions from `ward server`.
+    ControlPlane(ControlPlaneConfig),
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct StaticIntentions {
+    pub default: Action,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlPlaneConfig {
+    /// The server's `https://host:port` address.
+    pub address: String,
+    pub ca_file: PathBuf,
+    pub token_file: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub handshake_timeout: std::time::Duration,
+    pub idle_timeout: std::time::Duration,
+    pub drain_timeout: std::time::Duration,
+    pub max_pending_handshakes: usize,
+    pub max_pending_handshakes_per_ip: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            handshake_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(3600),
+            drain_timeout: std::time::Duration::from_secs(30),
+            max_pending_handshakes: 1024,
+            max_pending_handshakes_per_ip: 64,
+        }
+    }
+}
+
+// ---- the file as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    service: RawService,
+    inbound: Option<RawInbound>,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+    control_plane: Option<RawControlPlane>,
+    tls: Option<RawTls>,
+    intentions: Option<RawIntentions>,
+    transparent: Option<toml::Table>,
+    admin: Option<RawAdmin>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Name,
+    namespace: Option<Name>,
+    trust_domain: Option<TrustDomain>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    listen: SocketAddr,
+    local_app: SocketAddr,
+    protocol: Option<Protocol>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    service: Name,
+    namespace: Option<Name>,
+    listen: SocketAddr,
+    protocol: Option<Protocol>,
+    #[serde(default)]
+    endpoints: Vec<SocketAddr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControlPlane {
+    address: String,
+    ca_file: PathBuf,
+    token_file: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    ca_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntentions {
+    default: Option<Action>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    source: String,
+    action: Option<Action>,
+    permissions: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: SocketAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<usize>,
+    handshake_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    drain_timeout: Option<Duration>,
+    max_pending_handshakes: Option<usize>,
+    max_pending_handshakes_per_ip: Option<usize>,
+}
+
+impl ProxyConfig {
+    /// Reads and validates a config file. Relative paths inside it are taken from the file's
+    /// own directory, so a config and its certificates can move together.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `path` names the file in errors and anchors relative
+    /// paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = parse_toml(path, text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let invalid = |key: &str, msg: &str| ConfigError::invalid(path, key, msg);
+
+        if raw.transparent.is_some() {
+            return Err(invalid(
+                "transparent",
+                "transparent mode is not supported by this build yet; use [[upstreams]]",
+            ));
+        }
+
+        let service = ServiceConfig {
+            name: raw.service.name,
+            namespace: raw
+                .service
+                .namespace
+                .unwrap_or_else(Name::default_namespace),
+            trust_domain: raw.service.trust_domain,
+        };
+
+        let inbound = match raw.inbound {
+            None => None,
+            Some(i) => {
+                let protocol = i.protocol.unwrap_or(Protocol::Tcp);
+                if protocol == Protocol::Http {
+                    return Err(invalid(
+                        "inbound.protocol",
+                        "\"http\" is not supported by this build yet; use \"tcp\"",
+                    ));
+                }
+                Some(InboundConfig {
+                    listen: i.listen,
+                    local_app: i.local_app,
+                    protocol,
+                })
+            }
+        };
+
+        let mut upstreams = Vec::with_capacity(raw.upstreams.len());
+        for (n, u) in raw.upstreams.into_iter().enumerate() {
+            let key = |k: &str| format!("upstreams[{n}].{k}");
+            if !u.listen.ip().is_loopback() {
+                return Err(invalid(
+                    &key("listen"),
+                    &format!(
+                        "{} is not a loopback address; plain upstream listeners must stay local",
+                        u.listen
+                    ),
+                ));
+            }
+            let protocol = u.protocol.unwrap_or(Protocol::Tcp);
+            if protocol == Protocol::Http {
+                return Err(invalid(
+                    &key("protocol"),
+                    "\"http\" is not supported by this build yet; use \"tcp\"",
+                ));
+            }
+            if upstreams
+                .iter()
+                .any(|o: &UpstreamConfig| o.service == u.service && o.namespace == u.namespace)
+            {
+                return Err(invalid(
+                    &key("service"),
+                    &format!("upstream {:?} is listed twice", u.service.as_str()),
+                ));
+            }
+            upstreams.push(UpstreamConfig {
+                service: u.service,
+                namespace: u.namespace,
+                listen: u.listen,
+                protocol,
+                endpoints: u.endpoints,
+            });
+        }
+
+        let credentials = match (raw.tls, raw.control_plane) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "control_plane",
+                    "use either [tls] or [control_plane], not both",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "tls",
+                    "one of [tls] (certificate files) or [control_plane] is required",
+                ))
+            }
+            (Some(tls), None) => {
+                let intentions = match raw.intentions {
+                    None => StaticIntentions {
+                        default: Action::Deny,
+                        rules: Vec::new(),
+                    },
+                    Some(i) => StaticIntentions {
+                        default: i.default.unwrap_or(Action::Deny),
+                        rules: static_rules(path, i.rules)?,
+                    },
+                };
+                for (n, u) in upstreams.iter().enumerate() {
+                    if u.endpoints.is_empty() {
+                        return Err(invalid(
+                            &format!("upstreams[{n}].endpoints"),
+                            "is empty; without [control_plane] there is no catalog to find endpoints in",
+                        ));
+                    }
+                }
+                CredentialSource::Files {
+                    tls: TlsFiles {
+                        cert_file: resolve(tls.cert_file),
+                        key_file: resolve(tls.key_file),
+                        ca_file: resolve(tls.ca_file),
+                    },
+                    intentions,
+                }
+            }
+            (None, Some(cp)) => {
+                if raw.intentions.is_some() {
+                    return Err(invalid(
+                        "intentions",
+                        "static intentions go with [tls]; with [control_plane] they come from the server",
+                    ));
+                }
+                if !cp.address.starts_with("https://") {
+                    return Err(invalid(
+                        "control_plane.address",
+                        &format!("{:?} must be an https:// address", cp.address),
+                    ));
+                }
+                CredentialSource::ControlPlane(ControlPlaneConfig {
+                    address: cp.address,
+                    ca_file: resolve(cp.ca_file),
+                    token_file: cp.token_file.map(resolve),
+                    state_dir: cp.state_dir.map(resolve),
+                })
+            }
+        };
+
+        let mut limits = Limits::default();
+        if let Some(l) = raw.limits {
+            let positive = |key: &str, v: Option<usize>, dflt: usize| match v {
+                Some(0) => Err(invalid(&format!("limits.{key}"), "must be at least 1")),
+                Some(v) => Ok(v),
+                None => Ok(dflt),
+            };
+            let nonzero = |key: &str, v: Option<Duration>, dflt: std::time::Duration| match v {
+                Some(d) if d.0.is_zero() => Err(invalid(
+                    &format!("limits.{key}"),
+                    "must be longer than zero",
+                )),
+                Some(d) => Ok(d.0),
+                None => Ok(dflt),
+            };
+            limits = Limits {
+                max_connections: positive(
+                    "max_connections",
+                    l.max_connections,
+                    limits.max_connections,
+                )?,
+                handshake_timeout: nonzero(
+                    "handshake_timeout",
+                    l.handshake_timeout,
+                    limits.handshake_timeout,
+                )?,
+                idle_timeout: nonzero("idle_timeout", l.idle_timeout, limits.idle_timeout)?,
+                drain_timeout: l.drain_timeout.map(|d| d.0).unwrap_or(limits.drain_timeout),
+                max_pending_handshakes: positive(
+                    "max_pending_handshakes",
+                    l.max_pending_handshakes,
+                    limits.max_pending_handshakes,
+                )?,
+                max_pending_handshakes_per_ip: positive(
+                    "max_pending_handshakes_per_ip",
+                    l.max_pending_handshakes_per_ip,
+                    limits.max_pending_handshakes_per_ip,
+                )?,
+            };
+        }
+
+        let admin = AdminConfig {
+            listen: raw
+                .admin
+                .map(|a| a.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 19000))),
+        };
+
+        // Two listeners on one fixed address would fail at bind; say which keys clash first.
+        let mut listens: Vec<(String, SocketAddr)> = vec![("admin.listen".into(), admin.listen)];
+        if let Some(i) = &inbound {
+            listens.push(("inbound.listen".into(), i.listen));
+        }
+        for (n, u) in upstreams.iter().enumerate() {
+            listens.push((format!("upstreams[{n}].listen"), u.listen));
+        }
+        for (i, (key, addr)) in listens.iter().enumerate() {
+            if addr.port() == 0 {
+                continue;
+            }
+            if let Some((other, _)) = listens[..i].iter().find(|(_, a)| a == addr) {
+                return Err(invalid(
+                    key,
+                    &format!("{addr} is already used by `{other}`"),
+                ));
+            }
+        }
+
+        Ok(ProxyConfig {
+            service,
+            inbound,
+            upstreams,
+            credentials,
+            admin,
+            limits,
+        })
+    }
+}
+
+fn static_rules(path: &Path, raw: Vec<RawRule>) -> Result<Vec<Rule>, ConfigError> {
+    let mut rules: Vec<Rule> = Vec::with_capacity(raw.len());
+    for (n, r) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("intentions.rules[{n}].{k}");
+        let source = Source::parse(&r.source).map_err(|e| {
+            ConfigError::invalid(path, key("source"), format!("{:?}: {e}", r.source))
+        })?;
+        if r.permissions.is_some() {
+            return Err(ConfigError::invalid(
+                path,
+                key("permissions"),
+                "L7 permissions need an http inbound, which this build does not support yet",
+            ));
+        }
+        let action = r.action.ok_or_else(|| {
+            ConfigError::invalid(path, key("action"), "is required (\"allow\" or \"deny\")")
+        })?;
+        if rules.iter().any(|o| o.source == source) {
+            return Err(ConfigError::invalid(
+                path,
+                key("source"),
+                format!("a rule for source {:?} is already written", r.source),
+            ));
+        }
+        rules.push(Rule { source, action });
+    }
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[service]
+name = "inventory"
+[inbound]
+listen = "127.0.0.1:21000"
+local_app = "127.0.0.1:8080"
+[[upstreams]]
+service = "payments"
+listen = "127.0.0.1:9191"
+endpoints = ["127.0.0.1:21001"]
+[tls]
+cert_file = "cert.pem"
+key_file = "/abs/key.pem"
+ca_file = "roots.pem"
+[intentions]
+default = "deny"
+rules = [{ source = "order", action = "allow" }, { source = "legacy", action = "deny" }]
+[limits]
+handshake_timeout = "2s"
+"#;
+
+    fn parse(text: &str) -> Result<ProxyConfig, String> {
+        ProxyConfig::parse(Path::new("/etc/ward/proxy.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn good_config() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.service.namespace.as_str(), "default");
+        assert_eq!(
+            c.limits.handshake_timeout,
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(c.limits.max_connections, 100_000);
+        let CredentialSource::Files { tls, intentions } = c.credentials else {
+            panic!("files")
+        };
+        assert_eq!(tls.cert_file, Path::new("/etc/ward/cert.pem"));
+        assert_eq!(tls.key_file, Path::new("/abs/key.pem"));
+        assert_eq!(intentions.rules.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[inbound]\n", "[inbound]\nbogus = 1\n", "bogus"),
+            (
+                "listen = \"127.0.0.1:21000\"",
+                "listen = \"nope\"",
+                "inbound.listen",
+            ),
+            (
+                "name = \"inventory\"",
+                "name = \"Inventory_1\"",
+                "service.name",
+            ),
+            (
+                "listen = \"127.0.0.1:9191\"",
+                "listen = \"0.0.0.0:9191\"",
+                "upstreams[0].listen",
+            ),
+            (
+                "handshake_timeout = \"2s\"",
+                "handshake_timeout = \"ten\"",
+                "limits.handshake_timeout",
+            ),
+            (
+                "{ source = \"order\", action = \"allow\" }",
+                "{ source = \"order\", action = \"maybe\" }",
+                "intentions.rules[0].action",
+            ),
+            (
+                "{ source = \"order\", action = \"allow\" }",
+                "{ source = \"Order\", action = \"allow\" }",
+                "intentions.rules[0].source",
+            ),
+            (
+                "{ source = \"legacy\", action = \"deny\" }",
+                "{ source = \"order\", action = \"deny\" }",
+                "intentions.rules[1].source",
+            ),
+            ("[tls]", "[tlsx]", "tlsx"),
+            (
+                "endpoints = [\"127.0.0.1:21001\"]",
+                "endpoints = []",
+                "upstreams[0].endpoints",
+            ),
+            (
+                "listen = \"127.0.0.1:9191\"",
+                "listen = \"127.0.0.1:21000\"",
+                "upstreams[0].listen",
+            ),
+        ];
+        for (from, to, key) in cases {
+            assert!(GOOD.contains(from), "{from}");
+            let err = parse(&GOOD.replacen(from, to, 1)).unwrap_err();
+            assert!(err.contains(key), "{to}: {err}");
+            assert!(err.contains("/etc/ward/proxy.toml"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn needs_a_credential_source() {
+        let text = GOOD.replace("[tls]", "[other]").replace("cert_file", "# ");
+        assert!(parse(&text).is_err());
+        let no_tls: String = GOOD.split("[tls]").next().unwrap().to_owned();
+        let err = parse(&no_tls).unwrap_err();
+        assert!(err.contains("`tls`"), "{err}");
+    }
+
+    #[test]
+    fn control_plane_must_be_https() {
+        let cp = GOOD
+            .split("[tls]")
+            .next()
+            .unwrap()
+            .replace("endpoints = [\"127.0.0.1:21001\"]", "")
+            + "[control_plane]\naddress = \"http://127.0.0.1:8502\"\nca_file = \"ca.pem\"\n";
+        let err = parse(&cp).unwrap_err();
+        assert!(err.contains("control_plane.address"), "{err}");
+    }
+}

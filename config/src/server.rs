@@ -1,0 +1,1 @@
+//! `ward server` configuration (see PRODUCT.md "Server config"); in progress.

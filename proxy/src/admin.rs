@@ -1,0 +1,104 @@
+//! The admin listener: /live, /ready, /metrics, /config, POST /drain (PRODUCT.md "Admin
+//! endpoints"). /config and /drain answer loopback peers only; on a non-loopback listen address
+//! only GET /metrics, /ready and /live are served (security rule 13).
+
+use crate::shared::Shared;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// At most this many admin connections at once; the admin API must not compete with traffic.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+pub struct Admin {
+    pub shared: Arc<Shared>,
+    pub prometheus: Option<PrometheusHandle>,
+    pub local_only: bool,
+}
+
+type Body = Full<Bytes>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+impl Admin {
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, std::convert::Infallible>(this.handle(req, peer)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(5))
+                    .max_buf_size(16 * 1024)
+                    .serve_connection(TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+                drop(permit);
+            });
+        }
+    }
+
+    fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let public = matches!(
+            (req.method(), req.uri().path()),
+            (&Method::GET, "/metrics" | "/ready" | "/live")
+        );
+        if !public && (!self.local_only || !peer.ip().is_loopback()) {
+            return reply(StatusCode::FORBIDDEN, "text/plain", "forbidden\n");
+        }
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/live") => reply(StatusCode::OK, "text/plain", "live\n"),
+            (&Method::GET, "/ready") => {
+                if self.shared.is_ready() {
+                    reply(StatusCode::OK, "text/plain", "ready\n")
+                } else if self.shared.is_draining() {
+                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+                } else {
+                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
+                }
+            }
+            (&Method::GET, "/metrics") => match &self.prometheus {
+                Some(p) => reply(StatusCode::OK, "text/plain; version=0.0.4", p.render()),
+                None => reply(StatusCode::OK, "text/plain; version=0.0.4", ""),
+            },
+            (&Method::GET, "/config") => {
+                let body = serde_json::to_vec_pretty(&crate::config_dump::dump(&self.shared))
+                    .unwrap_or_default();
+                reply(StatusCode::OK, "application/json", body)
+            }
+            (&Method::POST, "/drain") => {
+                self.shared.begin_drain();
+                reply(StatusCode::OK, "text/plain", "draining\n")
+            }
+            (_, "/live" | "/ready" | "/metrics" | "/config" | "/drain") => reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "method not allowed\n",
+            ),
+            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        }
+    }
+}

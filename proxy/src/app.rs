@@ -1,0 +1,188 @@
+//! Assembles the proxy: loads credentials and intentions, binds every listener (so a port
+//! conflict fails at start, before anything is served), then runs until drained.
+
+use crate::admin::Admin;
+use crate::inbound::Inbound;
+use crate::intentions::{IntentionSnapshot, IntentionStore};
+use crate::outbound::Upstream;
+use crate::shared::Shared;
+use crate::tls::CredentialStore;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use ward_config::proxy::{CredentialSource, ProxyConfig};
+
+/// Why the proxy could not start; each names the config key at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    #[error("{0}")]
+    Files(#[from] crate::files::FileError),
+    #[error("key `{key}`: cannot listen on {addr}: {source}")]
+    Bind {
+        key: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("key `control_plane`: the control-plane client is not built yet; use [tls] files")]
+    ControlPlaneUnsupported,
+}
+
+/// A running proxy: its bound addresses and the drain trigger.
+pub struct ProxyHandle {
+    pub admin_addr: SocketAddr,
+    pub inbound_addr: Option<SocketAddr>,
+    pub upstream_addrs: Vec<(String, SocketAddr)>,
+    shared: Arc<Shared>,
+}
+
+async fn bind(key: String, addr: SocketAddr) -> Result<TcpListener, BuildError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BuildError::Bind { key, addr, source })
+}
+
+/// Builds and starts the proxy. Must run inside a tokio runtime.
+pub async fn build(
+    config: ProxyConfig,
+    prometheus: Option<PrometheusHandle>,
+) -> Result<ProxyHandle, BuildError> {
+    crate::metrics::describe();
+    let credentials = Arc::new(CredentialStore::default());
+    let intentions = Arc::new(IntentionStore::default());
+
+    let (files, static_intentions) = match &config.credentials {
+        CredentialSource::Files { tls, intentions } => (tls.clone(), intentions.clone()),
+        CredentialSource::ControlPlane(_) => return Err(BuildError::ControlPlaneUnsupported),
+    };
+    credentials.store(crate::files::load(&files, &config.service)?);
+    intentions.publish(IntentionSnapshot::new(
+        1,
+        static_intentions.default,
+        static_intentions.rules,
+        &config.service.namespace,
+    ));
+
+    // Bind everything before serving anything.
+    let admin_listener = bind("admin.listen".into(), config.admin.listen).await?;
+    let inbound_listener = match &config.inbound {
+        Some(i) => Some(bind("inbound.listen".into(), i.listen).await?),
+        None => None,
+    };
+    let mut upstream_listeners = Vec::new();
+    for (n, u) in config.upstreams.iter().enumerate() {
+        upstream_listeners.push(bind(format!("upstreams[{n}].listen"), u.listen).await?);
+    }
+
+    let shared = Arc::new(Shared::new(
+        config.service.clone(),
+        credentials.clone(),
+        intentions.clone(),
+        config.limits.clone(),
+    ));
+    let local = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+    let mut roles = vec![("admin".to_owned(), local(&admin_listener))];
+
+    let admin = Arc::new(Admin {
+        shared: shared.clone(),
+        prometheus,
+        local_only: config.admin.listen.ip().is_loopback(),
+    });
+    tokio::spawn(admin.run(admin_listener));
+
+    let mut inbound_addr = None;
+    if let (Some(cfg), Some(listener)) = (&config.inbound, inbound_listener) {
+        inbound_addr = Some(local(&listener));
+        roles.push(("inbound".to_owned(), local(&listener)));
+        let inbound = Arc::new(Inbound::new(shared.clone(), cfg.local_app));
+        tokio::spawn(inbound.run(listener));
+        tokio::spawn(crate::connections::watch_intentions(
+            shared.connections.clone(),
+            intentions.clone(),
+            config.service.name.clone(),
+            shared.force_close.clone(),
+        ));
+    }
+
+    let mut upstream_addrs = Vec::new();
+    for (u, listener) in config.upstreams.iter().zip(upstream_listeners) {
+        let namespace = u
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.service.namespace.clone());
+        let upstream = Arc::new(Upstream::new(
+            shared.clone(),
+            u.service.clone(),
+            namespace,
+            u.endpoints.clone(),
+        ));
+        let addr = local(&listener);
+        upstream_addrs.push((u.service.to_string(), addr));
+        roles.push((format!("upstream.{}", u.service), addr));
+        tokio::spawn(upstream.run(listener));
+    }
+
+    tokio::spawn(crate::files::watch(
+        files,
+        config.service.clone(),
+        credentials,
+        shared.force_close.clone(),
+    ));
+
+    for (role, addr) in &roles {
+        tracing::info!("listening role={role} addr={addr}");
+    }
+    if let Ok(mut l) = shared.listeners.lock() {
+        *l = roles;
+    }
+    Ok(ProxyHandle {
+        admin_addr: local_admin(&shared),
+        inbound_addr,
+        upstream_addrs,
+        shared,
+    })
+}
+
+fn local_admin(shared: &Shared) -> SocketAddr {
+    shared
+        .listeners
+        .lock()
+        .ok()
+        .and_then(|l| l.first().map(|(_, a)| *a))
+        .expect("admin is bound first")
+}
+
+impl ProxyHandle {
+    /// Starts the drain (as SIGTERM or `POST /drain` do).
+    pub fn drain(&self) {
+        self.shared.begin_drain();
+    }
+
+    /// Resolves once a drain has started (signal or `POST /drain`).
+    pub async fn drain_started(&self) {
+        self.shared.stop_accepting.cancelled().await
+    }
+
+    /// Waits for the drain to start, then for open connections to end, closing what is left at
+    /// `drain_timeout`.
+    pub async fn wait(&self) {
+        self.shared.stop_accepting.cancelled().await;
+        let tracker = &self.shared.tracker;
+        tracker.close();
+        let deadline = self.shared.limits.drain_timeout;
+        if tokio::time::timeout(deadline, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                open = tracker.len(),
+                "drain_timeout reached; closing the remaining connections"
+            );
+            self.shared.force_close.cancel();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tracker.wait()).await;
+        }
+        self.shared.force_close.cancel();
+        tracing::info!("drained");
+    }
+}

@@ -1,0 +1,69 @@
+//! The JSON shown by `GET /config`: what the proxy runs with, never a private key.
+
+use crate::shared::Shared;
+use serde_json::{json, Value};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+pub fn dump(shared: &Shared) -> Value {
+    let certificate = shared.credentials.load().map(|c| {
+        let roots: Vec<Value> = c
+            .root_ders
+            .iter()
+            .map(|der| match X509Certificate::from_der(der) {
+                Ok((_, cert)) => json!({
+                    "subject": cert.subject().to_string(),
+                    "not_after": rfc3339(cert.validity().not_after.timestamp()),
+                }),
+                Err(_) => json!({ "subject": null }),
+            })
+            .collect();
+        json!({
+            "serial": c.leaf.serial,
+            "spiffe_id": c.leaf.id.to_string(),
+            "not_after": rfc3339(c.leaf.not_after),
+            "not_after_unix": c.leaf.not_after,
+            "roots": roots,
+        })
+    });
+    let intentions = shared.intentions.load().map(|s| {
+        json!({
+            "version": s.version,
+            "default": s.default.as_str(),
+            "rules": s.rules.iter().map(|r| json!({
+                "source": r.source.to_string(),
+                "action": r.action.as_str(),
+            })).collect::<Vec<_>>(),
+        })
+    });
+    let listeners: Vec<Value> = shared
+        .listeners
+        .lock()
+        .map(|l| {
+            l.iter()
+                .map(|(role, addr)| json!({ "role": role, "address": addr.to_string() }))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "service": {
+            "name": shared.service.name.as_str(),
+            "namespace": shared.service.namespace.as_str(),
+            "trust_domain": shared.credentials.load().map(|c| c.leaf.id.trust_domain.to_string()),
+        },
+        "listeners": listeners,
+        "certificate": certificate,
+        "intentions": intentions,
+        "connections": { "inbound_registered": shared.connections.len() },
+        "draining": shared.is_draining(),
+    })
+}

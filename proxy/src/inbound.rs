@@ -1,0 +1,164 @@
+//! Inbound: terminate mTLS, decide in the handshake, forward allowed connections to the app.
+
+use crate::copy::{self, CopyEnd};
+use crate::metrics::{self as m, Direction, HandshakeResult};
+use crate::shared::Shared;
+use crate::tls;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use ward_config::identity::escape_peer_value;
+
+/// How long connecting to `local_app` may take.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Inbound {
+    shared: Arc<Shared>,
+    acceptor: TlsAcceptor,
+    local_app: SocketAddr,
+}
+
+impl Inbound {
+    pub fn new(shared: Arc<Shared>, local_app: SocketAddr) -> Self {
+        let verifier = tls::InboundVerifier::new(
+            shared.credentials.clone(),
+            shared.intentions.clone(),
+            shared.service.name.clone(),
+        );
+        let config = tls::config::server_config(shared.credentials.clone(), verifier);
+        Self {
+            shared,
+            acceptor: TlsAcceptor::from(config),
+            local_app,
+        }
+    }
+
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        let shared = self.shared.clone();
+        crate::listener::accept_loop(listener, shared, move |tcp, peer, permit| {
+            self.clone().serve(tcp, peer, permit)
+        })
+        .await
+    }
+
+    async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, _slot: OwnedSemaphorePermit) {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let Some(pending) = shared.begin_handshake(peer.ip()) else {
+            tracing::debug!("pending handshake cap reached; connection refused");
+            return;
+        };
+        let handshake =
+            tokio::time::timeout(shared.limits.handshake_timeout, self.acceptor.accept(tcp)).await;
+        drop(pending);
+        let elapsed = started.elapsed().as_secs_f64();
+        let tls = match handshake {
+            Err(_) => {
+                m::handshake(Direction::Inbound, HandshakeResult::Timeout, elapsed);
+                return;
+            }
+            Ok(Err(e)) => {
+                let result = tls::classify(&e);
+                m::handshake(Direction::Inbound, result, elapsed);
+                tracing::debug!(result = result.as_str(), error = %e, "inbound handshake refused");
+                return;
+            }
+            Ok(Ok(s)) => s,
+        };
+        m::handshake(Direction::Inbound, HandshakeResult::Ok, elapsed);
+
+        // The verifier accepted this leaf; read its identity back for the registry and labels.
+        let Some(peer_id) = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| tls::check_leaf(leaf, None).ok())
+            .map(|l| l.id)
+        else {
+            return;
+        };
+        let registration = shared.connections.register(
+            peer_id.clone(),
+            shared.force_close.child_token(),
+            &shared.intentions,
+            &shared.service.name,
+        );
+        if registration.close.is_cancelled() {
+            return;
+        }
+
+        let app = match tokio::time::timeout(
+            APP_CONNECT_TIMEOUT,
+            TcpStream::connect(self.local_app),
+        )
+        .await
+        {
+            Ok(Ok(app)) => app,
+            Ok(Err(e)) => {
+                tracing::warn!(local_app = %self.local_app, error = %e, "cannot connect to local_app");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(local_app = %self.local_app, "connecting to local_app timed out");
+                return;
+            }
+        };
+        let _ = app.set_nodelay(true);
+
+        let peer_name = peer_id.service.to_string();
+        tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), "inbound connection admitted");
+        forward(
+            shared,
+            Direction::Inbound,
+            peer_name,
+            tls,
+            app,
+            &registration.close,
+        )
+        .await;
+    }
+}
+
+/// Forwards one admitted connection and keeps the connection metrics.
+pub(crate) async fn forward<P, L>(
+    shared: &Shared,
+    direction: Direction,
+    peer: String,
+    peer_io: P,
+    local_io: L,
+    close: &tokio_util::sync::CancellationToken,
+) where
+    P: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    L: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let d = direction.as_str();
+    metrics::counter!(m::CONNECTIONS_OPENED, "direction" => d, "peer" => peer.clone()).increment(1);
+    let active = metrics::gauge!(m::CONNECTIONS_ACTIVE, "direction" => d);
+    active.increment(1.0);
+    let rx = metrics::counter!(m::BYTES, "direction" => d, "peer" => peer.clone(), "flow" => "rx");
+    let tx = metrics::counter!(m::BYTES, "direction" => d, "peer" => peer.clone(), "flow" => "tx");
+    let end = copy::bidirectional(
+        peer_io,
+        local_io,
+        shared.limits.idle_timeout,
+        close,
+        &rx,
+        &tx,
+    )
+    .await;
+    match end {
+        CopyEnd::Done => {}
+        CopyEnd::Idle => tracing::debug!(direction = d, "connection closed after idle_timeout"),
+        CopyEnd::Closed => tracing::debug!(direction = d, "connection closed by the proxy"),
+        CopyEnd::Failed(e) => {
+            tracing::debug!(direction = d, error = %e, "connection ended with an error")
+        }
+    }
+    active.decrement(1.0);
+    metrics::counter!(m::CONNECTIONS_CLOSED, "direction" => d, "peer" => peer).increment(1);
+}

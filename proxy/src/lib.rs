@@ -1,0 +1,26 @@
+//! ward's data plane.
+//!
+//! - [`tls`]: credentials, the verifiers that establish a peer's identity and decide its
+//!   intention inside the handshake, and the rustls configs.
+//! - [`intentions`]: the immutable snapshot a handshake reads.
+//! - [`inbound`] / [`outbound`]: the two sides of the sidecar; [`copy`] moves the bytes.
+//! - [`connections`]: open connections by peer, closed when intentions turn to deny.
+//! - [`files`]: `[tls]` files, polled and hot-swapped.
+//! - [`admin`]: /live /ready /metrics /config /drain.
+//! - [`app`]: binds everything and returns a handle; [`app::ProxyHandle::wait`] drains.
+
+pub mod admin;
+pub mod app;
+mod config_dump;
+pub mod connections;
+pub mod copy;
+pub mod files;
+pub mod inbound;
+pub mod intentions;
+mod listener;
+pub mod metrics;
+pub mod outbound;
+pub mod shared;
+pub mod tls;
+
+pub use app::{build, BuildError, ProxyHandle};

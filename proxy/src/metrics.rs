@@ -1,0 +1,117 @@
+//! The proxy's metric names and bounded label values (PRODUCT.md "Metrics").
+//!
+//! Labels are enums or service names, never addresses, paths or full SPIFFE IDs.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+
+pub const HANDSHAKES: &str = "ward_tls_handshakes_total";
+pub const HANDSHAKE_DURATION: &str = "ward_tls_handshake_duration_seconds";
+pub const CONNECTIONS_OPENED: &str = "ward_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "ward_connections_closed_total";
+pub const CONNECTIONS_ACTIVE: &str = "ward_connections_active";
+pub const BYTES: &str = "ward_bytes_total";
+pub const INTENTION_DECISIONS: &str = "ward_intention_decisions_total";
+pub const INTENTION_ERRORS: &str = "ward_intention_errors_total";
+pub const CERT_EXPIRY: &str = "ward_cert_expiry_timestamp_seconds";
+pub const CERT_RELOADS: &str = "ward_cert_reloads_total";
+
+/// Which side of the sidecar a connection is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+/// The outcome of one handshake: each handshake counts exactly once, in exactly one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HandshakeResult {
+    Ok,
+    NoClientCert,
+    UnknownCa,
+    Expired,
+    BadIdentity,
+    Denied,
+    Timeout,
+    Error,
+}
+
+impl HandshakeResult {
+    pub const ALL: [HandshakeResult; 8] = [
+        HandshakeResult::Ok,
+        HandshakeResult::NoClientCert,
+        HandshakeResult::UnknownCa,
+        HandshakeResult::Expired,
+        HandshakeResult::BadIdentity,
+        HandshakeResult::Denied,
+        HandshakeResult::Timeout,
+        HandshakeResult::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandshakeResult::Ok => "ok",
+            HandshakeResult::NoClientCert => "no_client_cert",
+            HandshakeResult::UnknownCa => "unknown_ca",
+            HandshakeResult::Expired => "expired",
+            HandshakeResult::BadIdentity => "bad_identity",
+            HandshakeResult::Denied => "denied",
+            HandshakeResult::Timeout => "timeout",
+            HandshakeResult::Error => "error",
+        }
+    }
+}
+
+/// Describes every metric and creates the handshake series at zero, so dashboards and
+/// `increase()` see a series before its first event.
+pub fn describe() {
+    describe_counter!(HANDSHAKES, "TLS handshakes by direction and result");
+    describe_histogram!(
+        HANDSHAKE_DURATION,
+        Unit::Seconds,
+        "TLS handshake duration, from TCP accept or connect"
+    );
+    describe_counter!(CONNECTIONS_OPENED, "Connections admitted and forwarded");
+    describe_counter!(CONNECTIONS_CLOSED, "Forwarded connections that ended");
+    describe_gauge!(CONNECTIONS_ACTIVE, "Forwarded connections open now");
+    describe_counter!(
+        BYTES,
+        Unit::Bytes,
+        "Bytes forwarded; flow is rx (from the peer) or tx (to the peer)"
+    );
+    describe_counter!(
+        INTENTION_DECISIONS,
+        "Intention decisions taken in inbound handshakes"
+    );
+    describe_counter!(
+        INTENTION_ERRORS,
+        "Intention rules that could not be enforced as written"
+    );
+    describe_gauge!(
+        CERT_EXPIRY,
+        Unit::Seconds,
+        "not_after of the certificate in use, as a Unix timestamp"
+    );
+    describe_counter!(CERT_RELOADS, "Certificate file reloads by result");
+    for d in [Direction::Inbound, Direction::Outbound] {
+        for r in HandshakeResult::ALL {
+            counter!(HANDSHAKES, "direction" => d.as_str(), "result" => r.as_str()).absolute(0);
+        }
+        gauge!(CONNECTIONS_ACTIVE, "direction" => d.as_str()).set(0.0);
+    }
+    counter!(INTENTION_ERRORS).absolute(0);
+}
+
+pub fn handshake(direction: Direction, result: HandshakeResult, seconds: f64) {
+    counter!(HANDSHAKES, "direction" => direction.as_str(), "result" => result.as_str())
+        .increment(1);
+    metrics::histogram!(HANDSHAKE_DURATION, "direction" => direction.as_str()).record(seconds);
+}

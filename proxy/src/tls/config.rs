@@ -1,0 +1,74 @@
+//! rustls configs for mesh connections: TLS 1.3 only, ECDSA P-256 keys, no early data and no
+//! session resumption (every connection is authorized by a full handshake).
+
+use super::credentials::CredentialStore;
+use super::verify::{InboundVerifier, OutboundVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::SignatureScheme;
+use std::sync::Arc;
+
+/// Presents the current certificate from the store, so a rotation applies to the next
+/// handshake.
+#[derive(Debug)]
+pub struct StoreResolver(pub Arc<CredentialStore>);
+
+impl ResolvesServerCert for StoreResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.load().map(|c| c.key.clone())
+    }
+}
+
+impl ResolvesClientCert for StoreResolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.load().map(|c| c.key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The inbound acceptor's config.
+pub fn server_config(
+    credentials: Arc<CredentialStore>,
+    verifier: InboundVerifier,
+) -> Arc<rustls::ServerConfig> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(StoreResolver(credentials)));
+    // Security rule 8: no resumption until it is built with authorization re-checked.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg.max_early_data_size = 0;
+    Arc::new(cfg)
+}
+
+/// The config for connections to one upstream service.
+pub fn client_config(
+    credentials: Arc<CredentialStore>,
+    verifier: OutboundVerifier,
+) -> Arc<rustls::ClientConfig> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("ring supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(StoreResolver(credentials)));
+    cfg.resumption = rustls::client::Resumption::disabled();
+    cfg.enable_early_data = false;
+    // The verifier checks the SPIFFE ID; SNI would only leak the service name in clear.
+    cfg.enable_sni = false;
+    Arc::new(cfg)
+}

@@ -1,0 +1,150 @@
+//! The proxy's own certificate, key and trust roots, published as one immutable snapshot.
+//!
+//! New handshakes read the current snapshot through a lock-free load; a rotation swaps it and
+//! leaves established connections untouched.
+
+use super::svid::{check_leaf, LeafInfo, SvidError};
+use arc_swap::ArcSwapOption;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor, UnixTime};
+use std::sync::Arc;
+
+/// Why a set of credentials was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialError {
+    #[error("holds no PEM certificate")]
+    NoCertificate,
+    #[error("holds no PEM private key")]
+    NoKey,
+    #[error("private key is not a supported type (ECDSA P-256/P-384, Ed25519 or RSA)")]
+    BadKey,
+    #[error("private key does not match the certificate")]
+    KeyMismatch,
+    #[error("holds no root certificate")]
+    NoRoots,
+    #[error("root certificate cannot be used as a trust anchor")]
+    BadRoot,
+    #[error("leaf certificate is not a valid SVID: {0}")]
+    Leaf(#[from] SvidError),
+    #[error("certificate does not chain to the roots: {0}")]
+    Chain(webpki::Error),
+}
+
+/// Which input a [`CredentialError`] is about, so callers can name the file or field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialPart {
+    Certificate,
+    Key,
+    Roots,
+}
+
+impl CredentialError {
+    pub fn part(&self) -> CredentialPart {
+        match self {
+            CredentialError::NoKey | CredentialError::BadKey | CredentialError::KeyMismatch => {
+                CredentialPart::Key
+            }
+            CredentialError::NoRoots | CredentialError::BadRoot => CredentialPart::Roots,
+            _ => CredentialPart::Certificate,
+        }
+    }
+}
+
+/// A verified certificate chain, its key, and the roots that peers must chain to.
+pub struct Credentials {
+    pub key: Arc<CertifiedKey>,
+    pub roots: Vec<TrustAnchor<'static>>,
+    pub root_ders: Vec<CertificateDer<'static>>,
+    pub leaf: LeafInfo,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Credentials")
+            .field("leaf", &self.leaf)
+            .field("roots", &self.roots.len())
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Builds credentials from PEM: `chain` is the leaf then its intermediates, `key` a
+    /// PKCS#8/SEC1 private key, `roots` one or more root certificates (several during a root
+    /// rotation).
+    pub fn from_pem(chain: &[u8], key: &[u8], roots: &[u8]) -> Result<Self, CredentialError> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
+            .collect::<Result<_, _>>()
+            .map_err(|_| CredentialError::NoCertificate)?;
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|_| CredentialError::NoKey)?;
+        let root_ders: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(roots)
+            .collect::<Result<_, _>>()
+            .map_err(|_| CredentialError::NoRoots)?;
+        Self::from_der(chain, key, root_ders)
+    }
+
+    pub fn from_der(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        root_ders: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, CredentialError> {
+        let leaf_der = chain.first().ok_or(CredentialError::NoCertificate)?;
+        if root_ders.is_empty() {
+            return Err(CredentialError::NoRoots);
+        }
+        let roots = root_ders
+            .iter()
+            .map(|r| {
+                webpki::anchor_from_trusted_cert(r)
+                    .map(|a| a.to_owned())
+                    .map_err(|_| CredentialError::BadRoot)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let leaf = check_leaf(leaf_der, None)?;
+        let ee = webpki::EndEntityCert::try_from(leaf_der)
+            .map_err(|_| CredentialError::Leaf(SvidError::Malformed))?;
+        ee.verify_for_usage(
+            super::verify::signature_algorithms(),
+            &roots,
+            &chain[1..],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(CredentialError::Chain)?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|_| CredentialError::BadKey)?;
+        let key = CertifiedKey::new(chain, signer);
+        match key.keys_match() {
+            Ok(()) => {}
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(_) => return Err(CredentialError::KeyMismatch),
+        }
+        Ok(Self {
+            key: Arc::new(key),
+            roots,
+            root_ders,
+            leaf,
+        })
+    }
+}
+
+/// The current credentials; empty until the first ones arrive.
+#[derive(Default)]
+pub struct CredentialStore {
+    current: ArcSwapOption<Credentials>,
+}
+
+impl CredentialStore {
+    pub fn load(&self) -> Option<Arc<Credentials>> {
+        self.current.load_full()
+    }
+
+    pub fn store(&self, creds: Credentials) {
+        metrics::gauge!(crate::metrics::CERT_EXPIRY).set(creds.leaf.not_after as f64);
+        self.current.store(Some(Arc::new(creds)));
+    }
+}

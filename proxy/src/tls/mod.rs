@@ -1,0 +1,10 @@
+//! TLS for mesh connections: credentials, verifiers and the rustls configs built from them.
+
+pub mod config;
+pub mod credentials;
+pub mod svid;
+pub mod verify;
+
+pub use credentials::{CredentialError, CredentialStore, Credentials};
+pub use svid::{check_leaf, LeafInfo, SvidError};
+pub use verify::{classify, InboundVerifier, OutboundVerifier};

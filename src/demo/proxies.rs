@@ -1,0 +1,224 @@
+//! The demo's sidecars: real `ward proxy` processes (this same binary), their configs, and
+//! their lifecycle.
+
+use super::pki::LeafFiles;
+use anyhow::Context;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A private working directory, removed at the end unless kept for a post-mortem.
+pub struct DemoDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl DemoDir {
+    pub fn new() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("ward-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+        Ok(Self { path, keep: false })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn keep(mut self) -> PathBuf {
+        self.keep = true;
+        self.path.clone()
+    }
+}
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+pub fn inventory_config(dir: &DemoDir, leaf: &LeafFiles, app: SocketAddr) -> String {
+    format!(
+        r#"[service]
+name = "inventory"
+[inbound]
+listen = "127.0.0.1:0"
+local_app = "{app}"
+[tls]
+cert_file = "{}"
+key_file = "{}"
+ca_file = "{}"
+[intentions]
+default = "deny"
+rules = [{{ source = "order", action = "allow" }}]
+[admin]
+listen = "127.0.0.1:0"
+[limits]
+drain_timeout = "2s"
+"#,
+        leaf.cert.display(),
+        leaf.key.display(),
+        dir.path().join("roots.pem").display()
+    )
+}
+
+pub fn order_config(dir: &DemoDir, leaf: &LeafFiles, inventory: SocketAddr) -> String {
+    format!(
+        r#"[service]
+name = "order"
+[[upstreams]]
+service = "inventory"
+listen = "127.0.0.1:0"
+endpoints = ["{inventory}"]
+[tls]
+cert_file = "{}"
+key_file = "{}"
+ca_file = "{}"
+[admin]
+listen = "127.0.0.1:0"
+[limits]
+drain_timeout = "2s"
+"#,
+        leaf.cert.display(),
+        leaf.key.display(),
+        dir.path().join("roots.pem").display()
+    )
+}
+
+/// A started sidecar and the addresses it bound.
+pub struct Started {
+    addrs: HashMap<String, SocketAddr>,
+}
+
+impl Started {
+    pub fn addr(&self, role: &str) -> SocketAddr {
+        self.addrs[role]
+    }
+}
+
+/// The processes the demo started; only these are ever signalled.
+#[derive(Default)]
+pub struct Children {
+    procs: Vec<(String, Child)>,
+}
+
+/// Reads `listening role=X addr=Y` from a log line.
+fn listening(line: &str) -> Option<(String, SocketAddr)> {
+    let rest = line.split("listening role=").nth(1)?;
+    let (role, rest) = rest.split_once(' ')?;
+    let addr = rest.strip_prefix("addr=")?.split_whitespace().next()?;
+    Some((role.to_owned(), addr.parse().ok()?))
+}
+
+impl Children {
+    /// Starts `ward proxy` with `config`, copies its log to `<name>.log`, and waits until it has
+    /// bound `roles` and answers /ready.
+    pub async fn start(
+        &mut self,
+        dir: &DemoDir,
+        name: &str,
+        config: &str,
+        roles: &[&str],
+    ) -> anyhow::Result<Started> {
+        let config_path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config_path, config)?;
+        let exe = std::env::current_exe().context("cannot find the ward binary")?;
+        let mut child = Command::new(exe)
+            .arg("proxy")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--workers")
+            .arg("1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start the {name} sidecar"))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        self.procs.push((name.to_owned(), child));
+
+        let (tx, rx) = mpsc::channel();
+        let mut log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
+                let _ = tx.send(line);
+            }
+        });
+
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut addrs = HashMap::new();
+        let mut last = String::new();
+        while !roles.iter().all(|r| addrs.contains_key(*r)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some((role, addr)) = listening(&line) {
+                        addrs.insert(role, addr);
+                    }
+                    last = line;
+                }
+                Err(_) => anyhow::bail!("the {name} sidecar did not start: {last}"),
+            }
+        }
+        let admin = addrs["admin"];
+        while super::apps::http_get(admin, "/ready")
+            .await
+            .map(|(s, _)| s.contains(" 200 "))
+            != Some(true)
+        {
+            if Instant::now() > deadline {
+                anyhow::bail!("the {name} sidecar did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Started { addrs })
+    }
+
+    /// SIGTERM (a drain) to each sidecar, then SIGKILL to any still running after 5 s.
+    pub async fn stop(&mut self) {
+        for (_, child) in &self.procs {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (name, child) in &mut self.procs {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    _ => {
+                        eprintln!("the {name} sidecar did not stop in time; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.procs.clear();
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.procs {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

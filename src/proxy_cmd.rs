@@ -1,0 +1,87 @@
+//! `ward proxy`: load the config, start the sidecar, drain on SIGTERM.
+
+use anyhow::Context;
+use std::path::Path;
+use tokio::signal::unix::{signal, SignalKind};
+use ward_config::proxy::ProxyConfig;
+
+/// File descriptors kept aside for listeners, files and the admin API.
+const RESERVED_FDS: u64 = 64;
+
+pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<()> {
+    let mut config = ProxyConfig::load(path)?;
+    if check {
+        if let ward_config::proxy::CredentialSource::Files { tls, .. } = &config.credentials {
+            ward_proxy::files::load(tls, &config.service)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
+        println!("{}: ok", path.display());
+        return Ok(());
+    }
+    // Warn only once the proxy is up: a config or bind error stays the one line on stderr.
+    let capped = fit_connection_limit(&mut config);
+
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = workers {
+        rt.worker_threads(n);
+    }
+    let rt = rt.build().context("cannot start the runtime")?;
+    rt.block_on(async move {
+        let handle = ward_proxy::build(config, Some(prometheus))
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if let Some(warning) = capped {
+            tracing::warn!("{warning}");
+        }
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let drained = async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                // POST /drain starts the same drain.
+                _ = handle_drain_started(&handle) => {}
+            }
+            handle.drain();
+            // A second signal exits at once.
+            tokio::select! {
+                _ = term.recv() => std::process::exit(1),
+                _ = int.recv() => std::process::exit(1),
+                _ = handle.wait() => {}
+            }
+        };
+        drained.await;
+        Ok(())
+    })
+}
+
+async fn handle_drain_started(handle: &ward_proxy::ProxyHandle) {
+    handle.drain_started().await
+}
+
+/// Raises the soft file limit to the hard one and caps `max_connections` to fit (rule 15);
+/// returns the warning to log when it had to cap.
+fn fit_connection_limit(config: &mut ProxyConfig) -> Option<String> {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(l) => l,
+        Err(e) => return Some(format!("cannot raise the open file limit: {e}")),
+    };
+    // Each forwarded connection holds two sockets.
+    let fits = usize::try_from(limit.saturating_sub(RESERVED_FDS) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if config.limits.max_connections <= fits {
+        return None;
+    }
+    let warning = format!(
+        "limits.max_connections = {} exceeds what the open file limit {limit} allows; using {fits}",
+        config.limits.max_connections
+    );
+    config.limits.max_connections = fits;
+    Some(warning)
+}

@@ -1,0 +1,381 @@
+//! Plain-TCP helpers: admin HTTP GET, Prometheus text parsing, a counting echo app, a
+//! recording relay.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    // bounded by the body length: each round consumes at least the size line
+    while let Some(pos) = body.windows(2).position(|w| w == b"\r\n") {
+        let size_line = String::from_utf8_lossy(&body[..pos]);
+        let size_hex = size_line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_hex, 16).unwrap_or(0);
+        body = &body[pos + 2..];
+        if size == 0 || size > body.len() {
+            break;
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size..];
+        if body.starts_with(b"\r\n") {
+            body = &body[2..];
+        }
+    }
+    out
+}
+
+/// `GET path` over HTTP/1.1 with `Connection: close`; 5 s timeouts.
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<HttpResponse> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no end of HTTP headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let body_raw = &raw[split + 4..];
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad status line"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body_raw)
+    } else {
+        body_raw.to_vec()
+    };
+    Ok(HttpResponse {
+        status,
+        body: String::from_utf8_lossy(&body).to_string(),
+    })
+}
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+fn parse_labels(s: &str) -> Option<(Vec<(String, String)>, &str)> {
+    // s starts right after '{'; returns labels and the rest after '}'
+    let mut labels = Vec::new();
+    let mut rest = s;
+    loop {
+        rest = rest.trim_start_matches([' ', ',']);
+        if let Some(r) = rest.strip_prefix('}') {
+            return Some((labels, r));
+        }
+        let eq = rest.find('=')?;
+        let key = rest[..eq].trim().to_string();
+        rest = rest[eq + 1..].trim_start();
+        rest = rest.strip_prefix('"')?;
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, other)) => value.push(other),
+                    None => return None,
+                },
+                '"' => {
+                    end = Some(i);
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        rest = &rest[end? + 1..];
+        labels.push((key, value));
+    }
+}
+
+fn parse_value(s: &str) -> Option<f64> {
+    match s {
+        "+Inf" | "Inf" => Some(f64::INFINITY),
+        "-Inf" => Some(f64::NEG_INFINITY),
+        "NaN" => Some(f64::NAN),
+        v => v.parse().ok(),
+    }
+}
+
+pub fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ', '\t']).unwrap_or(line.len());
+        let name = line[..name_end].to_string();
+        let (labels, rest) = if line[name_end..].starts_with('{') {
+            match parse_labels(&line[name_end + 1..]) {
+                Some(x) => x,
+                None => continue,
+            }
+        } else {
+            (Vec::new(), &line[name_end..])
+        };
+        let Some(value) = rest.split_whitespace().next().and_then(parse_value) else {
+            continue;
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// Sum of the samples of `name` whose labels include all of `labels` (order-independent);
+/// 0 when there is none.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    parse_prometheus(text)
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.iter().any(|(k2, v2)| k2 == k && v2 == v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+/// A port that was free a moment ago (bound on 127.0.0.1 and released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().unwrap().port()
+}
+
+/// Whether something accepts TCP connections on `addr` now.
+pub fn is_listening(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+}
+
+const RECORD_CAP: usize = 4 << 20;
+
+fn record(buf: &Mutex<Vec<u8>>, data: &[u8]) {
+    let mut b = buf.lock().unwrap();
+    let room = RECORD_CAP.saturating_sub(b.len());
+    let n = room.min(data.len());
+    b.extend_from_slice(&data[..n]);
+}
+
+/// Accept loop that stops when `stop` is set (the owner wakes it with a connection).
+fn accept_loop(
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    mut handle: impl FnMut(TcpStream) + Send + 'static,
+) {
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Ok(c) = conn {
+                handle(c);
+            }
+        }
+    });
+}
+
+fn wake(addr: SocketAddr, stop: &AtomicBool) {
+    stop.store(true, Ordering::SeqCst);
+    let _ = TcpStream::connect_timeout(&addr, Duration::from_millis(500));
+}
+
+/// The application behind an inbound: counts accepted connections, records (up to 4 MiB of)
+/// what it receives, echoes every byte, and on read-EOF flushes and shuts down its write half.
+pub struct EchoApp {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    received: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl EchoApp {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo app");
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (acc, rec) = (accepted.clone(), received.clone());
+        accept_loop(listener, stop.clone(), move |mut conn| {
+            acc.fetch_add(1, Ordering::SeqCst);
+            let rec = rec.clone();
+            thread::spawn(move || {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+                let _ = conn.set_nodelay(true);
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) => {
+                            let _ = conn.flush();
+                            let _ = conn.shutdown(Shutdown::Write);
+                            break;
+                        }
+                        Ok(n) => {
+                            record(&rec, &buf[..n]);
+                            if conn.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            });
+        });
+        EchoApp {
+            addr,
+            accepted,
+            received,
+            stop,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn received(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EchoApp {
+    fn drop(&mut self) {
+        wake(self.addr, &self.stop);
+    }
+}
+
+/// A TCP relay to `target` that records (up to 4 MiB per direction) every byte it forwards,
+/// and forwards half-closes.
+pub struct Relay {
+    pub addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    to_target: Arc<Mutex<Vec<u8>>>,
+    from_target: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, rec: Arc<Mutex<Vec<u8>>>) {
+    let _ = from.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = to.shutdown(Shutdown::Write);
+                break;
+            }
+            Ok(n) => {
+                record(&rec, &buf[..n]);
+                if to.write_all(&buf[..n]).is_err() {
+                    let _ = from.shutdown(Shutdown::Read);
+                    break;
+                }
+            }
+            Err(_) => {
+                let _ = to.shutdown(Shutdown::Both);
+                break;
+            }
+        }
+    }
+}
+
+impl Relay {
+    pub fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let to_target = Arc::new(Mutex::new(Vec::new()));
+        let from_target = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (conns, tt, ft) = (connections.clone(), to_target.clone(), from_target.clone());
+        accept_loop(listener, stop.clone(), move |client| {
+            conns.fetch_add(1, Ordering::SeqCst);
+            let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
+                return;
+            };
+            let (c2, s2) = match (client.try_clone(), server.try_clone()) {
+                (Ok(c2), Ok(s2)) => (c2, s2),
+                _ => return,
+            };
+            let (tt, ft) = (tt.clone(), ft.clone());
+            thread::spawn(move || pump(client, server, tt));
+            thread::spawn(move || pump(s2, c2, ft));
+        });
+        Relay {
+            addr,
+            connections,
+            to_target,
+            from_target,
+            stop,
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Bytes sent towards the target (client -> server).
+    pub fn sent_to_target(&self) -> Vec<u8> {
+        self.to_target.lock().unwrap().clone()
+    }
+
+    /// Bytes sent back from the target (server -> client).
+    pub fn received_from_target(&self) -> Vec<u8> {
+        self.from_target.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        wake(self.addr, &self.stop);
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

@@ -1,0 +1,295 @@
+//! Issue 2, "Must show": each bad config file makes `ward proxy` exit non-zero within 10 s with
+//! exactly one line on stderr naming the offending key (and the config file), and starts no
+//! listener. A port already in use: the same, naming the address.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::net::{free_port, is_listening, EchoApp};
+use common::pki::{Pki, TRUST_DOMAIN};
+use common::proc::{run_proxy_to_exit, strip_ansi, toml_path, TempDir};
+use common::write_tls_files;
+
+/// A valid config, split in sections so that each case breaks exactly one thing.
+struct Parts {
+    top: String,
+    service: String,
+    inbound: String,
+    upstreams: String,
+    tls: String,
+    intentions: String,
+    admin: String,
+    limits: String,
+}
+
+impl Parts {
+    fn render(&self) -> String {
+        [
+            &self.top,
+            &self.service,
+            &self.inbound,
+            &self.upstreams,
+            &self.tls,
+            &self.intentions,
+            &self.admin,
+            &self.limits,
+        ]
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+    }
+}
+
+struct Fixture {
+    dir: TempDir,
+    _app: EchoApp,
+    /// Fixed ports written into the config; nothing may listen there afterwards.
+    inbound: SocketAddr,
+    admin: SocketAddr,
+    upstream: SocketAddr,
+    parts: Parts,
+}
+
+fn fixture(prefix: &str) -> Fixture {
+    let dir = TempDir::new(prefix);
+    let pki = Pki::new(TRUST_DOMAIN);
+    let files = write_tls_files(&dir, "order", &pki, &pki.leaf("order"));
+    let app = EchoApp::start();
+    let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let upstream: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let parts = Parts {
+        top: String::new(),
+        service: format!(
+            "[service]\nname = \"order\"\nnamespace = \"default\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n"
+        ),
+        inbound: format!(
+            "[inbound]\nlisten = \"{inbound}\"\nlocal_app = \"{}\"\nprotocol = \"tcp\"\n",
+            app.addr
+        ),
+        upstreams: format!(
+            "[[upstreams]]\nservice = \"inventory\"\nlisten = \"{upstream}\"\nprotocol = \"tcp\"\nendpoints = [\"{endpoint}\"]\n"
+        ),
+        tls: format!(
+            "[tls]\ncert_file = {}\nkey_file = {}\nca_file = {}\n",
+            toml_path(&files.cert),
+            toml_path(&files.key),
+            toml_path(&files.ca)
+        ),
+        intentions: "[intentions]\ndefault = \"deny\"\nrules = [{ source = \"web\", action = \"allow\" }]\n"
+            .to_string(),
+        admin: format!("[admin]\nlisten = \"{admin}\"\n"),
+        limits: "[limits]\nhandshake_timeout = \"10s\"\n".to_string(),
+    };
+    Fixture {
+        dir,
+        _app: app,
+        inbound,
+        admin,
+        upstream,
+        parts,
+    }
+}
+
+/// Runs the config and checks the contract; `must_name` are substrings the one stderr line
+/// must contain. With `names_config_file`, the line must also name the config file.
+fn expect_config_error(
+    name: &str,
+    edit: impl FnOnce(&mut Fixture),
+    must_name: &[&str],
+    names_config_file: bool,
+) {
+    let mut fx = fixture(name);
+    edit(&mut fx);
+    let config: PathBuf = fx.dir.join(&format!("bad-{name}.toml"));
+    std::fs::write(&config, fx.parts.render()).unwrap();
+    let exit = run_proxy_to_exit(&config, Duration::from_secs(10));
+    let context = format!(
+        "case {name}\nconfig:\n{}\nexit: {:?} after {:?}\nstderr:\n{}\nstdout:\n{}",
+        fx.parts.render(),
+        exit.status,
+        exit.elapsed,
+        exit.stderr,
+        exit.stdout
+    );
+
+    let status = exit
+        .status
+        .unwrap_or_else(|| panic!("did not exit within 10 s\n{context}"));
+    assert!(!status.success(), "must exit non-zero\n{context}");
+    let stderr = strip_ansi(&exit.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "stderr must hold exactly one non-empty line\n{context}"
+    );
+    let line = lines[0];
+    assert!(
+        !line.contains("listening"),
+        "a listener was started\n{context}"
+    );
+    for want in must_name {
+        assert!(
+            line.contains(want),
+            "the error line must name `{want}`\n{context}"
+        );
+    }
+    if names_config_file {
+        let file = config.file_name().unwrap().to_string_lossy().to_string();
+        assert!(
+            line.contains(&file),
+            "the error line must name the config file `{file}`\n{context}"
+        );
+    }
+    for (what, addr) in [
+        ("inbound.listen", fx.inbound),
+        ("admin.listen", fx.admin),
+        ("upstreams.listen", fx.upstream),
+    ] {
+        assert!(
+            !is_listening(addr),
+            "something listens on {addr} ({what}) after the failed start\n{context}"
+        );
+    }
+}
+
+#[test]
+fn unknown_key_at_top_level() {
+    expect_config_error(
+        "unknown-top",
+        |fx| fx.parts.top = "colour = \"blue\"\n".into(),
+        &["colour"],
+        true,
+    );
+}
+
+#[test]
+fn unknown_key_in_inbound() {
+    expect_config_error(
+        "unknown-inbound",
+        |fx| fx.parts.inbound.push_str("backlog = 128\n"),
+        &["backlog"],
+        true,
+    );
+}
+
+#[test]
+fn missing_service_section() {
+    expect_config_error(
+        "missing-service",
+        |fx| fx.parts.service = String::new(),
+        &["service"],
+        true,
+    );
+}
+
+#[test]
+fn invalid_service_name() {
+    expect_config_error(
+        "bad-service-name",
+        |fx| fx.parts.service = fx.parts.service.replace("\"order\"", "\"Order_1\""),
+        &["service.name"],
+        true,
+    );
+}
+
+#[test]
+fn inbound_listen_is_not_an_address() {
+    expect_config_error(
+        "listen-not-addr",
+        |fx| {
+            let old = format!("listen = \"{}\"", fx.inbound);
+            fx.parts.inbound = fx
+                .parts
+                .inbound
+                .replace(&old, "listen = \"not-an-address\"");
+        },
+        &["inbound.listen"],
+        true,
+    );
+}
+
+#[test]
+fn upstream_listen_must_be_loopback() {
+    expect_config_error(
+        "upstream-not-loopback",
+        |fx| {
+            let old = format!("listen = \"{}\"", fx.upstream);
+            let new = format!("listen = \"0.0.0.0:{}\"", fx.upstream.port());
+            fx.parts.upstreams = fx.parts.upstreams.replace(&old, &new);
+        },
+        &["upstreams", "listen"],
+        true,
+    );
+}
+
+#[test]
+fn cert_file_does_not_exist() {
+    expect_config_error(
+        "missing-cert-file",
+        |fx| {
+            let missing = fx.dir.join("does-not-exist-cert.pem");
+            fx.parts.tls = fx.parts.tls.replace(
+                fx.parts.tls.lines().nth(1).unwrap(),
+                &format!("cert_file = {}", toml_path(&missing)),
+            );
+        },
+        &["does-not-exist-cert.pem"],
+        false,
+    );
+}
+
+#[test]
+fn neither_tls_nor_control_plane() {
+    expect_config_error(
+        "no-identity-source",
+        |fx| fx.parts.tls = String::new(),
+        &["tls", "control_plane"],
+        true,
+    );
+}
+
+#[test]
+fn bad_duration() {
+    expect_config_error(
+        "bad-duration",
+        |fx| fx.parts.limits = "[limits]\nhandshake_timeout = \"ten\"\n".into(),
+        &["handshake_timeout"],
+        true,
+    );
+}
+
+#[test]
+fn invalid_toml_syntax() {
+    expect_config_error(
+        "invalid-toml",
+        |fx| fx.parts.top = "this is [not toml\n".into(),
+        &[],
+        true,
+    );
+}
+
+#[test]
+fn inbound_port_already_in_use() {
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = holder.local_addr().unwrap();
+    expect_config_error(
+        "port-in-use",
+        |fx| {
+            let old = format!("listen = \"{}\"", fx.inbound);
+            fx.parts.inbound = fx
+                .parts
+                .inbound
+                .replace(&old, &format!("listen = \"{taken}\""));
+        },
+        &[&taken.to_string()],
+        false,
+    );
+    drop(holder);
+}

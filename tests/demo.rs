@@ -1,0 +1,120 @@
+//! `ward demo`: the attacks are refused, the order is confirmed, and Ctrl-C stops everything.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
+    let out = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// Collects stdout lines until one contains `marker` or the deadline passes.
+fn read_until(rx: &mpsc::Receiver<String>, marker: &str, deadline: Instant) -> Vec<String> {
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let done = line.contains(marker);
+                seen.push(line);
+                if done {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+fn sidecar_pids(parent: u32) -> Vec<u32> {
+    let out = Command::new("ps")
+        .args(["-o", "pid=", "--ppid", &parent.to_string()])
+        .output()
+        .expect("ps runs");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn demo_refuses_attacks_confirms_an_order_and_stops_on_ctrl_c() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ward"))
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("ward demo starts");
+    let rx = lines_of(&mut child);
+    let seen = read_until(
+        &rx,
+        "Ctrl-C to stop.",
+        Instant::now() + Duration::from_secs(60),
+    );
+    let text = seen.join("\n");
+    let refused = seen
+        .iter()
+        .filter(|l| l.contains("refused with TLS alert"))
+        .count();
+    let sidecars = sidecar_pids(child.id());
+
+    assert!(
+        text.contains("Ctrl-C to stop."),
+        "demo did not reach its prompt:\n{text}"
+    );
+    assert_eq!(refused, 4, "all four attacks refused:\n{text}");
+    assert!(text.contains("4 of 4 attacks refused"), "{text}");
+    assert!(text.contains("saw 0 connections"), "{text}");
+    assert!(text.contains("order confirmed: 1 x widget"), "{text}");
+    assert!(text.contains("demo succeeded"), "{text}");
+    assert_eq!(sidecars.len(), 2, "two sidecar processes run: {sidecars:?}");
+
+    // The order service answers while the demo stays up.
+    let order = seen
+        .iter()
+        .find_map(|l| l.split("curl 'http://").nth(1))
+        .and_then(|r| r.split('/').next())
+        .expect("the curl line names the order app");
+    let mut s = std::net::TcpStream::connect(order).expect("order app listens");
+    use std::io::{Read, Write};
+    s.write_all(b"GET /order?item=gear HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.contains("order confirmed: 1 x gear"), "{resp}");
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ward demo did not exit after SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "clean exit: {exit:?}");
+    for pid in sidecars {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "sidecar {pid} left behind"
+        );
+    }
+}
