@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod cert_inspect;
+mod cli;
 mod demo;
 mod proxy_cmd;
 
@@ -32,6 +33,13 @@ enum Command {
         /// Runtime worker threads (default: one per core).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         workers: Option<u16>,
+    },
+    /// Run the control plane.
+    Server(cli::server::ServerCmd),
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        command: cli::token::TokenCmd,
     },
     /// Play the whole story on this machine: two services behind sidecars and a rogue client.
     Demo {
@@ -73,6 +81,11 @@ fn main() -> ExitCode {
             init_logging();
             proxy_cmd::run(&config, check, workers.map(usize::from))
         }
+        Command::Server(cmd) => {
+            init_logging();
+            cli::server::run(cmd)
+        }
+        Command::Token { command } => cli::token::run(command),
         Command::Demo { once } => demo::run(once),
         Command::Cert {
             command: CertCommand::Inspect { file },

@@ -18,6 +18,14 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
         println!("{}: ok", path.display());
         return Ok(());
     }
+    // The control-plane client checks its files (CA, token, state) before anything binds.
+    let control = match &config.credentials {
+        ward_config::proxy::CredentialSource::ControlPlane(cp) => Some(
+            ward_control_client::prepare(cp, &config.service)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        ),
+        ward_config::proxy::CredentialSource::Files { .. } => None,
+    };
     // Warn only once the proxy is up: a config or bind error stays the one line on stderr.
     let capped = fit_connection_limit(&mut config);
 
@@ -37,6 +45,13 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if let Some(warning) = capped {
             tracing::warn!("{warning}");
+        }
+        if let Some(prepared) = control {
+            tokio::spawn(ward_control_client::run(
+                prepared,
+                handle.mesh(),
+                handle.stopped(),
+            ));
         }
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;

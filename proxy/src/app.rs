@@ -25,8 +25,6 @@ pub enum BuildError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("key `control_plane`: the control-plane client is not built yet; use [tls] files")]
-    ControlPlaneUnsupported,
 }
 
 /// A running proxy: its bound addresses and the drain trigger.
@@ -35,6 +33,16 @@ pub struct ProxyHandle {
     pub inbound_addr: Option<SocketAddr>,
     pub upstream_addrs: Vec<(String, SocketAddr)>,
     shared: Arc<Shared>,
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+/// What a control-plane client feeds: the stores the data plane reads, and the upstreams whose
+/// endpoints come from the catalog.
+pub struct MeshHandles {
+    pub credentials: Arc<CredentialStore>,
+    pub intentions: Arc<IntentionStore>,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub inbound_addr: Option<SocketAddr>,
 }
 
 async fn bind(key: String, addr: SocketAddr) -> Result<TcpListener, BuildError> {
@@ -52,17 +60,24 @@ pub async fn build(
     let credentials = Arc::new(CredentialStore::default());
     let intentions = Arc::new(IntentionStore::default());
 
-    let (files, static_intentions) = match &config.credentials {
-        CredentialSource::Files { tls, intentions } => (tls.clone(), intentions.clone()),
-        CredentialSource::ControlPlane(_) => return Err(BuildError::ControlPlaneUnsupported),
+    // With [tls] files, everything is loaded before binding; with [control_plane] the stores
+    // start empty (every handshake refused, /ready 503) until the client fills them.
+    let files = match &config.credentials {
+        CredentialSource::Files {
+            tls,
+            intentions: rules,
+        } => {
+            credentials.store(crate::files::load(tls, &config.service)?);
+            intentions.publish(IntentionSnapshot::new(
+                1,
+                rules.default,
+                rules.rules.clone(),
+                &config.service.namespace,
+            ));
+            Some(tls.clone())
+        }
+        CredentialSource::ControlPlane(_) => None,
     };
-    credentials.store(crate::files::load(&files, &config.service)?);
-    intentions.publish(IntentionSnapshot::new(
-        1,
-        static_intentions.default,
-        static_intentions.rules,
-        &config.service.namespace,
-    ));
 
     // Bind everything before serving anything.
     let admin_listener = bind("admin.listen".into(), config.admin.listen).await?;
@@ -106,6 +121,7 @@ pub async fn build(
     }
 
     let mut upstream_addrs = Vec::new();
+    let mut upstreams = Vec::new();
     for (u, listener) in config.upstreams.iter().zip(upstream_listeners) {
         let namespace = u
             .namespace
@@ -120,15 +136,18 @@ pub async fn build(
         let addr = local(&listener);
         upstream_addrs.push((u.service.to_string(), addr));
         roles.push((format!("upstream.{}", u.service), addr));
+        upstreams.push(upstream.clone());
         tokio::spawn(upstream.run(listener));
     }
 
-    tokio::spawn(crate::files::watch(
-        files,
-        config.service.clone(),
-        credentials,
-        shared.force_close.clone(),
-    ));
+    if let Some(files) = files {
+        tokio::spawn(crate::files::watch(
+            files,
+            config.service.clone(),
+            credentials,
+            shared.force_close.clone(),
+        ));
+    }
 
     for (role, addr) in &roles {
         tracing::info!("listening role={role} addr={addr}");
@@ -141,6 +160,7 @@ pub async fn build(
         inbound_addr,
         upstream_addrs,
         shared,
+        upstreams,
     })
 }
 
@@ -154,6 +174,21 @@ fn local_admin(shared: &Shared) -> SocketAddr {
 }
 
 impl ProxyHandle {
+    /// The stores and upstreams a control-plane client updates.
+    pub fn mesh(&self) -> MeshHandles {
+        MeshHandles {
+            credentials: self.shared.credentials.clone(),
+            intentions: self.shared.intentions.clone(),
+            upstreams: self.upstreams.clone(),
+            inbound_addr: self.inbound_addr,
+        }
+    }
+
+    /// Fires when the proxy stops (drain deadline or end of drain): background clients stop.
+    pub fn stopped(&self) -> tokio_util::sync::CancellationToken {
+        self.shared.force_close.clone()
+    }
+
     /// Starts the drain (as SIGTERM or `POST /drain` do).
     pub fn drain(&self) {
         self.shared.begin_drain();

@@ -23,4 +23,4 @@ pub mod outbound;
 pub mod shared;
 pub mod tls;
 
-pub use app::{build, BuildError, ProxyHandle};
+pub use app::{build, BuildError, MeshHandles, ProxyHandle};

@@ -22,6 +22,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Upstream {
     shared: Arc<Shared>,
     pub service: Name,
+    pub namespace: Name,
     connector: TlsConnector,
     /// Static endpoints, or the catalog's (replaced on each update).
     pub endpoints: ArcSwap<Vec<SocketAddr>>,
@@ -35,12 +36,16 @@ impl Upstream {
         namespace: Name,
         endpoints: Vec<SocketAddr>,
     ) -> Self {
-        let verifier =
-            tls::OutboundVerifier::new(shared.credentials.clone(), namespace, service.clone());
+        let verifier = tls::OutboundVerifier::new(
+            shared.credentials.clone(),
+            namespace.clone(),
+            service.clone(),
+        );
         let config = tls::config::client_config(shared.credentials.clone(), verifier);
         Self {
             shared,
             service,
+            namespace,
             connector: TlsConnector::from(config),
             endpoints: ArcSwap::from_pointee(endpoints),
             next: AtomicUsize::new(0),
@@ -59,6 +64,10 @@ impl Upstream {
     async fn connect(&self) -> Option<(TcpStream, SocketAddr)> {
         let endpoints = self.endpoints.load();
         let n = endpoints.len();
+        if n == 0 {
+            tracing::warn!(upstream = %self.service, "the upstream has no endpoints");
+            return None;
+        }
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
             let ep = endpoints[(first + i) % n];

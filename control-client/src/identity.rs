@@ -1,0 +1,398 @@
+//! The proxy's identity: a P-256 key generated here (it never leaves the proxy), the first
+//! certificate from a join token, renewals authenticated by the current mesh certificate, and
+//! the optional `state_dir` that lets a restart renew without a new token (security rule 12).
+
+use crate::backoff::Backoff;
+use crate::channel::ServerTarget;
+use crate::ClientError;
+use base64::Engine;
+use rcgen::{CertificateParams, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use ward_config::proxy::{ControlPlaneConfig, ServiceConfig};
+use ward_config::{SpiffeId, TrustDomain};
+use ward_proto::v1;
+use ward_proxy::tls::{CredentialStore, Credentials};
+
+const KEY_FILE: &str = "key.pem";
+const CERT_FILE: &str = "cert.pem";
+const ROOTS_FILE: &str = "roots.pem";
+
+/// What the last successful Sign gave us, kept to rebuild credentials when roots change.
+#[derive(Clone)]
+pub struct Issued {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+pub struct Identity {
+    key: KeyPair,
+    service: ServiceConfig,
+    token_file: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    /// A still-valid certificate found in `state_dir` at start.
+    stored: Mutex<Option<Issued>>,
+    current: Mutex<Option<Issued>>,
+    renew_at: Mutex<Instant>,
+}
+
+fn state_err(path: &Path, message: impl Into<String>) -> ClientError {
+    ClientError::StateDir {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn read_token(path: &Path) -> Result<String, ClientError> {
+    let err = |message: String| ClientError::TokenFile {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(err("is empty".into()));
+    }
+    Ok(token.to_owned())
+}
+
+impl Identity {
+    pub fn prepare(cfg: &ControlPlaneConfig, service: &ServiceConfig) -> Result<Self, ClientError> {
+        let mut key = None;
+        let mut stored = None;
+        if let Some(dir) = &cfg.state_dir {
+            ensure_private_dir(dir)?;
+            let key_path = dir.join(KEY_FILE);
+            if key_path.exists() {
+                let pem = std::fs::read_to_string(&key_path)
+                    .map_err(|e| state_err(&key_path, format!("cannot read: {e}")))?;
+                key = Some(
+                    KeyPair::from_pem(&pem)
+                        .map_err(|_| state_err(&key_path, "holds no usable private key"))?,
+                );
+                stored = load_stored(dir, key.as_ref().expect("just set"), service);
+            }
+        }
+        let key = match key {
+            Some(k) => k,
+            None => {
+                let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| {
+                    state_err(Path::new("."), format!("cannot generate a key: {e}"))
+                })?;
+                if let Some(dir) = &cfg.state_dir {
+                    let path = dir.join(KEY_FILE);
+                    write_atomic(&path, k.serialize_pem().as_bytes(), 0o600)
+                        .map_err(|e| state_err(&path, format!("cannot write: {e}")))?;
+                }
+                k
+            }
+        };
+        if stored.is_none() {
+            // Without a valid stored certificate the token is the only way in: check it now.
+            let path = cfg.token_file.as_ref().ok_or(ClientError::NoToken)?;
+            read_token(path)?;
+        }
+        Ok(Self {
+            key,
+            service: service.clone(),
+            token_file: cfg.token_file.clone(),
+            state_dir: cfg.state_dir.clone(),
+            stored: Mutex::new(stored),
+            current: Mutex::new(None),
+            renew_at: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// The private key, for rebuilding credentials (it never leaves the process).
+    pub fn key_der(&self) -> PrivateKeyDer<'static> {
+        self.private_key()
+    }
+
+    pub fn set_current(&self, issued: Issued) {
+        if let Ok(mut c) = self.current.lock() {
+            *c = Some(issued);
+        }
+    }
+
+    fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.serialize_der()))
+    }
+
+    fn spiffe_id(&self, td: TrustDomain) -> SpiffeId {
+        SpiffeId::new(
+            td,
+            self.service.namespace.clone(),
+            self.service.name.clone(),
+        )
+    }
+
+    fn csr(&self, id: &SpiffeId) -> Result<Vec<u8>, rcgen::Error> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        Ok(params.serialize_request(&self.key)?.der().to_vec())
+    }
+
+    /// Builds credentials from `issued`, checks they are ours, and publishes them.
+    pub fn install(&self, issued: Issued, store: &CredentialStore) -> Result<i64, String> {
+        let creds = Credentials::from_der(
+            issued.chain.clone(),
+            self.private_key(),
+            issued.roots.clone(),
+        )
+        .map_err(|e| format!("the server's certificate is unusable: {e}"))?;
+        ward_proxy::files::check_own_identity(&creds, &self.service)?;
+        let not_after = creds.leaf.not_after;
+        let remaining = (not_after - now_unix()).max(1) as f64;
+        // Renew at a random point between 50 % and 70 % of the remaining lifetime, on the
+        // monotonic clock from now.
+        let fraction = 0.5 + 0.2 * rand::random::<f64>();
+        if let Ok(mut r) = self.renew_at.lock() {
+            *r = Instant::now() + Duration::from_secs_f64(remaining * fraction);
+        }
+        tracing::info!(serial = %creds.leaf.serial, id = %creds.leaf.id, not_after, "certificate installed");
+        store.store(creds);
+        if let Some(dir) = &self.state_dir {
+            if let Err(e) = persist(dir, &issued) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the certificate in state_dir");
+            }
+        }
+        if let Ok(mut c) = self.current.lock() {
+            *c = Some(issued);
+        }
+        Ok(not_after)
+    }
+
+    /// The last issued chain and roots.
+    pub fn current(&self) -> Option<Issued> {
+        self.current.lock().ok().and_then(|c| c.clone())
+    }
+
+    /// Puts the first certificate in the store: a valid stored one, or one signed for the join
+    /// token. Retries with backoff; returns false only when stopped... which the caller handles.
+    pub async fn obtain(&self, server: &ServerTarget, store: &Arc<CredentialStore>) -> bool {
+        if let Some(issued) = self.stored.lock().ok().and_then(|mut s| s.take()) {
+            match self.install(issued, store) {
+                Ok(_) => {
+                    tracing::info!("using the certificate kept in state_dir");
+                    return true;
+                }
+                Err(e) => tracing::warn!("ignoring the certificate in state_dir: {e}"),
+            }
+        }
+        let mut backoff = Backoff::control_plane();
+        loop {
+            match self.sign_with_token(server, store).await {
+                Ok(()) => {
+                    metrics::counter!("ward_cert_renewals_total", "result" => "ok").increment(1);
+                    return true;
+                }
+                Err(e) => {
+                    metrics::counter!("ward_cert_renewals_total", "result" => "error").increment(1);
+                    tracing::warn!("cannot get a certificate from the control plane: {e}");
+                }
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    async fn sign_with_token(
+        &self,
+        server: &ServerTarget,
+        store: &CredentialStore,
+    ) -> Result<(), String> {
+        let path = self
+            .token_file
+            .as_ref()
+            .ok_or("no token_file is configured")?;
+        let token = read_token(path).map_err(|e| e.to_string())?;
+        let channel = server
+            .connect(None)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let td = server
+            .trust_domain()
+            .ok_or("the server proved no trust domain")?;
+        let mut request = tonic::Request::new(v1::SignRequest {
+            csr: self.csr(&self.spiffe_id(td)).map_err(|e| e.to_string())?,
+        });
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the token file holds characters a header cannot carry")?;
+        request
+            .metadata_mut()
+            .insert(ward_proto::AUTHORIZATION, bearer);
+        let resp = v1::identity_client::IdentityClient::new(channel)
+            .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE)
+            .sign(request)
+            .await
+            .map_err(|s| format!("Sign refused: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        self.install(issued_from(resp), store)?;
+        Ok(())
+    }
+
+    async fn renew(
+        &self,
+        server: &ServerTarget,
+        store: &Arc<CredentialStore>,
+    ) -> Result<(), String> {
+        let channel = server
+            .connect(Some(store.clone()))
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let td = server
+            .trust_domain()
+            .ok_or("the server proved no trust domain")?;
+        let request = tonic::Request::new(v1::SignRequest {
+            csr: self.csr(&self.spiffe_id(td)).map_err(|e| e.to_string())?,
+        });
+        let resp = v1::identity_client::IdentityClient::new(channel)
+            .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE)
+            .sign(request)
+            .await
+            .map_err(|s| format!("renewal refused: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        self.install(issued_from(resp), store)?;
+        Ok(())
+    }
+
+    /// Renews at the scheduled point, retrying with backoff; falls back to the join token only
+    /// once the certificate has expired.
+    pub async fn keep_renewed(
+        &self,
+        server: &ServerTarget,
+        store: &Arc<CredentialStore>,
+        stop: &CancellationToken,
+    ) {
+        loop {
+            let at = self
+                .renew_at
+                .lock()
+                .map(|r| *r)
+                .unwrap_or_else(|_| Instant::now());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(at) => {}
+            }
+            let mut backoff = Backoff::control_plane();
+            loop {
+                let expired = store.load().is_none_or(|c| c.leaf.not_after <= now_unix());
+                let result = if expired {
+                    self.sign_with_token(server, store).await
+                } else {
+                    self.renew(server, store).await
+                };
+                match result {
+                    Ok(()) => {
+                        metrics::counter!("ward_cert_renewals_total", "result" => "ok")
+                            .increment(1);
+                        break;
+                    }
+                    Err(e) => {
+                        metrics::counter!("ward_cert_renewals_total", "result" => "error")
+                            .increment(1);
+                        tracing::warn!("certificate renewal failed; keeping the current one: {e}");
+                    }
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    }
+}
+
+pub fn issued_from(resp: v1::SignResponse) -> Issued {
+    Issued {
+        chain: resp
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+        roots: resp.roots.into_iter().map(CertificateDer::from).collect(),
+    }
+}
+
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn ensure_private_dir(dir: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| state_err(dir, format!("cannot create: {e}")))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| state_err(dir, format!("cannot set mode 0700: {e}")))
+}
+
+/// A valid certificate + roots for our key and service in `dir`, if there is one.
+fn load_stored(dir: &Path, key: &KeyPair, service: &ServiceConfig) -> Option<Issued> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join(CERT_FILE))
+        .ok()?
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join(ROOTS_FILE))
+        .ok()?
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let creds = Credentials::from_der(chain.clone(), der, roots.clone()).ok()?;
+    ward_proxy::files::check_own_identity(&creds, service).ok()?;
+    // Keep a margin so a certificate about to expire is not used for the first renewal.
+    (creds.leaf.not_after > now_unix() + 5).then_some(Issued { chain, roots })
+}
+
+fn pem_of(tag: &str, ders: &[CertificateDer<'_>]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for d in ders {
+        let _ = writeln!(out, "-----BEGIN {tag}-----");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(d.as_ref());
+        for line in b64.as_bytes().chunks(64) {
+            let _ = writeln!(out, "{}", String::from_utf8_lossy(line));
+        }
+        let _ = writeln!(out, "-----END {tag}-----");
+    }
+    out
+}
+
+fn persist(dir: &Path, issued: &Issued) -> std::io::Result<()> {
+    write_atomic(
+        &dir.join(CERT_FILE),
+        pem_of("CERTIFICATE", &issued.chain).as_bytes(),
+        0o644,
+    )?;
+    write_atomic(
+        &dir.join(ROOTS_FILE),
+        pem_of("CERTIFICATE", &issued.roots).as_bytes(),
+        0o644,
+    )
+}
+
+/// Writes to a temporary file, fsyncs, then renames over `path`.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! The `Mesh` streams. Each runs its own reconnect loop; every message is a full snapshot, so a
+//! reconnect needs no replay, and while the server is unreachable the last snapshot stays in
+//! force.
+
+use crate::backoff::Backoff;
+use crate::channel::ServerTarget;
+use crate::identity::Identity;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use ward_config::proxy::ServiceConfig;
+use ward_proto::v1;
+use ward_proxy::outbound::Upstream;
+use ward_proxy::tls::Credentials;
+use ward_proxy::MeshHandles;
+
+pub struct Watches {
+    pub server: Arc<ServerTarget>,
+    pub identity: Arc<Identity>,
+    pub mesh: MeshHandles,
+    pub service: ServiceConfig,
+    pub stop: CancellationToken,
+}
+
+impl Watches {
+    pub async fn run(&self) {
+        // Upstreams written with static endpoints keep them; the others follow the catalog.
+        let dynamic: Vec<Arc<Upstream>> = self
+            .mesh
+            .upstreams
+            .iter()
+            .filter(|u| u.endpoints.load().is_empty())
+            .cloned()
+            .collect();
+        tokio::join!(
+            self.reconnecting("intentions", |ch| self.intentions(ch)),
+            self.reconnecting("roots", |ch| self.roots(ch)),
+            async {
+                if !dynamic.is_empty() {
+                    self.reconnecting("endpoints", |ch| self.endpoints(ch, &dynamic))
+                        .await
+                }
+            },
+            async {
+                if let Some(addr) = self.mesh.inbound_addr {
+                    self.reconnecting("register", |ch| self.register(ch, addr))
+                        .await
+                }
+            },
+        );
+    }
+
+    /// Opens a channel with the current mesh certificate and runs `body` on it, again and again
+    /// with backoff, until stopped. `body` returns whether it received anything (which resets
+    /// the backoff) and why it ended.
+    async fn reconnecting<'a, F, Fut>(&'a self, what: &'static str, body: F)
+    where
+        F: Fn(Channel) -> Fut + 'a,
+        Fut: Future<Output = (bool, String)> + 'a,
+    {
+        let mut backoff = Backoff::control_plane();
+        loop {
+            let ended = async {
+                match self
+                    .server
+                    .connect(Some(self.mesh.credentials.clone()))
+                    .await
+                {
+                    Ok(ch) => body(ch).await,
+                    Err(e) => (false, format!("cannot connect: {e}")),
+                }
+            };
+            let (progressed, why) = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = ended => r,
+            };
+            if what == "intentions" {
+                metrics::gauge!("ward_control_plane_connected").set(0.0);
+            }
+            if progressed {
+                backoff.reset();
+            }
+            tracing::warn!(stream = what, "control-plane stream ended: {why}");
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    async fn intentions(&self, ch: Channel) -> (bool, String) {
+        let mut client = v1::mesh_client::MeshClient::new(ch)
+            .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE);
+        let mut stream = match client.watch_intentions(v1::WatchIntentionsRequest {}).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => return (false, format!("{:?}: {}", s.code(), s.message())),
+        };
+        let mut got = false;
+        loop {
+            match stream.message().await {
+                Ok(Some(snap)) => {
+                    got = true;
+                    metrics::gauge!("ward_control_plane_connected").set(1.0);
+                    match crate::convert::intentions(&snap, &self.service.namespace) {
+                        Ok(s) => {
+                            let version = s.version;
+                            if self.mesh.intentions.publish(s) {
+                                tracing::info!(version, "intentions updated");
+                            }
+                        }
+                        Err(e) => {
+                            metrics::counter!("ward_intention_errors_total").increment(1);
+                            tracing::warn!(
+                                version = snap.version,
+                                "refused an intentions snapshot, keeping the previous one: {e}"
+                            );
+                        }
+                    }
+                }
+                Ok(None) => return (got, "the server closed the stream".into()),
+                Err(s) => return (got, format!("{:?}: {}", s.code(), s.message())),
+            }
+        }
+    }
+
+    async fn roots(&self, ch: Channel) -> (bool, String) {
+        let mut client = v1::mesh_client::MeshClient::new(ch)
+            .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE);
+        let mut stream = match client.watch_roots(v1::WatchRootsRequest {}).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => return (false, format!("{:?}: {}", s.code(), s.message())),
+        };
+        let mut got = false;
+        loop {
+            match stream.message().await {
+                Ok(Some(snap)) => {
+                    got = true;
+                    self.apply_roots(snap);
+                }
+                Ok(None) => return (got, "the server closed the stream".into()),
+                Err(s) => return (got, format!("{:?}: {}", s.code(), s.message())),
+            }
+        }
+    }
+
+    /// Swaps in new roots with the current certificate and key, when they changed.
+    fn apply_roots(&self, snap: v1::RootsSnapshot) {
+        let Some(mut issued) = self.identity.current() else {
+            return;
+        };
+        let roots: Vec<rustls_pki_types::CertificateDer<'static>> =
+            snap.roots.into_iter().map(|r| r.cert.into()).collect();
+        if roots.is_empty() || roots == issued.roots {
+            return;
+        }
+        issued.roots = roots;
+        match Credentials::from_der(
+            issued.chain.clone(),
+            self.identity.key_der(),
+            issued.roots.clone(),
+        ) {
+            Ok(creds) => {
+                tracing::info!(
+                    roots = issued.roots.len(),
+                    version = snap.version,
+                    "trust roots updated"
+                );
+                self.mesh.credentials.store(creds);
+                self.identity.set_current(issued);
+            }
+            Err(e) => tracing::warn!("refused a roots snapshot, keeping the current roots: {e}"),
+        }
+    }
+
+    async fn endpoints(&self, ch: Channel, upstreams: &[Arc<Upstream>]) -> (bool, String) {
+        let mut client = v1::mesh_client::MeshClient::new(ch)
+            .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE);
+        let services = upstreams
+            .iter()
+            .map(|u| v1::ServiceRef {
+                name: u.service.to_string(),
+                namespace: u.namespace.to_string(),
+            })
+            .collect();
+        let mut stream = match client
+            .watch_endpoints(v1::WatchEndpointsRequest { services })
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            Err(s) => return (false, format!("{:?}: {}", s.code(), s.message())),
+        };
+        let mut got = false;
+        loop {
+            match stream.message().await {
+                Ok(Some(snap)) => {
+                    got = true;
+                    for entry in snap.services {
+                        let Some(svc) = entry.service else { continue };
+                        let ns = if svc.namespace.is_empty() {
+                            "default"
+                        } else {
+                            svc.namespace.as_str()
+                        };
+                        let Some(u) = upstreams
+                            .iter()
+                            .find(|u| u.service.as_str() == svc.name && u.namespace.as_str() == ns)
+                        else {
+                            continue;
+                        };
+                        let addrs: Vec<SocketAddr> = entry
+                            .endpoints
+                            .iter()
+                            .filter(|e| e.connected)
+                            .filter_map(|e| e.address.parse().ok())
+                            .collect();
+                        tracing::info!(upstream = %u.service, endpoints = addrs.len(), "endpoints updated");
+                        u.endpoints.store(Arc::new(addrs));
+                    }
+                }
+                Ok(None) => return (got, "the server closed the stream".into()),
+                Err(s) => return (got, format!("{:?}: {}", s.code(), s.message())),
+            }
+        }
+    }
+
+    async fn register(&self, ch: Channel, addr: SocketAddr) -> (bool, String) {
+        let mut client = v1::mesh_client::MeshClient::new(ch)
+            .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE);
+        let request = v1::RegisterRequest {
+            address: addr.to_string(),
+            protocol: v1::Protocol::Tcp as i32,
+        };
+        let mut stream = match client.register(request).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => return (false, format!("{:?}: {}", s.code(), s.message())),
+        };
+        let mut got = false;
+        loop {
+            match stream.message().await {
+                Ok(Some(r)) => {
+                    if !got {
+                        tracing::info!(address = %r.address, instance = %r.instance_id, "registered in the catalog");
+                    }
+                    got = true;
+                }
+                Ok(None) => return (got, "the server closed the stream".into()),
+                Err(s) => return (got, format!("{:?}: {}", s.code(), s.message())),
+            }
+        }
+    }
+}

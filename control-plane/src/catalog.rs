@@ -1,0 +1,434 @@
+//! The catalog: sidecar instances registered by `Mesh.Register` streams.
+//!
+//! An instance's identity (service, namespace) comes from its mesh certificate, never from the
+//! request. An address:port held by an instance of another service is refused; an instance
+//! whose stream is gone is removed `deregister_after` later. Instances are persisted, and after
+//! a restart they count as disconnected from the moment of the start, so none is removed before
+//! the server has been up for `deregister_after` (security rule 11).
+
+use crate::intentions::{blocking, ServiceRef};
+use crate::storage::{InstanceRecord, Storage, StorageError};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use ward_config::identity::SpiffeId;
+use ward_proto::v1;
+
+/// The protocol of a sidecar's inbound listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Http,
+}
+
+impl Protocol {
+    pub fn from_proto(p: i32) -> Self {
+        match v1::Protocol::try_from(p) {
+            Ok(v1::Protocol::Http) => Protocol::Http,
+            _ => Protocol::Tcp,
+        }
+    }
+
+    pub fn to_proto(self) -> v1::Protocol {
+        match self {
+            Protocol::Tcp => v1::Protocol::Tcp,
+            Protocol::Http => v1::Protocol::Http,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+/// A registered instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub id: String,
+    pub spiffe_id: SpiffeId,
+    pub service: ServiceRef,
+    pub address: SocketAddr,
+    pub protocol: Protocol,
+    pub registered_at: i64,
+    /// `None` while its stream is open.
+    pub disconnected_at: Option<Instant>,
+    /// Which registration holds it, so a stale stream's end does not touch a newer one.
+    generation: u64,
+}
+
+impl Instance {
+    pub fn to_endpoint(&self) -> v1::Endpoint {
+        v1::Endpoint {
+            address: self.address.to_string(),
+            protocol: self.protocol.to_proto() as i32,
+            instance_id: self.id.clone(),
+            connected: self.disconnected_at.is_none(),
+        }
+    }
+}
+
+/// Every instance at one version.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub version: u64,
+    pub instances: BTreeMap<String, Instance>,
+}
+
+impl Snapshot {
+    pub fn endpoints(&self, service: &ServiceRef) -> Vec<v1::Endpoint> {
+        self.instances
+            .values()
+            .filter(|i| &i.service == service)
+            .map(Instance::to_endpoint)
+            .collect()
+    }
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum CatalogError {
+    /// ALREADY_EXISTS.
+    #[error("{address} is registered by an instance of {holder}")]
+    AddressTaken { address: SocketAddr, holder: String },
+    /// INVALID_ARGUMENT.
+    #[error("address {0:?} is not an ip:port with a non-zero port")]
+    BadAddress(String),
+    #[error(transparent)]
+    Storage(#[from] Arc<StorageError>),
+}
+
+/// The catalog store.
+pub struct Catalog {
+    storage: Arc<dyn Storage>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    write: tokio::sync::Mutex<()>,
+    deregister_after: Duration,
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog")
+            .field("instances", &self.tx.borrow().instances.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Catalog {
+    /// Loads persisted instances as disconnected since `started`.
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        records: &[InstanceRecord],
+        deregister_after: Duration,
+        started: Instant,
+    ) -> Self {
+        let mut instances = BTreeMap::new();
+        for r in records {
+            let (Ok(spiffe_id), Ok(address)) = (SpiffeId::parse(&r.spiffe_id), r.address.parse())
+            else {
+                tracing::warn!(instance = %r.instance_id, "skipping an unreadable catalog entry");
+                continue;
+            };
+            let service = ServiceRef {
+                namespace: spiffe_id.namespace.clone(),
+                name: spiffe_id.service.clone(),
+            };
+            instances.insert(
+                r.instance_id.clone(),
+                Instance {
+                    id: r.instance_id.clone(),
+                    spiffe_id,
+                    service,
+                    address,
+                    protocol: if r.protocol == "http" {
+                        Protocol::Http
+                    } else {
+                        Protocol::Tcp
+                    },
+                    registered_at: r.registered_at,
+                    disconnected_at: Some(started),
+                    generation: 0,
+                },
+            );
+        }
+        let (tx, _) = watch::channel(Arc::new(Snapshot {
+            version: 1,
+            instances,
+        }));
+        Self {
+            storage,
+            tx,
+            write: tokio::sync::Mutex::new(()),
+            deregister_after,
+            generation: AtomicU64::new(1),
+        }
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// Whether any instance of `service` is registered with an http inbound.
+    pub fn is_http(&self, service: &ServiceRef) -> bool {
+        self.tx
+            .borrow()
+            .instances
+            .values()
+            .any(|i| &i.service == service && i.protocol == Protocol::Http)
+    }
+
+    /// Registers (or re-registers) instance `id` of `spiffe_id` at `address`. The returned
+    /// guard marks it disconnected when dropped (the stream ended).
+    pub async fn register(
+        self: &Arc<Self>,
+        id: String,
+        spiffe_id: SpiffeId,
+        address: SocketAddr,
+        protocol: Protocol,
+    ) -> Result<(Registration, Instance), CatalogError> {
+        if address.port() == 0 || address.ip().is_unspecified() {
+            return Err(CatalogError::BadAddress(address.to_string()));
+        }
+        let service = ServiceRef {
+            namespace: spiffe_id.namespace.clone(),
+            name: spiffe_id.service.clone(),
+        };
+        let _w = self.write.lock().await;
+        let cur = self.snapshot();
+        let mut replaced = Vec::new();
+        for other in cur.instances.values() {
+            if other.id == id || other.address != address {
+                continue;
+            }
+            if other.service != service {
+                return Err(CatalogError::AddressTaken {
+                    address,
+                    holder: other.service.display_short(),
+                });
+            }
+            // The same service at the same address: a restarted sidecar with a new key.
+            replaced.push(other.id.clone());
+        }
+        let rec = InstanceRecord {
+            instance_id: id.clone(),
+            spiffe_id: spiffe_id.to_string(),
+            address: address.to_string(),
+            protocol: protocol.as_str().to_owned(),
+            registered_at: crate::now_unix(),
+        };
+        let storage = self.storage.clone();
+        let gone = replaced.clone();
+        let registered_at = rec.registered_at;
+        blocking(move || {
+            for g in &gone {
+                storage.delete_instance(g)?;
+            }
+            storage.put_instance(&rec)
+        })
+        .await?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let inst = Instance {
+            id: id.clone(),
+            spiffe_id,
+            service,
+            address,
+            protocol,
+            registered_at,
+            disconnected_at: None,
+            generation,
+        };
+        let stored = inst.clone();
+        self.tx.send_modify(|s| {
+            let mut next = (**s).clone();
+            for g in &replaced {
+                next.instances.remove(g);
+            }
+            next.instances.insert(id.clone(), stored);
+            next.version += 1;
+            *s = Arc::new(next);
+        });
+        Ok((
+            Registration {
+                catalog: self.clone(),
+                id,
+                generation,
+            },
+            inst,
+        ))
+    }
+
+    fn disconnect(&self, id: &str, generation: u64) {
+        self.tx.send_if_modified(|s| {
+            match s.instances.get(id) {
+                Some(i) if i.generation == generation && i.disconnected_at.is_none() => {}
+                _ => return false,
+            }
+            let mut next = (**s).clone();
+            if let Some(i) = next.instances.get_mut(id) {
+                i.disconnected_at = Some(Instant::now());
+            }
+            next.version += 1;
+            *s = Arc::new(next);
+            true
+        });
+    }
+
+    /// Removes instances disconnected for `deregister_after`; returns how many.
+    pub async fn reap(&self, now: Instant) -> Result<usize, CatalogError> {
+        let _w = self.write.lock().await;
+        let due = |i: &Instance| {
+            i.disconnected_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.deregister_after)
+        };
+        let expired: Vec<String> = self
+            .snapshot()
+            .instances
+            .values()
+            .filter(|i| due(i))
+            .map(|i| i.id.clone())
+            .collect();
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let storage = self.storage.clone();
+        let ids = expired.clone();
+        blocking(move || {
+            for id in &ids {
+                storage.delete_instance(id)?;
+            }
+            Ok(())
+        })
+        .await?;
+        let mut n = 0;
+        self.tx.send_modify(|s| {
+            let mut next = (**s).clone();
+            for id in &expired {
+                // Re-registered meanwhile: keep it.
+                if next.instances.get(id).is_some_and(&due) {
+                    next.instances.remove(id);
+                    n += 1;
+                }
+            }
+            next.version += 1;
+            *s = Arc::new(next);
+        });
+        Ok(n)
+    }
+}
+
+/// Held by a Register stream; dropping it marks the instance disconnected.
+#[derive(Debug)]
+pub struct Registration {
+    catalog: Arc<Catalog>,
+    id: String,
+    generation: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.catalog.disconnect(&self.id, self.generation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Initial, RedbStorage};
+
+    fn storage(dir: &std::path::Path) -> Arc<dyn Storage> {
+        let m = crate::storage::test_material();
+        Arc::new(
+            RedbStorage::create(
+                dir,
+                &Initial {
+                    ca: &m,
+                    admin_token_sha256: "x",
+                },
+            )
+            .unwrap(),
+        )
+    }
+
+    fn id(svc: &str) -> SpiffeId {
+        SpiffeId::parse(&format!("spiffe://ward.local/ns/default/svc/{svc}")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn address_of_another_service_is_refused_and_reaped_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = storage(dir.path());
+        let start = Instant::now();
+        let c = Arc::new(Catalog::new(
+            st.clone(),
+            &[],
+            Duration::from_secs(30),
+            start,
+        ));
+        let addr: SocketAddr = "10.0.0.5:21000".parse().unwrap();
+        let (reg, _) = c
+            .register("a".into(), id("inventory"), addr, Protocol::Tcp)
+            .await
+            .unwrap();
+        let err = c
+            .register("b".into(), id("rogue"), addr, Protocol::Tcp)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CatalogError::AddressTaken { .. }), "{err}");
+        // Same service, new key: replaces.
+        drop(reg);
+        let (reg2, _) = c
+            .register("c".into(), id("inventory"), addr, Protocol::Http)
+            .await
+            .unwrap();
+        assert!(c.is_http(&ServiceRef::parse("inventory").unwrap()));
+        assert_eq!(c.snapshot().instances.len(), 1);
+        drop(reg2);
+        assert_eq!(c.reap(Instant::now()).await.unwrap(), 0, "not yet");
+        assert_eq!(
+            c.reap(Instant::now() + Duration::from_secs(31))
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(c.snapshot().instances.is_empty());
+    }
+
+    #[tokio::test]
+    async fn after_restart_nothing_is_reaped_before_deregister_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = storage(dir.path());
+        let c = Arc::new(Catalog::new(
+            st.clone(),
+            &[],
+            Duration::from_secs(30),
+            Instant::now(),
+        ));
+        let (reg, _) = c
+            .register(
+                "a".into(),
+                id("inventory"),
+                "10.0.0.5:21000".parse().unwrap(),
+                Protocol::Tcp,
+            )
+            .await
+            .unwrap();
+        std::mem::forget(reg);
+        let records = st.load().unwrap().instances;
+        assert_eq!(records.len(), 1);
+        let start = Instant::now();
+        let c2 = Catalog::new(st, &records, Duration::from_secs(30), start);
+        assert_eq!(c2.reap(start + Duration::from_secs(29)).await.unwrap(), 0);
+        assert_eq!(c2.reap(start + Duration::from_secs(30)).await.unwrap(), 1);
+    }
+}

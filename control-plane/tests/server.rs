@@ -1,0 +1,749 @@
+//! The real server, in-process on port 0, called with a real tonic client over TLS.
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use std::path::Path;
+use std::time::Duration;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Request};
+use ward_config::server::ServerConfig;
+use ward_control_plane::{build, ServerHandle};
+use ward_proto::v1::{
+    self, admin_client::AdminClient, identity_client::IdentityClient, mesh_client::MeshClient,
+};
+
+const ORDER: &str = "spiffe://ward.local/ns/default/svc/order";
+const INVENTORY: &str = "spiffe://ward.local/ns/default/svc/inventory";
+
+fn config(dir: &Path) -> ServerConfig {
+    let mut cfg = ServerConfig::dev(
+        dir.to_path_buf(),
+        Some("127.0.0.1:0".parse().unwrap()),
+        None,
+    );
+    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+    cfg
+}
+
+async fn start(dir: &Path) -> ServerHandle {
+    build(config(dir)).await.expect("server starts")
+}
+
+/// A mesh credential: leaf chain PEM and key PEM.
+#[derive(Clone)]
+struct MeshCert {
+    chain_pem: String,
+    key_pem: String,
+}
+
+async fn channel(h: &ServerHandle, id: Option<&MeshCert>) -> Channel {
+    let ca = std::fs::read_to_string(&h.ca_file).unwrap();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    if let Some(m) = id {
+        tls = tls.identity(Identity::from_pem(&m.chain_pem, &m.key_pem));
+    }
+    Endpoint::from_shared(h.address())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("TLS connection to the server")
+}
+
+fn bearer<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn uri(s: &str) -> SanType {
+    SanType::URI(s.try_into().unwrap())
+}
+
+fn csr_with(sans: Vec<SanType>, f: impl FnOnce(&mut CertificateParams)) -> (KeyPair, Vec<u8>) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = sans;
+    f(&mut p);
+    let der = p.serialize_request(&key).unwrap().der().to_vec();
+    (key, der)
+}
+
+fn csr(id: &str) -> (KeyPair, Vec<u8>) {
+    csr_with(vec![uri(id)], |_| {})
+}
+
+fn pem(der: &[u8]) -> String {
+    ward_control_plane::ca::cert_pem(der)
+}
+
+struct Ctl {
+    admin: AdminClient<Channel>,
+    token: String,
+}
+
+impl Ctl {
+    async fn new(h: &ServerHandle) -> Self {
+        Self {
+            admin: AdminClient::new(channel(h, None).await),
+            token: h
+                .admin_token()
+                .expect("dev mode hands back the admin token")
+                .to_owned(),
+        }
+    }
+
+    async fn join_token(&mut self, service: &str, uses: u32) -> String {
+        self.admin
+            .create_token(bearer(
+                v1::CreateTokenRequest {
+                    service: service.into(),
+                    namespace: String::new(),
+                    ttl_seconds: 0,
+                    uses,
+                },
+                &self.token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
+    async fn allow(&mut self, source: &str, destination: &str) -> u64 {
+        self.admin
+            .create_intention(bearer(
+                v1::CreateIntentionRequest {
+                    intention: Some(v1::Intention {
+                        source: source.into(),
+                        destination: destination.into(),
+                        action: v1::Action::Allow as i32,
+                        ..Default::default()
+                    }),
+                    replace: false,
+                },
+                &self.token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .version
+    }
+}
+
+/// Signs a CSR for `id` with a join token and returns the mesh credential.
+async fn enroll(h: &ServerHandle, token: &str, id: &str) -> (MeshCert, v1::SignResponse) {
+    let mut c = IdentityClient::new(channel(h, None).await);
+    let (key, der) = csr(id);
+    let resp = c
+        .sign(bearer(v1::SignRequest { csr: der }, token))
+        .await
+        .expect("sign with a join token")
+        .into_inner();
+    let chain_pem = resp.cert_chain.iter().map(|c| pem(c)).collect::<String>();
+    (
+        MeshCert {
+            chain_pem,
+            key_pem: key.serialize_pem(),
+        },
+        resp,
+    )
+}
+
+#[tokio::test]
+async fn join_token_signs_once_and_the_leaf_is_a_workload_svid() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let mut ctl = Ctl::new(&h).await;
+    let token = ctl.join_token("order", 1).await;
+    let (_, resp) = enroll(&h, &token, ORDER).await;
+    assert_eq!(resp.spiffe_id, ORDER);
+    assert_eq!(resp.cert_chain.len(), 2);
+    assert_eq!(resp.roots.len(), 1);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&resp.cert_chain[0]).unwrap();
+    let (_, inter) = x509_parser::parse_x509_certificate(&resp.cert_chain[1]).unwrap();
+    let (_, root) = x509_parser::parse_x509_certificate(&resp.roots[0]).unwrap();
+    leaf.verify_signature(Some(inter.public_key())).unwrap();
+    inter.verify_signature(Some(root.public_key())).unwrap();
+    assert!(!leaf.basic_constraints().unwrap().unwrap().value.ca);
+    assert_eq!(leaf.validity().not_after.timestamp(), resp.not_after);
+
+    // The second use of a single-use token is refused.
+    let mut c = IdentityClient::new(channel(&h, None).await);
+    let err = c
+        .sign(bearer(v1::SignRequest { csr: csr(ORDER).1 }, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message().contains("already been used"),
+        "{}",
+        err.message()
+    );
+
+    // An unknown token.
+    let bogus = format!("wardjt_{}", "A".repeat(43));
+    let err = c
+        .sign(bearer(v1::SignRequest { csr: csr(ORDER).1 }, &bogus))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("not known"), "{}", err.message());
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn refused_csrs_consume_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let mut ctl = Ctl::new(&h).await;
+    let token = ctl.join_token("order", 1).await;
+    let mut c = IdentityClient::new(channel(&h, None).await);
+
+    // A CSR for another service with order's token.
+    let err = c
+        .sign(bearer(
+            v1::SignRequest {
+                csr: csr(INVENTORY).1,
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains(ORDER) && err.message().contains(INVENTORY));
+
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "DNS SAN",
+            csr_with(
+                vec![uri(ORDER), SanType::DnsName("order".try_into().unwrap())],
+                |_| {},
+            )
+            .1,
+        ),
+        (
+            "two URIs",
+            csr_with(vec![uri(ORDER), uri(INVENTORY)], |_| {}).1,
+        ),
+        (
+            "CA extension",
+            csr_with(vec![uri(ORDER)], |p| {
+                p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)
+            })
+            .1,
+        ),
+        ("server identity", csr("spiffe://ward.local/ward/server").1),
+        ("garbage", b"nope".to_vec()),
+    ];
+    for (what, der) in bad {
+        let err = c
+            .sign(bearer(v1::SignRequest { csr: der }, &token))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+    }
+    // The single use is still there.
+    enroll(&h, &token, ORDER).await;
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn calls_without_their_credential_are_unauthenticated() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let ch = channel(&h, None).await;
+    let mut admin = AdminClient::new(ch.clone());
+    let wrong = "wardat_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let truncated = h.admin_token().unwrap()[..20].to_owned();
+    for token in [None, Some(wrong), Some(truncated.as_str())] {
+        let codes = [
+            admin
+                .list_intentions(with_opt(v1::ListIntentionsRequest::default(), token))
+                .await
+                .map(|_| ()),
+            admin.create_token(req_token(token)).await.map(|_| ()),
+            admin.list_roots(req_roots(token)).await.map(|_| ()),
+            admin.check_intention(req_check(token)).await.map(|_| ()),
+            admin.list_services(req_services(token)).await.map(|_| ()),
+        ];
+        for c in codes {
+            assert_eq!(
+                c.unwrap_err().code(),
+                Code::Unauthenticated,
+                "token {token:?}"
+            );
+        }
+    }
+    // The admin token is no credential for Sign or Mesh.
+    let mut id = IdentityClient::new(ch.clone());
+    let err = id
+        .sign(bearer(
+            v1::SignRequest { csr: csr(ORDER).1 },
+            h.admin_token().unwrap(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = id
+        .sign(v1::SignRequest { csr: csr(ORDER).1 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut mesh = MeshClient::new(ch);
+    let err = mesh
+        .watch_intentions(bearer(
+            v1::WatchIntentionsRequest {},
+            h.admin_token().unwrap(),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    h.stop().await.unwrap();
+}
+
+fn with_opt<T>(m: T, token: Option<&str>) -> Request<T> {
+    match token {
+        Some(t) => bearer(m, t),
+        None => Request::new(m),
+    }
+}
+fn req_token(t: Option<&str>) -> Request<v1::CreateTokenRequest> {
+    with_opt(
+        v1::CreateTokenRequest {
+            service: "order".into(),
+            ..Default::default()
+        },
+        t,
+    )
+}
+fn req_roots(t: Option<&str>) -> Request<v1::ListRootsRequest> {
+    with_opt(v1::ListRootsRequest {}, t)
+}
+fn req_check(t: Option<&str>) -> Request<v1::CheckIntentionRequest> {
+    with_opt(
+        v1::CheckIntentionRequest {
+            source: "order".into(),
+            destination: "inventory".into(),
+        },
+        t,
+    )
+}
+fn req_services(t: Option<&str>) -> Request<v1::ListServicesRequest> {
+    with_opt(v1::ListServicesRequest {}, t)
+}
+
+#[tokio::test]
+async fn renewal_uses_the_mesh_certificate_for_the_same_identity_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let mut ctl = Ctl::new(&h).await;
+    let token = ctl.join_token("order", 2).await;
+    let (cert, first) = enroll(&h, &token, ORDER).await;
+    let mut c = IdentityClient::new(channel(&h, Some(&cert)).await);
+
+    let renewed = c
+        .sign(v1::SignRequest { csr: csr(ORDER).1 })
+        .await
+        .expect("renewal with the mesh certificate")
+        .into_inner();
+    assert_eq!(renewed.spiffe_id, ORDER);
+    assert_ne!(renewed.serial, first.serial);
+
+    let err = c
+        .sign(v1::SignRequest {
+            csr: csr(INVENTORY).1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // One credential per call: a token on a mesh-authenticated connection is refused, and
+    // the token keeps its remaining use.
+    let err = c
+        .sign(bearer(v1::SignRequest { csr: csr(ORDER).1 }, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    enroll(&h, &token, ORDER).await;
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn watch_intentions_delivers_a_change_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let mut ctl = Ctl::new(&h).await;
+    let token = ctl.join_token("inventory", 1).await;
+    let (cert, _) = enroll(&h, &token, INVENTORY).await;
+    let ch = channel(&h, Some(&cert)).await;
+    let mut mesh = MeshClient::new(ch.clone());
+    let mut stream = mesh
+        .watch_intentions(v1::WatchIntentionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.intentions.is_empty());
+    assert_eq!(first.default_action, v1::Action::Deny as i32);
+    assert_eq!(first.destination.unwrap().name, "inventory");
+
+    // A second stream of the same kind from the same instance is refused.
+    let err = MeshClient::new(ch.clone())
+        .watch_intentions(v1::WatchIntentionsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // An intention for another destination is not sent to inventory...
+    ctl.allow("order", "payments").await;
+    // ...this one is, within 1 s.
+    let t0 = std::time::Instant::now();
+    let version = ctl.allow("order", "inventory").await;
+    let next = tokio::time::timeout(Duration::from_secs(1), stream.message())
+        .await
+        .expect("a snapshot within 1 s")
+        .unwrap()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert_eq!(next.version, version);
+    assert!(next.version > first.version);
+    assert_eq!(next.intentions.len(), 1);
+    assert_eq!(next.intentions[0].source, "order");
+    assert_eq!(next.intentions[0].action, v1::Action::Allow as i32);
+
+    // The check API names the rule.
+    let chk = ctl
+        .admin
+        .check_intention(bearer(
+            v1::CheckIntentionRequest {
+                source: "order".into(),
+                destination: "inventory".into(),
+            },
+            &ctl.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(chk.decision, v1::Action::Allow as i32);
+    assert_eq!(chk.rule.unwrap().source, "order");
+    let chk = ctl
+        .admin
+        .check_intention(bearer(
+            v1::CheckIntentionRequest {
+                source: "rogue".into(),
+                destination: "inventory".into(),
+            },
+            &ctl.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(chk.decision, v1::Action::Deny as i32);
+    assert!(chk.rule.is_none());
+    h.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_n_uses_yields_at_most_n_certificates_under_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let mut ctl = Ctl::new(&h).await;
+    let token = ctl.join_token("order", 3).await;
+    let mut calls = Vec::new();
+    for _ in 0..16 {
+        let ch = channel(&h, None).await;
+        let token = token.clone();
+        calls.push(tokio::spawn(async move {
+            IdentityClient::new(ch)
+                .sign(bearer(v1::SignRequest { csr: csr(ORDER).1 }, &token))
+                .await
+        }));
+    }
+    let mut ok = 0;
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code(), Code::Unauthenticated, "{e:?}"),
+        }
+    }
+    assert_eq!(ok, 3, "exactly the token's uses");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn restart_keeps_the_ca_and_the_intentions() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let ca_before = std::fs::read_to_string(&h.ca_file).unwrap();
+    let mut ctl = Ctl::new(&h).await;
+    let token = ctl.join_token("order", 1).await;
+    let (cert, _) = enroll(&h, &token, ORDER).await;
+    let version = ctl.allow("order", "inventory").await;
+    drop(ctl);
+    h.stop().await.unwrap();
+
+    let h = start(dir.path()).await;
+    assert_eq!(std::fs::read_to_string(&h.ca_file).unwrap(), ca_before);
+    let mut ctl = Ctl::new(&h).await;
+    let list = ctl
+        .admin
+        .list_intentions(bearer(v1::ListIntentionsRequest::default(), &ctl.token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.version, version);
+    assert_eq!(list.intentions.len(), 1);
+    // A certificate from before the restart still authenticates.
+    let renewed = IdentityClient::new(channel(&h, Some(&cert)).await)
+        .sign(v1::SignRequest { csr: csr(ORDER).1 })
+        .await
+        .unwrap();
+    assert_eq!(renewed.into_inner().spiffe_id, ORDER);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreadable_state_is_an_error_and_no_new_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    h.stop().await.unwrap();
+    let state = dir.path().join("state.redb");
+    std::fs::write(&state, vec![0x5a; 8192]).unwrap();
+    let ca_before = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let err = build(config(dir.path())).await.unwrap_err().to_string();
+    assert!(err.contains("state.redb"), "{err}");
+    assert!(!err.contains('\n'), "one line: {err}");
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        vec![0x5a; 8192],
+        "state left untouched"
+    );
+    assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca_before);
+
+    // Removed state with ward's files still there: refused too.
+    std::fs::remove_file(&state).unwrap();
+    let err = build(config(dir.path())).await.unwrap_err().to_string();
+    assert!(
+        err.contains("ca.pem") && err.contains("state.redb"),
+        "{err}"
+    );
+    assert!(!state.exists());
+}
+
+#[tokio::test]
+async fn first_start_outside_dev_writes_the_admin_token_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cfg = config(&data);
+    cfg.dev = false;
+    let h = build(cfg.clone()).await.unwrap();
+    assert!(h.admin_token().is_none() && h.export_lines().is_none());
+    let path = h.admin_token_file.clone().unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(&data).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let state_mode = std::fs::metadata(data.join("state.redb"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(state_mode & 0o777, 0o600);
+    let token = std::fs::read_to_string(&path).unwrap().trim().to_owned();
+    let mut admin = AdminClient::new(channel(&h, None).await);
+    admin
+        .list_roots(bearer(v1::ListRootsRequest {}, &token))
+        .await
+        .expect("the written admin token works");
+    h.stop().await.unwrap();
+    // A second start writes nothing new and the token keeps working.
+    let h = build(cfg).await.unwrap();
+    assert!(h.admin_token_file.is_none());
+    AdminClient::new(channel(&h, None).await)
+        .list_roots(bearer(v1::ListRootsRequest {}, &token))
+        .await
+        .unwrap();
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn register_takes_the_identity_from_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let mut ctl = Ctl::new(&h).await;
+    let (inv, _) = enroll(&h, &ctl.join_token("inventory", 1).await, INVENTORY).await;
+    let (rogue, _) = enroll(
+        &h,
+        &ctl.join_token("rogue", 1).await,
+        "spiffe://ward.local/ns/default/svc/rogue",
+    )
+    .await;
+    let (order, _) = enroll(&h, &ctl.join_token("order", 1).await, ORDER).await;
+
+    let mut watcher = MeshClient::new(channel(&h, Some(&order)).await);
+    let mut eps = watcher
+        .watch_endpoints(v1::WatchEndpointsRequest {
+            services: vec![v1::ServiceRef {
+                name: "inventory".into(),
+                namespace: String::new(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = eps.message().await.unwrap().unwrap();
+    assert!(first.services[0].endpoints.is_empty());
+
+    let mut reg = MeshClient::new(channel(&h, Some(&inv)).await)
+        .register(v1::RegisterRequest {
+            address: "127.0.0.1:21000".into(),
+            protocol: v1::Protocol::Tcp as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = reg.message().await.unwrap().unwrap();
+    assert_eq!(r.service.unwrap().name, "inventory");
+    let next = tokio::time::timeout(Duration::from_secs(1), eps.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.services[0].endpoints[0].address, "127.0.0.1:21000");
+
+    let err = MeshClient::new(channel(&h, Some(&rogue)).await)
+        .register(v1::RegisterRequest {
+            address: "127.0.0.1:21000".into(),
+            protocol: v1::Protocol::Tcp as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    drop(reg);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn admin_http_endpoints() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    for (path, want) in [
+        ("/live", "200"),
+        ("/ready", "200"),
+        ("/metrics", "200"),
+        ("/x", "404"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(h.admin_addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {want}")),
+            "{path}: {out}"
+        );
+        if path == "/metrics" {
+            assert!(out.contains("ward_server_sign_total"), "{out}");
+            assert!(!out.contains(h.admin_token().unwrap()));
+        }
+    }
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_messages_and_sign_floods_are_resource_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.sign_burst = 2;
+    cfg.limits.sign_per_second = 0.0;
+    let h = build(cfg).await.unwrap();
+    let mut ctl = Ctl::new(&h).await;
+    let token = ctl.join_token("order", 10).await;
+    let mut c = IdentityClient::new(channel(&h, None).await);
+    let err = c
+        .sign(bearer(
+            v1::SignRequest {
+                csr: vec![0; 5 * 1024 * 1024],
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    enroll(&h, &token, ORDER).await;
+    enroll(&h, &token, ORDER).await;
+    let err = c
+        .sign(bearer(v1::SignRequest { csr: csr(ORDER).1 }, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_server_speaks_tls13_only_as_spiffe_ward_server() {
+    use rustls::pki_types::ServerName;
+    use rustls_pki_types::pem::PemObject;
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&h.ca_file).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let roots = std::sync::Arc::new(roots);
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let connect = |versions: &'static [&'static rustls::SupportedProtocolVersion]| {
+        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        let addr = h.grpc_addr;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+        }
+    };
+    static TLS12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    static TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    assert!(connect(TLS12).await.is_err(), "TLS 1.2 refused");
+    let tls = connect(TLS13).await.expect("TLS 1.3");
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, c) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let uris: Vec<String> = c
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(uris, vec!["spiffe://ward.local/ward/server".to_owned()]);
+    let lines = h.export_lines().unwrap();
+    assert!(lines.starts_with(&format!(
+        "export WARD_ADDR=https://127.0.0.1:{}\n",
+        h.grpc_addr.port()
+    )));
+    assert!(lines.contains(&format!("export WARD_TOKEN={}\n", h.admin_token().unwrap())));
+    assert!(lines.contains(&format!("export WARD_CACERT={}\n", h.ca_file.display())));
+    drop(tls);
+    h.stop().await.unwrap();
+}

@@ -1,0 +1,1 @@
+//! `ward ca`: to be written.

@@ -1,0 +1,1 @@
+//! `ward catalog`: to be written.

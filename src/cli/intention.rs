@@ -1,0 +1,1 @@
+//! `ward intention`: to be written.

@@ -1,0 +1,55 @@
+//! The operator CLI: `ward server`, `ward token`, `ward intention`, `ward ca`, `ward catalog`.
+//!
+//! Admin commands read `WARD_ADDR` (https:// only), `WARD_TOKEN` and `WARD_CACERT` (or the
+//! matching flags) and talk to the server's `Admin` gRPC service.
+
+pub mod admin;
+pub mod ca;
+pub mod catalog;
+pub mod intention;
+pub mod server;
+pub mod token;
+
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+/// Where the server is and how to authenticate to it.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// The server's address, `https://host:port`.
+    #[arg(long = "address", env = "WARD_ADDR", value_name = "URL")]
+    pub address: Option<String>,
+    /// The admin token.
+    #[arg(
+        long = "token",
+        env = "WARD_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// PEM file of the CA that signs the server's certificate.
+    #[arg(long = "ca-cert", env = "WARD_CACERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// A tokio runtime for one CLI command.
+pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+    Ok(rt.block_on(f))
+}
