@@ -75,7 +75,11 @@ fn demo_refuses_attacks_confirms_an_order_and_stops_on_ctrl_c() {
     assert!(text.contains("saw 0 connections"), "{text}");
     assert!(text.contains("order confirmed: 1 x widget"), "{text}");
     assert!(text.contains("demo succeeded"), "{text}");
-    assert_eq!(sidecars.len(), 2, "two sidecar processes run: {sidecars:?}");
+    assert_eq!(
+        sidecars.len(),
+        3,
+        "the dev server and two sidecar processes run: {sidecars:?}"
+    );
 
     // The order service answers while the demo stays up.
     let order = seen

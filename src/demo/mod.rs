@@ -1,8 +1,10 @@
-//! `ward demo`: the PRODUCT.md scenario on one machine. Two sample services, each behind a real
-//! `ward proxy` process, an intention order -> inventory, and a rogue client that tries the
-//! attacks; then an order placed through the mesh.
+//! `ward demo`: the PRODUCT.md scenario on one machine. A dev `ward server`, two sample services
+//! each behind a real `ward proxy` process that got its identity from a join token, an intention
+//! order -> inventory, and a rogue client that tries the attacks; then an order placed through
+//! the mesh.
 
 mod apps;
+mod mesh;
 mod pki;
 mod proxies;
 mod rogue;
@@ -25,18 +27,36 @@ async fn play(once: bool) -> anyhow::Result<()> {
     let dir = proxies::DemoDir::new()?;
     println!("ward demo: working directory {}", dir.path().display());
 
-    // The mesh CA, and the rogue's own CA for the spoofing attempt.
-    let (root, intermediate) = pki::Ca::new("ward demo")?;
-    std::fs::write(dir.path().join("roots.pem"), &root.cert_pem)?;
-    let inventory_leaf = intermediate.leaf(dir.path(), "inventory", "inventory")?;
-    let order_leaf = intermediate.leaf(dir.path(), "order", "order")?;
-    let rogue_leaf = intermediate.leaf(dir.path(), "rogue", "rogue")?;
-    let (_, evil_intermediate) = pki::Ca::new("rogue")?;
-    let spoofed = evil_intermediate.leaf(dir.path(), "order", "spoofed-order")?;
-    let self_signed = pki::self_signed(dir.path(), "order", "self-signed-order")?;
+    let mut children = proxies::Children::default();
+    let outcome = story(&dir, &mut children, once).await;
+    println!("stopping the sidecars and the server");
+    children.stop().await;
+    match outcome {
+        Ok(true) => Ok(()),
+        Ok(false) => anyhow::bail!(
+            "the demo did not go as expected; the logs are in {}",
+            dir.keep().display()
+        ),
+        Err(e) => Err(e.context(format!("the logs are in {}", dir.keep().display()))),
+    }
+}
+
+async fn story(
+    dir: &proxies::DemoDir,
+    children: &mut proxies::Children,
+    once: bool,
+) -> anyhow::Result<bool> {
+    let server = children.start_server(dir)?;
+    let mut mesh = mesh::Mesh::connect(&server.stdout).await?;
     println!(
-        "  mesh CA: root -> intermediate -> leaves for inventory and order (ECDSA P-256, 24 h)"
+        "  dev control plane {} (CA: root -> intermediate; leaves ECDSA P-256, 24 h)",
+        mesh.cp.address
     );
+    let inventory_token = mesh.token_file(dir.path(), "inventory").await?;
+    let order_token = mesh.token_file(dir.path(), "order").await?;
+    let rogue_token = mesh.token_file(dir.path(), "rogue").await?;
+    mesh.allow("order", "inventory").await?;
+    println!("  join tokens created for inventory, order (and the rogue); intention order -> inventory allow, default deny");
 
     // The apps, on loopback, knowing nothing of TLS.
     let inventory_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -46,30 +66,34 @@ async fn play(once: bool) -> anyhow::Result<()> {
     let order_listener = TcpListener::bind("127.0.0.1:0").await?;
     let order_app = order_listener.local_addr()?;
 
-    let mut children = proxies::Children::default();
     let inventory = children
-        .start(
-            &dir,
+        .start_proxy(
+            dir,
             "inventory",
-            &proxies::inventory_config(&dir, &inventory_leaf, inventory_app),
+            &proxies::inventory_config(&mesh.cp, &inventory_token, inventory_app),
             &["admin", "inbound"],
         )
         .await?;
     let inventory_inbound = inventory.addr("inbound");
     let order = children
-        .start(
-            &dir,
+        .start_proxy(
+            dir,
             "order",
-            &proxies::order_config(&dir, &order_leaf, inventory_inbound),
+            &proxies::order_config(&mesh.cp, &order_token),
             &["admin", "upstream.inventory"],
         )
         .await?;
     let upstream = order.addr("upstream.inventory");
     tokio::spawn(apps::order(order_listener, upstream));
-    println!("  inventory app {inventory_app} <- ward proxy inbound {inventory_inbound} (mTLS)");
-    println!("  order app {order_app} -> ward proxy upstream {upstream} -> inventory's sidecar");
-    println!("  intention: order -> inventory allow; default deny");
+    println!("  inventory app {inventory_app} <- ward proxy inbound {inventory_inbound} (mTLS, certificate from its join token)");
+    println!("  order app {order_app} -> ward proxy upstream {upstream} -> inventory's sidecar (found in the catalog)");
     println!();
+
+    // The attacker's certificates: forged ones, and a genuine mesh identity of its own.
+    let self_signed = pki::self_signed(dir.path(), "order", "self-signed-order")?;
+    let (_, evil_intermediate) = pki::Ca::new("rogue")?;
+    let spoofed = evil_intermediate.leaf(dir.path(), "order", "spoofed-order")?;
+    let rogue_leaf = mesh.identity(dir.path(), "rogue", &rogue_token).await?;
 
     println!("a rogue client attacks inventory's sidecar directly:");
     let attempts = [
@@ -98,7 +122,16 @@ async fn play(once: bool) -> anyhow::Result<()> {
     println!();
 
     println!("order places an order through the mesh:");
-    let confirmed = match apps::http_get(order_app, "/order?item=widget").await {
+    // The order sidecar learns inventory's address from the catalog: retry briefly until it has.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut answer = apps::http_get(order_app, "/order?item=widget").await;
+    while !answer.as_ref().is_some_and(|(s, _)| s.contains(" 200 "))
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        answer = apps::http_get(order_app, "/order?item=widget").await;
+    }
+    let confirmed = match answer {
         Some((status, body)) if status.contains(" 200 ") => {
             print!("  {body}");
             true
@@ -135,14 +168,5 @@ async fn play(once: bool) -> anyhow::Result<()> {
             .context("cannot wait for Ctrl-C")?;
         println!();
     }
-    println!("stopping the sidecars");
-    children.stop().await;
-    if ok {
-        Ok(())
-    } else {
-        anyhow::bail!(
-            "the demo did not go as expected; the sidecar logs are in {}",
-            dir.keep().display()
-        )
-    }
+    Ok(ok)
 }

@@ -90,7 +90,12 @@ pub fn self_signed(dir: &Path, service: &str, file_stem: &str) -> anyhow::Result
     write_leaf(dir, file_stem, &cert.pem(), &key)
 }
 
-fn write_leaf(dir: &Path, stem: &str, chain_pem: &str, key: &KeyPair) -> anyhow::Result<LeafFiles> {
+pub fn write_leaf(
+    dir: &Path,
+    stem: &str,
+    chain_pem: &str,
+    key: &KeyPair,
+) -> anyhow::Result<LeafFiles> {
     let cert = dir.join(format!("{stem}.pem"));
     let key_path = dir.join(format!("{stem}-key.pem"));
     std::fs::write(&cert, chain_pem)?;
@@ -101,7 +106,7 @@ fn write_leaf(dir: &Path, stem: &str, chain_pem: &str, key: &KeyPair) -> anyhow:
     })
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -112,4 +117,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .open(path)?;
     f.write_all(bytes)?;
     Ok(())
+}
+
+/// PEM text of one DER object.
+pub fn pem(tag: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {tag}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {tag}-----\n"));
+    out
 }

@@ -1,7 +1,6 @@
 //! The demo's sidecars: real `ward proxy` processes (this same binary), their configs, and
 //! their lifecycle.
 
-use super::pki::LeafFiles;
 use anyhow::Context;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -45,57 +44,62 @@ impl Drop for DemoDir {
     }
 }
 
-pub fn inventory_config(dir: &DemoDir, leaf: &LeafFiles, app: SocketAddr) -> String {
+/// What every sidecar needs to reach the control plane.
+pub struct ControlPlane {
+    pub address: String,
+    pub ca_file: PathBuf,
+}
+
+pub fn inventory_config(cp: &ControlPlane, token: &Path, app: SocketAddr) -> String {
     format!(
         r#"[service]
 name = "inventory"
 [inbound]
 listen = "127.0.0.1:0"
 local_app = "{app}"
-[tls]
-cert_file = "{}"
-key_file = "{}"
+[control_plane]
+address = "{}"
 ca_file = "{}"
-[intentions]
-default = "deny"
-rules = [{{ source = "order", action = "allow" }}]
+token_file = "{}"
 [admin]
 listen = "127.0.0.1:0"
 [limits]
 drain_timeout = "2s"
 "#,
-        leaf.cert.display(),
-        leaf.key.display(),
-        dir.path().join("roots.pem").display()
+        cp.address,
+        cp.ca_file.display(),
+        token.display()
     )
 }
 
-pub fn order_config(dir: &DemoDir, leaf: &LeafFiles, inventory: SocketAddr) -> String {
+pub fn order_config(cp: &ControlPlane, token: &Path) -> String {
     format!(
         r#"[service]
 name = "order"
 [[upstreams]]
 service = "inventory"
 listen = "127.0.0.1:0"
-endpoints = ["{inventory}"]
-[tls]
-cert_file = "{}"
-key_file = "{}"
+# no endpoints: they come from the control plane's catalog
+[control_plane]
+address = "{}"
 ca_file = "{}"
+token_file = "{}"
 [admin]
 listen = "127.0.0.1:0"
 [limits]
 drain_timeout = "2s"
 "#,
-        leaf.cert.display(),
-        leaf.key.display(),
-        dir.path().join("roots.pem").display()
+        cp.address,
+        cp.ca_file.display(),
+        token.display()
     )
 }
 
 /// A started sidecar and the addresses it bound.
 pub struct Started {
     addrs: HashMap<String, SocketAddr>,
+    /// The process's stdout lines (the server's export lines).
+    pub stdout: Vec<String>,
 }
 
 impl Started {
@@ -121,7 +125,7 @@ fn listening(line: &str) -> Option<(String, SocketAddr)> {
 impl Children {
     /// Starts `ward proxy` with `config`, copies its log to `<name>.log`, and waits until it has
     /// bound `roles` and answers /ready.
-    pub async fn start(
+    pub async fn start_proxy(
         &mut self,
         dir: &DemoDir,
         name: &str,
@@ -130,57 +134,103 @@ impl Children {
     ) -> anyhow::Result<Started> {
         let config_path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&config_path, config)?;
-        let exe = std::env::current_exe().context("cannot find the ward binary")?;
-        let mut child = Command::new(exe)
-            .arg("proxy")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--workers")
-            .arg("1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start the {name} sidecar"))?;
-        let stderr = child.stderr.take().expect("stderr is piped");
-        self.procs.push((name.to_owned(), child));
-
-        let (tx, rx) = mpsc::channel();
-        let mut log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = writeln!(log, "{line}");
-                let _ = tx.send(line);
-            }
-        });
-
+        let args = [
+            "proxy".as_ref(),
+            "--config".as_ref(),
+            config_path.as_os_str(),
+            "--workers".as_ref(),
+            "1".as_ref(),
+        ];
+        let started = self.spawn(dir, name, &args, roles, 0)?;
+        let admin = started.addr("admin");
         let deadline = Instant::now() + Duration::from_secs(15);
-        let mut addrs = HashMap::new();
-        let mut last = String::new();
-        while !roles.iter().all(|r| addrs.contains_key(*r)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some((role, addr)) = listening(&line) {
-                        addrs.insert(role, addr);
-                    }
-                    last = line;
-                }
-                Err(_) => anyhow::bail!("the {name} sidecar did not start: {last}"),
-            }
-        }
-        let admin = addrs["admin"];
         while super::apps::http_get(admin, "/ready")
             .await
             .map(|(s, _)| s.contains(" 200 "))
             != Some(true)
         {
             if Instant::now() > deadline {
-                anyhow::bail!("the {name} sidecar did not become ready");
+                anyhow::bail!(
+                    "the {name} sidecar did not become ready; see {}",
+                    dir.path().join(format!("{name}.log")).display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Started { addrs })
+        Ok(started)
+    }
+
+    /// Starts `ward server --dev` and waits for its three export lines.
+    pub fn start_server(&mut self, dir: &DemoDir) -> anyhow::Result<Started> {
+        let data = dir.path().join("server");
+        let args = [
+            "server".as_ref(),
+            "--dev".as_ref(),
+            "--data-dir".as_ref(),
+            data.as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--admin-listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+        ];
+        self.spawn(dir, "server", &args, &["grpc", "admin"], 3)
+    }
+
+    /// Spawns this binary with `args`, logs stderr to `<name>.log`, and waits for the
+    /// `listening` lines of `roles` and for `stdout_lines` lines on stdout.
+    fn spawn(
+        &mut self,
+        dir: &DemoDir,
+        name: &str,
+        args: &[&std::ffi::OsStr],
+        roles: &[&str],
+        stdout_lines: usize,
+    ) -> anyhow::Result<Started> {
+        let exe = std::env::current_exe().context("cannot find the ward binary")?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start the {name} process"))?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        self.procs.push((name.to_owned(), child));
+
+        let (tx, rx) = mpsc::channel();
+        let mut log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
+        let err_tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
+                let _ = err_tx.send(Err(line));
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(Ok(line));
+            }
+        });
+
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut addrs = HashMap::new();
+        let mut out = Vec::new();
+        let mut last = String::new();
+        while !roles.iter().all(|r| addrs.contains_key(*r)) || out.len() < stdout_lines {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Ok(line)) => out.push(line),
+                Ok(Err(line)) => {
+                    if let Some((role, addr)) = listening(&line) {
+                        addrs.insert(role, addr);
+                    }
+                    last = line;
+                }
+                Err(_) => anyhow::bail!("the {name} process did not start: {last}"),
+            }
+        }
+        Ok(Started { addrs, stdout: out })
     }
 
     /// SIGTERM (a drain) to each sidecar, then SIGKILL to any still running after 5 s.
