@@ -250,9 +250,10 @@ pub fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
     Some((role, addr))
 }
 
-type Lines = Arc<Mutex<Vec<String>>>;
+pub type Lines = Arc<Mutex<Vec<String>>>;
 
-fn collect_lines<R: Read + Send + 'static>(r: R, lines: Lines) -> thread::JoinHandle<()> {
+/// Collects the lines of `r` into `lines` on a thread (until EOF).
+pub fn collect_lines<R: Read + Send + 'static>(r: R, lines: Lines) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let mut reader = BufReader::new(r);
         let mut buf = Vec::new();
@@ -304,9 +305,51 @@ pub struct WardProcess {
 }
 
 impl WardProcess {
+    /// The process id, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `ward proxy --config CONFIG`, waits for a `listening` line for `admin` and each
     /// of `roles` (e.g. `inbound`, `upstream.inventory`), then for `/ready` to answer 200.
     pub fn start(label: &str, config: &Path, roles: &[&str]) -> Self {
+        Self::start_ready_within(label, config, roles, Duration::from_secs(10))
+    }
+
+    /// As [`WardProcess::start`], waiting up to `ready_timeout` for `/ready`.
+    pub fn start_ready_within(
+        label: &str,
+        config: &Path,
+        roles: &[&str],
+        ready_timeout: Duration,
+    ) -> Self {
+        let p = Self::spawn(label, config, roles);
+        if !p.wait_ready(ready_timeout) {
+            panic!(
+                "[{label}] GET /ready on {} did not answer 200 within {ready_timeout:?}\nstderr:\n{}",
+                p.admin(),
+                p.stderr_text()
+            );
+        }
+        p
+    }
+
+    /// `GET /ready` status now (`None` if the admin listener does not answer).
+    pub fn ready_status(&self) -> Option<u16> {
+        http_get(self.admin(), "/ready").ok().map(|r| r.status)
+    }
+
+    /// Waits up to `timeout` for `/ready` to answer 200.
+    pub fn wait_ready(&self, timeout: Duration) -> bool {
+        wait_until(timeout, Duration::from_millis(50), || {
+            (self.ready_status() == Some(200)).then_some(())
+        })
+        .is_some()
+    }
+
+    /// Starts `ward proxy --config CONFIG` and waits only for the `listening` lines of `admin`
+    /// and each of `roles` (not for `/ready`).
+    pub fn spawn(label: &str, config: &Path, roles: &[&str]) -> Self {
         let mut child = ward_command(config, true)
             .spawn()
             .expect("spawn ward proxy");
@@ -351,21 +394,6 @@ impl WardProcess {
                 );
             }
             thread::sleep(Duration::from_millis(20));
-        }
-        let admin = p.admin();
-        let ready = wait_until(
-            Duration::from_secs(10),
-            Duration::from_millis(50),
-            || match http_get(admin, "/ready") {
-                Ok(r) if r.status == 200 => Some(()),
-                _ => None,
-            },
-        );
-        if ready.is_none() {
-            panic!(
-                "[{label}] GET /ready on {admin} did not answer 200 within 10 s\nstderr:\n{}",
-                p.stderr_text()
-            );
         }
         p
     }

@@ -1,0 +1,201 @@
+//! Issue 2, Build 5 and 7: drain on SIGTERM, and no session resumption on mesh connections.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::net::{is_listening, EchoApp};
+use common::pki::{Pki, TRUST_DOMAIN};
+use common::proc::{ProxyConfig, TempDir, WardProcess};
+use common::tls::tls_connect;
+use common::{wait_until, write_tls_files};
+
+struct Setup {
+    _dir: TempDir,
+    pki: Pki,
+    app: EchoApp,
+    proxy: WardProcess,
+}
+
+fn start(drain_timeout: &str) -> Setup {
+    let dir = TempDir::new("drain");
+    let pki = Pki::new(TRUST_DOMAIN);
+    let identity = pki.leaf("inventory");
+    let files = write_tls_files(&dir, "inventory", &pki, &identity);
+    let app = EchoApp::start();
+    let config = dir.join("inventory.toml");
+    let toml = ProxyConfig::new("inventory", &files.cert, &files.key, &files.ca)
+        .inbound("127.0.0.1:0", app.addr)
+        .rule("order", "allow")
+        .to_toml()
+        + &format!("\n[limits]\ndrain_timeout = \"{drain_timeout}\"\n");
+    std::fs::write(&config, toml).unwrap();
+    let proxy = WardProcess::start("inventory", &config, &["inbound"]);
+    Setup {
+        _dir: dir,
+        pki,
+        app,
+        proxy,
+    }
+}
+
+fn sigterm(pid: u32) {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM {pid}");
+}
+
+fn wait_exit(p: &mut WardProcess, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = p.try_wait() {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy still running after {within:?}\n{}",
+            p.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_drains_open_connections_then_exits_zero() {
+    let mut s = start("20s");
+    let order = s.pki.leaf("order");
+    let inbound = s.proxy.inbound();
+    let mut conn = tls_connect(inbound, Some(&order), &common::tls::ServerCheck::any()).unwrap();
+    assert_eq!(conn.echo(b"before\n").unwrap(), b"before\n");
+
+    sigterm(s.proxy.pid());
+    let not_ready = wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+        (s.proxy.ready_status() == Some(503)).then_some(())
+    });
+    assert!(
+        not_ready.is_some(),
+        "/ready turns 503 at once when draining"
+    );
+    let closed = wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+        (!is_listening(inbound)).then_some(())
+    });
+    assert!(closed.is_some(), "the inbound listener stops accepting");
+    // The open connection keeps working during the drain, and the process waits for it.
+    assert_eq!(conn.echo(b"during\n").unwrap(), b"during\n");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        s.proxy.try_wait().is_none(),
+        "still running while a connection is open"
+    );
+    drop(conn);
+    let st = wait_exit(&mut s.proxy, Duration::from_secs(5));
+    assert_eq!(st.code(), Some(0), "drained exit is 0");
+    assert_eq!(s.app.accepted(), 1);
+}
+
+#[test]
+fn drain_timeout_closes_what_is_left() {
+    let mut s = start("1s");
+    let order = s.pki.leaf("order");
+    let mut conn = tls_connect(
+        s.proxy.inbound(),
+        Some(&order),
+        &common::tls::ServerCheck::any(),
+    )
+    .unwrap();
+    assert_eq!(conn.echo(b"hello\n").unwrap(), b"hello\n");
+    let started = Instant::now();
+    sigterm(s.proxy.pid());
+    let st = wait_exit(&mut s.proxy, Duration::from_secs(6));
+    assert_eq!(st.code(), Some(0));
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "waited for drain_timeout"
+    );
+    assert!(
+        conn.echo(b"after\n").is_err(),
+        "the connection was closed at the deadline"
+    );
+}
+
+#[test]
+fn mesh_sessions_are_never_resumed() {
+    let s = start("1s");
+    let order = s.pki.leaf("order");
+    let provider = common::tls::provider();
+    // A client that would resume if the server offered tickets or a session cache.
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(common::tls::provider())))
+            .with_client_auth_cert(order.chain_der.clone(), order.key_der())
+            .unwrap(),
+    );
+    let before = s.proxy.handshakes("inbound", "ok");
+    for round in 0..3 {
+        let tcp = std::net::TcpStream::connect(s.proxy.inbound()).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let conn =
+            rustls::ClientConnection::new(config.clone(), "inventory.ward".try_into().unwrap())
+                .unwrap();
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        use std::io::{Read, Write};
+        stream.write_all(b"ping\n").unwrap();
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping\n");
+        assert_eq!(
+            stream.conn.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "round {round}: every mesh connection is a full handshake"
+        );
+    }
+    let after = s.proxy.handshakes("inbound", "ok");
+    assert_eq!(
+        after - before,
+        3.0,
+        "each connection counted as a handshake"
+    );
+}
+
+/// The resumption test judges the session, not the server's identity.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
