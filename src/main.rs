@@ -41,6 +41,21 @@ enum Command {
         #[command(subcommand)]
         command: cli::token::TokenCmd,
     },
+    /// Intentions: which service may call which.
+    Intention {
+        #[command(subcommand)]
+        command: cli::intention::IntentionCmd,
+    },
+    /// The mesh CA: trust domain and roots.
+    Ca {
+        #[command(subcommand)]
+        command: cli::ca::CaCmd,
+    },
+    /// The catalog: registered services and their sidecar addresses.
+    Catalog {
+        #[command(subcommand)]
+        command: cli::catalog::CatalogCmd,
+    },
     /// Play the whole story on this machine: two services behind sidecars and a rogue client.
     Demo {
         /// Leave after the attacks and the order instead of staying up until Ctrl-C.
@@ -86,6 +101,9 @@ fn main() -> ExitCode {
             cli::server::run(cmd)
         }
         Command::Token { command } => cli::token::run(command),
+        Command::Intention { command } => cli::intention::run(command),
+        Command::Ca { command } => cli::ca::run(command),
+        Command::Catalog { command } => cli::catalog::run(command),
         Command::Demo { once } => demo::run(once),
         Command::Cert {
             command: CertCommand::Inspect { file },

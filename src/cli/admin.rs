@@ -66,6 +66,7 @@ pub fn status(what: &str, s: tonic::Status) -> anyhow::Error {
         tonic::Code::AlreadyExists => "already exists",
         tonic::Code::ResourceExhausted => "resource exhausted",
         tonic::Code::Unavailable => "server unavailable",
+        tonic::Code::FailedPrecondition => "refused",
         _ => "failed",
     };
     anyhow::anyhow!("{what}: {code}: {}", s.message())

@@ -1,0 +1,730 @@
+//! The operator CLI end to end: a real `ward server --dev` child, and the real `ward` binary for
+//! `token create`, `intention create|list|check|delete`, `ca roots` and `catalog services`,
+//! in table and JSON form, plus the one-line errors (bad names, bad flags, a wrong admin token,
+//! an `http://` WARD_ADDR, a bad L7 file).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn ward_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ward")
+}
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let p = std::env::temp_dir().join(format!(
+            "ward-test-cli-{prefix}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("WARD_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// `ward server --dev` on port 0, killed through its own `Child` on drop.
+struct DevServer {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    addr: String,
+    token: String,
+    cacert: String,
+    _dir: TempDir,
+}
+
+impl DevServer {
+    fn start() -> Self {
+        let dir = TempDir::new("server");
+        let data = dir.0.join("data");
+        let mut child = Command::new(ward_bin())
+            .args(["server", "--dev", "--data-dir"])
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("WARD_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ward server --dev");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let mut err = child.stderr.take().unwrap();
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = DevServer {
+            child,
+            stderr,
+            addr: String::new(),
+            token: String::new(),
+            cacert: String::new(),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server.addr.is_empty() || server.token.is_empty() || server.cacert.is_empty() {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "no export lines from ward server --dev within 30 s\nstderr:\n{}",
+                        server.stderr.lock().unwrap()
+                    )
+                });
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let Some(rest) = line.strip_prefix("export ") else {
+                        continue;
+                    };
+                    let Some((k, v)) = rest.split_once('=') else {
+                        continue;
+                    };
+                    let v = v.trim().trim_matches(|c| c == '\'' || c == '"').to_owned();
+                    match k {
+                        "WARD_ADDR" => server.addr = v,
+                        "WARD_TOKEN" => server.token = v,
+                        "WARD_CACERT" => server.cacert = v,
+                        _ => {}
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // stdout closed: the server exited; let the stderr reader catch up.
+                    let _ = server.child.wait();
+                    let until = Instant::now() + Duration::from_secs(2);
+                    while server.stderr.lock().unwrap().is_empty() && Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    panic!(
+                        "ward server --dev exited before its export lines\nstderr:\n{}",
+                        server.stderr.lock().unwrap()
+                    );
+                }
+            }
+        }
+        assert!(
+            server.addr.starts_with("https://127.0.0.1:"),
+            "WARD_ADDR {}",
+            server.addr
+        );
+        assert!(
+            Path::new(&server.cacert).is_file(),
+            "WARD_CACERT {}",
+            server.cacert
+        );
+        server
+    }
+
+    /// `ward ARGS` with this server's WARD_ADDR / WARD_TOKEN / WARD_CACERT.
+    fn ward(&self, args: &[&str]) -> Run {
+        self.ward_env(args, &[])
+    }
+
+    /// As [`DevServer::ward`], with some variables overridden.
+    fn ward_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut vars = vec![
+            ("WARD_ADDR", self.addr.as_str()),
+            ("WARD_TOKEN", self.token.as_str()),
+            ("WARD_CACERT", self.cacert.as_str()),
+        ];
+        for (k, v) in env {
+            vars.retain(|(kk, _)| kk != k);
+            vars.push((k, v));
+        }
+        let r = run(args, &vars);
+        assert!(
+            !r.stdout.contains(&self.token) && !r.stderr.contains(&self.token),
+            "`ward {}` printed the admin token",
+            args.join(" ")
+        );
+        r
+    }
+}
+
+impl Drop for DevServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("ward server stderr:\n{}", self.stderr.lock().unwrap());
+        }
+    }
+}
+
+/// What one CLI run did.
+#[derive(Debug)]
+struct Run {
+    args: String,
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn success(self) -> Self {
+        assert!(self.ok, "`ward {}` failed:\n{}", self.args, self.stderr);
+        self
+    }
+
+    /// Exits non-zero with exactly one stderr line; returns it.
+    fn one_line_error(&self) -> &str {
+        assert!(
+            !self.ok,
+            "`ward {}` succeeded, stdout:\n{}",
+            self.args, self.stdout
+        );
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "`ward {}`: want one stderr line, got:\n{}",
+            self.args,
+            self.stderr
+        );
+        lines[0]
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "`ward {}` --output json is not one JSON document ({e}):\n{}",
+                self.args, self.stdout
+            )
+        })
+    }
+}
+
+/// Runs `ward ARGS` with exactly `vars` of the WARD_* variables set, within a deadline.
+fn run(args: &[&str], vars: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(ward_bin());
+    cmd.args(args)
+        .env_remove("WARD_ADDR")
+        .env_remove("WARD_TOKEN")
+        .env_remove("WARD_CACERT")
+        .env_remove("WARD_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn ward");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for ward") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`ward {}` did not finish within 30 s", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        args: args.join(" "),
+        ok: status.success(),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+#[test]
+fn admin_commands_against_a_dev_server() {
+    let s = DevServer::start();
+
+    // ---- token create ----
+    let t = s.ward(&["token", "create", "--service", "order"]).success();
+    let lines: Vec<&str> = t.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "token create prints one line: {:?}",
+        t.stdout
+    );
+    assert!(!lines[0].trim().is_empty() && !lines[0].contains(' '));
+
+    let j = s
+        .ward(&["token", "create", "--service", "order", "--output", "json"])
+        .success()
+        .json();
+    assert!(j["token"].as_str().is_some_and(|t| !t.is_empty()), "{j}");
+    assert_eq!(j["spiffe_id"], "spiffe://ward.local/ns/default/svc/order");
+    assert!(j["expires_at"].as_i64().is_some_and(|e| e > 0), "{j}");
+
+    let e = s
+        .ward(&["token", "create", "--service", "order", "--ttl", "48h"])
+        .one_line_error()
+        .to_owned();
+    assert!(e.contains("--ttl"), "{e}");
+    let e = s
+        .ward(&["token", "create", "--service", "order", "--uses", "1000"])
+        .one_line_error()
+        .to_owned();
+    assert!(e.contains("--uses"), "{e}");
+
+    // ---- intentions ----
+    let c = s
+        .ward(&[
+            "intention",
+            "create",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+            "--action",
+            "allow",
+        ])
+        .success();
+    assert!(c.stdout.contains("order -> inventory"), "{}", c.stdout);
+
+    // a second create without --replace is refused; with --replace it is fine
+    let e = s
+        .ward(&[
+            "intention",
+            "create",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+            "--action",
+            "deny",
+        ])
+        .one_line_error()
+        .to_owned();
+    assert!(e.contains("already exists"), "{e}");
+    let j = s
+        .ward(&[
+            "intention",
+            "create",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+            "--action",
+            "allow",
+            "--replace",
+            "-o",
+            "json",
+        ])
+        .success()
+        .json();
+    assert_eq!(j["intention"]["action"], "allow", "{j}");
+    assert!(j["version"].as_u64().is_some_and(|v| v >= 2), "{j}");
+
+    let l = s.ward(&["intention", "list"]).success();
+    let mut rows = l.stdout.lines();
+    let header = rows.next().unwrap_or_default();
+    assert!(
+        header.starts_with("SOURCE") && header.contains("DESTINATION") && header.contains("ACTION"),
+        "{}",
+        l.stdout
+    );
+    let row = rows
+        .find(|r| r.starts_with("order "))
+        .unwrap_or_else(|| panic!("no order row:\n{}", l.stdout));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cells[..3], &["order", "inventory", "allow"], "{row}");
+    // aligned: the DESTINATION column starts at the same offset in the header and the row
+    assert_eq!(
+        header.find("DESTINATION"),
+        row.find("inventory"),
+        "{}",
+        l.stdout
+    );
+    assert!(l.stdout.contains("default policy: deny"), "{}", l.stdout);
+
+    let j = s
+        .ward(&["intention", "list", "--output", "json"])
+        .success()
+        .json();
+    assert_eq!(j["default_action"], "deny");
+    let list = j["intentions"].as_array().expect("intentions array");
+    assert_eq!(list.len(), 1, "{j}");
+    assert_eq!(list[0]["source"], "order");
+    assert_eq!(list[0]["destination"], "inventory");
+    assert_eq!(list[0]["action"], "allow");
+    let j = s
+        .ward(&["intention", "list", "--destination", "other", "-o", "json"])
+        .success()
+        .json();
+    assert_eq!(j["intentions"].as_array().map(Vec::len), Some(0), "{j}");
+
+    let ch = s
+        .ward(&[
+            "intention",
+            "check",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+        ])
+        .success();
+    let decision = ch.stdout.lines().next().unwrap_or_default();
+    assert!(
+        decision.starts_with("decision") && decision.ends_with("allow"),
+        "{}",
+        ch.stdout
+    );
+    assert!(
+        ch.stdout.contains("order -> inventory allow"),
+        "{}",
+        ch.stdout
+    );
+    let j = s
+        .ward(&[
+            "intention",
+            "check",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+            "-o",
+            "json",
+        ])
+        .success()
+        .json();
+    assert_eq!(j["decision"], "allow");
+    assert_eq!(j["rule"]["source"], "order");
+    assert_eq!(j["default_policy"], false);
+
+    let rogue = s
+        .ward(&[
+            "intention",
+            "check",
+            "--source",
+            "rogue",
+            "--destination",
+            "inventory",
+        ])
+        .success();
+    assert!(
+        rogue
+            .stdout
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .ends_with("deny"),
+        "{}",
+        rogue.stdout
+    );
+    assert!(rogue.stdout.contains("default policy"), "{}", rogue.stdout);
+
+    // an L7 rule for a destination not registered as http: the server's reason is shown
+    let l7 = s._dir.0.join("l7.toml");
+    std::fs::write(
+        &l7,
+        "permissions = [ { action = \"allow\", path_prefix = \"/stock/\", methods = [\"GET\"] },\n  { action = \"deny\", path_exact = \"/admin\", headers = [{ name = \"x-env\", exact = \"prod\" }] } ]\n",
+    )
+    .unwrap();
+    let e = s
+        .ward(&[
+            "intention",
+            "create",
+            "--source",
+            "web",
+            "--destination",
+            "inventory",
+            "--file",
+            l7.to_str().unwrap(),
+        ])
+        .one_line_error()
+        .to_owned();
+    assert!(e.contains("http"), "{e}");
+
+    let d = s
+        .ward(&[
+            "intention",
+            "delete",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+        ])
+        .success();
+    assert!(d.stdout.contains("deleted"), "{}", d.stdout);
+    let j = s
+        .ward(&[
+            "intention",
+            "check",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+            "-o",
+            "json",
+        ])
+        .success()
+        .json();
+    assert_eq!(j["decision"], "deny", "{j}");
+    assert_eq!(j["default_policy"], true, "{j}");
+    assert!(j["rule"].is_null(), "{j}");
+    let e = s
+        .ward(&[
+            "intention",
+            "delete",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+        ])
+        .one_line_error()
+        .to_owned();
+    assert!(e.contains("not found"), "{e}");
+
+    // ---- bad names: refused before any network call, naming the flag ----
+    for (args, flag) in [
+        (
+            vec![
+                "intention",
+                "create",
+                "--source",
+                "Order_1",
+                "--destination",
+                "inventory",
+                "--action",
+                "allow",
+            ],
+            "--source",
+        ),
+        (
+            vec![
+                "intention",
+                "create",
+                "--source",
+                "order",
+                "--destination",
+                "*",
+                "--action",
+                "allow",
+            ],
+            "--destination",
+        ),
+        (
+            vec![
+                "intention",
+                "create",
+                "--source",
+                "order",
+                "--destination",
+                "inventory",
+                "--action",
+                "permit",
+            ],
+            "--action",
+        ),
+        (
+            vec![
+                "intention",
+                "check",
+                "--source",
+                "*",
+                "--destination",
+                "inventory",
+            ],
+            "--source",
+        ),
+        (
+            vec![
+                "intention",
+                "delete",
+                "--source",
+                "a/b/c",
+                "--destination",
+                "inventory",
+            ],
+            "--source",
+        ),
+    ] {
+        let r = s.ward(&args);
+        let e = r.one_line_error();
+        assert!(e.contains(flag), "`ward {}`: {e}", r.args);
+    }
+
+    // ---- a wrong admin token ----
+    let r = s.ward_env(
+        &["intention", "list"],
+        &[("WARD_TOKEN", "ward-admin-not-the-real-one")],
+    );
+    let e = r.one_line_error().to_lowercase();
+    assert!(e.contains("unauthenticated"), "{e}");
+    assert!(!e.contains("ward-admin-not-the-real-one"), "{e}");
+
+    // ---- ca roots ----
+    let r = s.ward(&["ca", "roots"]).success();
+    assert!(
+        r.stdout.contains("trust domain: ward.local"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("FINGERPRINT"), "{}", r.stdout);
+    let j = s.ward(&["ca", "roots", "-o", "json"]).success().json();
+    assert_eq!(j["trust_domain"], "ward.local");
+    let roots = j["roots"].as_array().expect("roots array");
+    assert_eq!(roots.len(), 1, "{j}");
+    assert_eq!(roots[0]["active"], true, "{j}");
+    assert_eq!(
+        roots[0]["fingerprint"].as_str().map(str::len),
+        Some(64),
+        "{j}"
+    );
+    assert!(
+        roots[0]["not_before"].as_i64() < roots[0]["not_after"].as_i64(),
+        "{j}"
+    );
+
+    // ---- catalog ----
+    let r = s.ward(&["catalog", "services"]).success();
+    assert!(r.stdout.starts_with("SERVICE"), "{}", r.stdout);
+    let j = s
+        .ward(&["catalog", "services", "-o", "json"])
+        .success()
+        .json();
+    assert!(j["services"].is_array(), "{j}");
+    let j = s
+        .ward(&["catalog", "endpoints", "inventory", "-o", "json"])
+        .success()
+        .json();
+    assert_eq!(j["service"]["name"], "inventory");
+    assert_eq!(j["endpoints"].as_array().map(Vec::len), Some(0), "{j}");
+    let e = s
+        .ward(&["catalog", "endpoints", "Bad_Name"])
+        .one_line_error()
+        .to_owned();
+    assert!(e.contains("NAME"), "{e}");
+}
+
+#[test]
+fn errors_before_any_network_call() {
+    let dir = TempDir::new("offline");
+    let ca = dir.0.join("ca.pem");
+    std::fs::write(&ca, "not a pem\n").unwrap();
+    let ca = ca.to_str().unwrap().to_owned();
+    let vars = [
+        ("WARD_ADDR", "http://127.0.0.1:8502"),
+        ("WARD_TOKEN", "ward-admin-secret-value"),
+        ("WARD_CACERT", ca.as_str()),
+    ];
+    let r = run(&["intention", "list"], &vars);
+    let e = r.one_line_error();
+    assert!(e.contains("WARD_ADDR"), "{e}");
+    assert!(!e.contains("ward-admin-secret-value"), "{e}");
+
+    // nothing set: the missing variable is named
+    let r = run(&["ca", "roots"], &[]);
+    assert!(r.one_line_error().contains("WARD_ADDR"), "{}", r.stderr);
+
+    // a bad L7 file: the file and the key are named
+    let bad = dir.0.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "permissions = [ { action = \"allow\", path_prefx = \"/stock/\" } ]\n",
+    )
+    .unwrap();
+    let bad_s = bad.to_str().unwrap();
+    let r = run(
+        &[
+            "intention",
+            "create",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+            "--file",
+            bad_s,
+        ],
+        &vars,
+    );
+    let e = r.one_line_error();
+    assert!(
+        e.contains(bad_s) && e.contains("permissions[0].path_prefx"),
+        "{e}"
+    );
+
+    let missing = dir.0.join("missing.toml");
+    let r = run(
+        &[
+            "intention",
+            "create",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+            "--file",
+            missing.to_str().unwrap(),
+        ],
+        &vars,
+    );
+    assert!(r.one_line_error().contains("missing.toml"), "{}", r.stderr);
+
+    // bad names, even with a bad WARD_ADDR: the name is checked first
+    let r = run(
+        &[
+            "intention",
+            "create",
+            "--source",
+            "Order_1",
+            "--destination",
+            "inventory",
+            "--action",
+            "allow",
+        ],
+        &vars,
+    );
+    let e = r.one_line_error();
+    assert!(e.contains("--source") && e.contains("Order_1"), "{e}");
+}
