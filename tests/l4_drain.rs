@@ -1,4 +1,4 @@
-//! Issue 2, Build 5 and 7: drain on SIGTERM, and no session resumption on mesh connections.
+//! Issue 2, Build 5 and 7: drain on SIGTERM; resumed sessions are counted and authorized.
 
 mod common;
 
@@ -123,11 +123,11 @@ fn drain_timeout_closes_what_is_left() {
 }
 
 #[test]
-fn mesh_sessions_are_never_resumed() {
+fn resumed_sessions_are_counted_and_served() {
     let s = start("1s");
     let order = s.pki.leaf("order");
     let provider = common::tls::provider();
-    // A client that would resume if the server offered tickets or a session cache.
+    // One client config, so its ticket cache carries over between connections.
     let config = Arc::new(
         rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -137,8 +137,10 @@ fn mesh_sessions_are_never_resumed() {
             .with_client_auth_cert(order.chain_der.clone(), order.key_der())
             .unwrap(),
     );
-    let before = s.proxy.handshakes("inbound", "ok");
-    for round in 0..3 {
+    let before = s.proxy.handshakes_total("inbound");
+    let before_ok = s.proxy.handshakes("inbound", "ok");
+    let mut kinds = Vec::new();
+    for _ in 0..4 {
         let tcp = std::net::TcpStream::connect(s.proxy.inbound()).unwrap();
         tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let conn =
@@ -150,18 +152,23 @@ fn mesh_sessions_are_never_resumed() {
         let mut buf = [0u8; 5];
         stream.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ping\n");
-        assert_eq!(
-            stream.conn.handshake_kind(),
-            Some(rustls::HandshakeKind::Full),
-            "round {round}: every mesh connection is a full handshake"
-        );
+        kinds.push(stream.conn.handshake_kind());
+        // Read the tickets that follow the handshake before closing.
+        stream.conn.send_close_notify();
+        let _ = stream.flush();
     }
-    let after = s.proxy.handshakes("inbound", "ok");
-    assert_eq!(
-        after - before,
-        3.0,
-        "each connection counted as a handshake"
+    assert_eq!(kinds[0], Some(rustls::HandshakeKind::Full));
+    assert!(
+        kinds[1..].contains(&Some(rustls::HandshakeKind::Resumed)),
+        "later connections resume: {kinds:?}"
     );
+    assert_eq!(
+        s.proxy.handshakes_total("inbound") - before,
+        4.0,
+        "each connection counted once"
+    );
+    assert_eq!(s.proxy.handshakes("inbound", "ok") - before_ok, 4.0);
+    assert_eq!(s.app.accepted(), 4);
 }
 
 /// The resumption test judges the session, not the server's identity.

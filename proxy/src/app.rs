@@ -110,7 +110,16 @@ pub async fn build(
     if let (Some(cfg), Some(listener)) = (&config.inbound, inbound_listener) {
         inbound_addr = Some(local(&listener));
         roles.push(("inbound".to_owned(), local(&listener)));
-        let inbound = Arc::new(Inbound::new(shared.clone(), cfg.local_app));
+        let tickets = crate::tls::tickets::EpochTicketer::new().map(Arc::new);
+        if let Some(t) = &tickets {
+            tokio::spawn(rotate_tickets(
+                t.clone(),
+                intentions.clone(),
+                credentials.clone(),
+                shared.force_close.clone(),
+            ));
+        }
+        let inbound = Arc::new(Inbound::new(shared.clone(), cfg.local_app, tickets));
         tokio::spawn(inbound.run(listener));
         tokio::spawn(crate::connections::watch_intentions(
             shared.connections.clone(),
@@ -162,6 +171,25 @@ pub async fn build(
         shared,
         upstreams,
     })
+}
+
+/// New ticket keys whenever the intentions or the roots change (see `tls/tickets.rs`).
+async fn rotate_tickets(
+    tickets: Arc<crate::tls::tickets::EpochTicketer>,
+    intentions: Arc<IntentionStore>,
+    credentials: Arc<CredentialStore>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut versions = intentions.subscribe();
+    let mut roots = credentials.subscribe_roots();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = versions.changed() => if r.is_err() { return },
+            r = roots.changed() => if r.is_err() { return },
+        }
+        tickets.rotate();
+    }
 }
 
 fn local_admin(shared: &Shared) -> SocketAddr {

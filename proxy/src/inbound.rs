@@ -23,13 +23,17 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub fn new(shared: Arc<Shared>, local_app: SocketAddr) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        local_app: SocketAddr,
+        tickets: Option<Arc<tls::tickets::EpochTicketer>>,
+    ) -> Self {
         let verifier = tls::InboundVerifier::new(
             shared.credentials.clone(),
             shared.intentions.clone(),
             shared.service.name.clone(),
         );
-        let config = tls::config::server_config(shared.credentials.clone(), verifier);
+        let config = tls::config::server_config(shared.credentials.clone(), verifier, tickets);
         Self {
             shared,
             acceptor: TlsAcceptor::from(config),
@@ -69,19 +73,36 @@ impl Inbound {
             }
             Ok(Ok(s)) => s,
         };
-        m::handshake(Direction::Inbound, HandshakeResult::Ok, elapsed);
 
-        // The verifier accepted this leaf; read its identity back for the registry and labels.
-        let Some(peer_id) = tls
-            .get_ref()
-            .1
+        // The verifier accepted this leaf (in this handshake, or in the one a resumed session
+        // came from); read its identity back for the registry and labels.
+        let conn = tls.get_ref().1;
+        let Some(leaf) = conn
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(|leaf| tls::check_leaf(leaf, None).ok())
-            .map(|l| l.id)
         else {
+            m::handshake(Direction::Inbound, HandshakeResult::Error, elapsed);
             return;
         };
+        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            // Rule 8: a resumed session is authorized as a full handshake is. The ticket key
+            // already follows the roots and intentions; check the time and the decision here.
+            if !leaf.valid_at(crate::now_unix()) {
+                m::handshake(Direction::Inbound, HandshakeResult::Expired, elapsed);
+                return;
+            }
+            let allowed = shared
+                .intentions
+                .decide(&leaf.id, &shared.service.name)
+                .is_some_and(|d| d.is_allow());
+            if !allowed {
+                m::handshake(Direction::Inbound, HandshakeResult::Denied, elapsed);
+                return;
+            }
+        }
+        m::handshake(Direction::Inbound, HandshakeResult::Ok, elapsed);
+        let peer_id = leaf.id;
         let registration = shared.connections.register(
             peer_id.clone(),
             shared.force_close.child_token(),

@@ -24,3 +24,11 @@ pub mod shared;
 pub mod tls;
 
 pub use app::{build, BuildError, MeshHandles, ProxyHandle};
+
+/// Seconds since the Unix epoch (wall clock, for certificate validity).
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

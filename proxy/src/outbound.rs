@@ -92,8 +92,9 @@ impl Upstream {
         };
         let _ = tcp.set_nodelay(true);
         let started = Instant::now();
-        // SNI is off and the verifier checks the SPIFFE ID, so the name is only a placeholder.
-        let name = ServerName::IpAddress(endpoint.ip().into());
+        // SNI is off and the verifier checks the SPIFFE ID, so the name only keys the session
+        // ticket cache: one entry per endpoint.
+        let name = endpoint_name(endpoint);
         let handshake = tokio::time::timeout(
             shared.limits.handshake_timeout,
             self.connector.connect(name, tcp),
@@ -113,6 +114,20 @@ impl Upstream {
             }
             Ok(Ok(s)) => s,
         };
+        let conn = tls.get_ref().1;
+        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            // The server's identity was verified when the ticket was issued; its validity
+            // period is checked again now.
+            let valid = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| tls::check_leaf(leaf, None).ok())
+                .is_some_and(|l| l.valid_at(crate::now_unix()));
+            if !valid {
+                m::handshake(Direction::Outbound, HandshakeResult::Expired, elapsed);
+                return;
+            }
+        }
         m::handshake(Direction::Outbound, HandshakeResult::Ok, elapsed);
         let close = shared.force_close.child_token();
         crate::inbound::forward(
@@ -125,4 +140,11 @@ impl Upstream {
         )
         .await;
     }
+}
+
+/// A name unique to `endpoint`, to key the client's session ticket cache.
+fn endpoint_name(endpoint: SocketAddr) -> ServerName<'static> {
+    let ip = endpoint.ip().to_string().replace([':', '.'], "-");
+    ServerName::try_from(format!("ep-{ip}-{}.ward", endpoint.port()))
+        .unwrap_or_else(|_| ServerName::IpAddress(endpoint.ip().into()))
 }

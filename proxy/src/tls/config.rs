@@ -1,5 +1,5 @@
-//! rustls configs for mesh connections: TLS 1.3 only, ECDSA P-256 keys, no early data and no
-//! session resumption (every connection is authorized by a full handshake).
+//! rustls configs for mesh connections: TLS 1.3 only, ECDSA P-256 keys, no early data, and
+//! resumption only under the rules of `tickets.rs`.
 
 use super::credentials::CredentialStore;
 use super::verify::{InboundVerifier, OutboundVerifier};
@@ -42,16 +42,24 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn server_config(
     credentials: Arc<CredentialStore>,
     verifier: InboundVerifier,
+    tickets: Option<Arc<super::tickets::EpochTicketer>>,
 ) -> Arc<rustls::ServerConfig> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(StoreResolver(credentials)));
-    // Security rule 8: no resumption until it is built with authorization re-checked.
+    // Security rule 8: resumption only through tickets whose keys follow the intentions and
+    // roots (see tickets.rs); never early data; no server-side session cache.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
     cfg.max_early_data_size = 0;
+    match tickets {
+        Some(t) => {
+            cfg.ticketer = t;
+            cfg.send_tls13_tickets = 2;
+        }
+        None => cfg.send_tls13_tickets = 0,
+    }
     Arc::new(cfg)
 }
 
@@ -66,7 +74,9 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(StoreResolver(credentials)));
-    cfg.resumption = rustls::client::Resumption::disabled();
+    // Resume with tickets from the upstream's inbound (which re-authorizes resumed sessions);
+    // never send early data.
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(1024);
     cfg.enable_early_data = false;
     // The verifier checks the SPIFFE ID; SNI would only leak the service name in clear.
     cfg.enable_sni = false;

@@ -133,9 +133,19 @@ impl Credentials {
 }
 
 /// The current credentials; empty until the first ones arrive.
-#[derive(Default)]
 pub struct CredentialStore {
     current: ArcSwapOption<Credentials>,
+    /// Bumped whenever the set of roots changes.
+    roots_changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for CredentialStore {
+    fn default() -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            roots_changed: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl CredentialStore {
@@ -145,6 +155,19 @@ impl CredentialStore {
 
     pub fn store(&self, creds: Credentials) {
         metrics::gauge!(crate::metrics::CERT_EXPIRY).set(creds.leaf.not_after as f64);
+        let new_roots = self
+            .current
+            .load()
+            .as_ref()
+            .is_none_or(|old| old.root_ders != creds.root_ders);
         self.current.store(Some(Arc::new(creds)));
+        if new_roots {
+            self.roots_changed.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Wakes whenever the roots change.
+    pub fn subscribe_roots(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.roots_changed.subscribe()
     }
 }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod credentials;
 pub mod svid;
+pub mod tickets;
 pub mod verify;
 
 pub use credentials::{CredentialError, CredentialStore, Credentials};

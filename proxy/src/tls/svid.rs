@@ -31,7 +31,15 @@ pub struct LeafInfo {
     pub id: SpiffeId,
     /// Lowercase hex of the serial number.
     pub serial: String,
+    pub not_before: i64,
     pub not_after: i64,
+}
+
+impl LeafInfo {
+    /// Whether `now` (Unix seconds) is inside the validity period.
+    pub fn valid_at(&self, now: i64) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
 }
 
 /// Parses `der` and applies the SVID rules; `trust_domain` is checked when given.
@@ -71,6 +79,7 @@ pub fn check_leaf(der: &[u8], trust_domain: Option<&TrustDomain>) -> Result<Leaf
     Ok(LeafInfo {
         id,
         serial: hex_lower(cert.raw_serial()),
+        not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
     })
 }
