@@ -154,8 +154,8 @@ pub(crate) async fn forward<P, L>(
     local_io: L,
     close: &tokio_util::sync::CancellationToken,
 ) where
-    P: tokio::io::AsyncRead + tokio::io::AsyncWrite,
-    L: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    P: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let d = direction.as_str();
     metrics::counter!(m::CONNECTIONS_OPENED, "direction" => d, "peer" => peer.clone()).increment(1);
