@@ -18,8 +18,8 @@ const CHUNK: usize = 64 * 1024;
 async fn push<S, P, L, D>(mut src: S, peer: P, local: L, mut dst: D) -> Duration
 where
     S: AsyncWrite + Unpin + Send + 'static,
-    P: AsyncRead + AsyncWrite + Send + 'static,
-    L: AsyncRead + AsyncWrite + Send + 'static,
+    P: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    L: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     D: AsyncRead + Unpin,
 {
     let proxy = tokio::spawn(async move {
