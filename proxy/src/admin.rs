@@ -62,11 +62,7 @@ impl Admin {
     }
 
     fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        let public = matches!(
-            (req.method(), req.uri().path()),
-            (&Method::GET, "/metrics" | "/ready" | "/live")
-        );
-        if !public && (!self.local_only || !peer.ip().is_loopback()) {
+        if !allowed(req.method(), req.uri().path(), self.local_only, peer) {
             return reply(StatusCode::FORBIDDEN, "text/plain", "forbidden\n");
         }
         match (req.method(), req.uri().path()) {
@@ -100,5 +96,35 @@ impl Admin {
             ),
             _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
         }
+    }
+}
+
+/// Security rule 13: GET /metrics, /ready and /live for anyone who reaches the listener;
+/// everything else (/config, POST /drain) only on a loopback listener and from a loopback peer.
+fn allowed(method: &Method, path: &str, local_only: bool, peer: SocketAddr) -> bool {
+    let public = method == Method::GET && matches!(path, "/metrics" | "/ready" | "/live");
+    public || (local_only && peer.ip().is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_and_drain_answer_loopback_only() {
+        let lo: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        for path in ["/metrics", "/ready", "/live"] {
+            assert!(allowed(&Method::GET, path, false, remote), "{path}");
+            assert!(allowed(&Method::GET, path, true, lo), "{path}");
+        }
+        assert!(allowed(&Method::GET, "/config", true, lo));
+        assert!(allowed(&Method::POST, "/drain", true, lo));
+        assert!(!allowed(&Method::GET, "/config", true, remote));
+        assert!(!allowed(&Method::POST, "/drain", true, remote));
+        // A non-loopback listener serves only the public GETs, even to a loopback peer.
+        assert!(!allowed(&Method::GET, "/config", false, lo));
+        assert!(!allowed(&Method::POST, "/drain", false, lo));
+        assert!(!allowed(&Method::POST, "/metrics", false, remote));
     }
 }
