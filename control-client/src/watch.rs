@@ -209,10 +209,14 @@ impl Watches {
                         else {
                             continue;
                         };
-                        let addrs: Vec<SocketAddr> = entry
-                            .endpoints
+                        // An instance whose stream is gone stays listed for the server's
+                        // grace period: it is usually alive and reconnecting (after a renewal
+                        // or a server restart). Connected ones go first; a dead one only costs
+                        // a refused connect before the next endpoint is tried.
+                        let mut listed: Vec<&v1::Endpoint> = entry.endpoints.iter().collect();
+                        listed.sort_by_key(|e| !e.connected);
+                        let addrs: Vec<SocketAddr> = listed
                             .iter()
-                            .filter(|e| e.connected)
                             .filter_map(|e| e.address.parse().ok())
                             .collect();
                         tracing::info!(upstream = %u.service, endpoints = addrs.len(), "endpoints updated");

@@ -173,7 +173,8 @@ pub async fn build(
     })
 }
 
-/// New ticket keys whenever the intentions or the roots change (see `tls/tickets.rs`).
+/// New ticket keys whenever the intentions, the roots or our own certificate change (see
+/// `tls/tickets.rs`): no client resumes a session that saw a certificate we replaced.
 async fn rotate_tickets(
     tickets: Arc<crate::tls::tickets::EpochTicketer>,
     intentions: Arc<IntentionStore>,
@@ -181,7 +182,7 @@ async fn rotate_tickets(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut versions = intentions.subscribe();
-    let mut roots = credentials.subscribe_roots();
+    let mut roots = credentials.subscribe();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -23,7 +23,9 @@ pub struct Upstream {
     shared: Arc<Shared>,
     pub service: Name,
     pub namespace: Name,
-    connector: TlsConnector,
+    verifier: Arc<tls::OutboundVerifier>,
+    /// Replaced (with an empty session cache) whenever our credentials change.
+    connector: ArcSwap<TlsConnector>,
     /// Static endpoints, or the catalog's (replaced on each update).
     pub endpoints: ArcSwap<Vec<SocketAddr>>,
     next: AtomicUsize,
@@ -36,28 +38,44 @@ impl Upstream {
         namespace: Name,
         endpoints: Vec<SocketAddr>,
     ) -> Self {
-        let verifier = tls::OutboundVerifier::new(
+        let verifier = Arc::new(tls::OutboundVerifier::new(
             shared.credentials.clone(),
             namespace.clone(),
             service.clone(),
-        );
-        let config = tls::config::client_config(shared.credentials.clone(), verifier);
+        ));
+        let config = tls::config::client_config(shared.credentials.clone(), verifier.clone());
         Self {
+            verifier,
             shared,
             service,
             namespace,
-            connector: TlsConnector::from(config),
+            connector: ArcSwap::from_pointee(TlsConnector::from(config)),
             endpoints: ArcSwap::from_pointee(endpoints),
             next: AtomicUsize::new(0),
         }
     }
 
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        tokio::spawn(self.clone().renew_connector_on_new_credentials());
         let shared = self.shared.clone();
         crate::listener::accept_loop(listener, shared, move |tcp, _peer, permit| {
             self.clone().serve(tcp, permit)
         })
         .await
+    }
+
+    /// A fresh client config (and session cache) whenever our certificate or roots change.
+    async fn renew_connector_on_new_credentials(self: Arc<Self>) {
+        let mut changed = self.shared.credentials.subscribe();
+        loop {
+            tokio::select! {
+                _ = self.shared.force_close.cancelled() => return,
+                r = changed.changed() => if r.is_err() { return },
+            }
+            let config =
+                tls::config::client_config(self.shared.credentials.clone(), self.verifier.clone());
+            self.connector.store(Arc::new(TlsConnector::from(config)));
+        }
     }
 
     /// Round robin over the endpoints, moving to the next on a connect failure.
@@ -95,9 +113,10 @@ impl Upstream {
         // SNI is off and the verifier checks the SPIFFE ID, so the name only keys the session
         // ticket cache: one entry per endpoint.
         let name = endpoint_name(endpoint);
+        let connector = self.connector.load_full();
         let handshake = tokio::time::timeout(
             shared.limits.handshake_timeout,
-            self.connector.connect(name, tcp),
+            connector.connect(name, tcp),
         )
         .await;
         let elapsed = started.elapsed().as_secs_f64();

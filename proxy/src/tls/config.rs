@@ -64,15 +64,21 @@ pub fn server_config(
 }
 
 /// The config for connections to one upstream service.
+///
+/// Each config has its own session cache. The outbound builds a new config whenever its own
+/// certificate or roots change, so it never resumes a session that carries a certificate it has
+/// replaced (a resumed session keeps the certificates of the handshake it came from, and so do
+/// the tickets issued on it); connections still in flight put their tickets in the old cache,
+/// which nothing reads any more.
 pub fn client_config(
     credentials: Arc<CredentialStore>,
-    verifier: OutboundVerifier,
+    verifier: Arc<OutboundVerifier>,
 ) -> Arc<rustls::ClientConfig> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(StoreResolver(credentials)));
     // Resume with tickets from the upstream's inbound (which re-authorizes resumed sessions);
     // never send early data.

@@ -137,6 +137,8 @@ pub struct CredentialStore {
     current: ArcSwapOption<Credentials>,
     /// Bumped whenever the set of roots changes.
     roots_changed: tokio::sync::watch::Sender<u64>,
+    /// Bumped on every new certificate or roots.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for CredentialStore {
@@ -144,6 +146,7 @@ impl Default for CredentialStore {
         Self {
             current: ArcSwapOption::empty(),
             roots_changed: tokio::sync::watch::channel(0).0,
+            changed: tokio::sync::watch::channel(0).0,
         }
     }
 }
@@ -164,6 +167,12 @@ impl CredentialStore {
         if new_roots {
             self.roots_changed.send_modify(|g| *g += 1);
         }
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Wakes on every new certificate or roots.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Wakes whenever the roots change.
