@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests: each `tests/*.rs` starts the real `ward` binary.
 #![allow(dead_code)]
 
+pub mod cp;
 pub mod net;
 pub mod pki;
 pub mod proc;
