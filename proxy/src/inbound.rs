@@ -56,8 +56,11 @@ impl Inbound {
             tracing::debug!("pending handshake cap reached; connection refused");
             return;
         };
-        let handshake =
-            tokio::time::timeout(shared.limits.handshake_timeout, self.acceptor.accept(tcp)).await;
+        let handshake = tokio::time::timeout(
+            shared.limits.handshake_timeout,
+            self.acceptor.accept(crate::bigreads::BigReads::new(tcp)),
+        )
+        .await;
         drop(pending);
         let elapsed = started.elapsed().as_secs_f64();
         let tls = match handshake {

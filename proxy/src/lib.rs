@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bigreads;
 mod config_dump;
 pub mod connections;
 pub mod copy;

@@ -116,7 +116,7 @@ impl Upstream {
         let connector = self.connector.load_full();
         let handshake = tokio::time::timeout(
             shared.limits.handshake_timeout,
-            connector.connect(name, tcp),
+            connector.connect(name, crate::bigreads::BigReads::new(tcp)),
         )
         .await;
         let elapsed = started.elapsed().as_secs_f64();
