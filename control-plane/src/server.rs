@@ -29,6 +29,9 @@ use ward_proto::v1;
 /// The roots bundle written on every start, for `WARD_CACERT` and `control_plane.ca_file`.
 pub const CA_FILE: &str = "ca.pem";
 
+/// Admin HTTP connections served at once; scrapes and probes need few.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -42,6 +45,9 @@ pub enum ServerError {
     /// ward's files are in data_dir, but no state: refusing to create a new CA over them.
     #[error("{}: found {} but no {STATE_FILE}; a first start did not finish or the state was removed. Refusing to create a new CA; remove {} to start over", dir.display(), found, found)]
     StateMissing { dir: PathBuf, found: String },
+    /// data_dir holds other files and no ward state.
+    #[error("{}: holds {found:?} and no {STATE_FILE}; a new CA is created only in an empty data_dir", dir.display())]
+    NotEmpty { dir: PathBuf, found: String },
     /// Stored intentions this build cannot read.
     #[error("{}: {reason}", path.display())]
     Intentions { path: PathBuf, reason: String },
@@ -191,6 +197,14 @@ fn load_or_create(cfg: &ServerConfig) -> Result<Loaded, ServerError> {
                         found: (*f).to_owned(),
                     });
                 }
+            }
+            // Rule 11: a CA is created only in an empty data_dir (a wrong path must not get
+            // a fresh CA beside someone else's files).
+            if let Some(other) = foreign_entry(dir) {
+                return Err(ServerError::NotEmpty {
+                    dir: dir.clone(),
+                    found: other,
+                });
             }
             let material = match imported {
                 Some(m) => m,
@@ -556,6 +570,11 @@ async fn serve_admin(
         let wi = weak_intentions.clone();
         let wc = weak_catalog.clone();
         let stop = shutdown.clone();
+        // Bounded: at most MAX_ADMIN_CONNECTIONS at once, finished ones reaped.
+        while conns.try_join_next().is_some() {}
+        if conns.len() >= MAX_ADMIN_CONNECTIONS {
+            continue;
+        }
         conns.spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -584,16 +603,29 @@ async fn serve_admin(
                     async move { resp }
                 });
             let io = hyper_util::rt::TokioIo::new(tcp);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await
-            {
-                tracing::debug!(%remote, error = %e, "admin connection ended");
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .max_buf_size(16 * 1024)
+                .serve_connection(io, svc);
+            match tokio::time::timeout(Duration::from_secs(30), conn).await {
+                Ok(Err(e)) => tracing::debug!(%remote, error = %e, "admin connection ended"),
+                Err(_) => tracing::debug!(%remote, "admin connection closed after 30 s"),
+                Ok(Ok(())) => {}
             }
         });
     }
     conns.abort_all();
     Ok(())
+}
+
+/// The first entry of `dir` that is not one of ward's own temporary files.
+fn foreign_entry(dir: &Path) -> Option<String> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| !name.ends_with(".tmp"))
 }
 
 /// The data_dir's state file, for messages.
