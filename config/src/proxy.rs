@@ -363,8 +363,14 @@ impl ProxyConfig {
 
         let mut limits = Limits::default();
         if let Some(l) = raw.limits {
+            // Upper bound: far above any real need, and within what a semaphore can hold.
+            const MAX_COUNT: usize = 1 << 24;
             let positive = |key: &str, v: Option<usize>, dflt: usize| match v {
                 Some(0) => Err(invalid(&format!("limits.{key}"), "must be at least 1")),
+                Some(v) if v > MAX_COUNT => Err(invalid(
+                    &format!("limits.{key}"),
+                    &format!("must be at most {MAX_COUNT}"),
+                )),
                 Some(v) => Ok(v),
                 None => Ok(dflt),
             };
@@ -582,6 +588,16 @@ handshake_timeout = "2s"
         let no_tls: String = GOOD.split("[tls]").next().unwrap().to_owned();
         let err = parse(&no_tls).unwrap_err();
         assert!(err.contains("`tls`"), "{err}");
+    }
+
+    #[test]
+    fn limits_have_an_upper_bound() {
+        let text = GOOD.replace(
+            "handshake_timeout = \"2s\"",
+            "max_pending_handshakes = 4000000000000000000",
+        );
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains("limits.max_pending_handshakes"), "{err}");
     }
 
     #[test]

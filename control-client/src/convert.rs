@@ -10,6 +10,8 @@ use ward_proxy::intentions::IntentionSnapshot;
 pub enum SnapshotError {
     #[error("intention {index}: source {written:?} is not `*`, `svc` or `ns/svc`")]
     Source { index: usize, written: String },
+    #[error("the snapshot is for {0}, not for this service")]
+    OtherDestination(String),
     #[error("intention {index}: source {written:?} is listed twice")]
     Duplicate { index: usize, written: String },
 }
@@ -21,6 +23,29 @@ pub fn intentions(
     snap: &v1::IntentionsSnapshot,
     local_namespace: &Name,
 ) -> Result<IntentionSnapshot, SnapshotError> {
+    intentions_for(snap, None, local_namespace)
+}
+
+/// As [`intentions`], also refusing a snapshot addressed to another service than `local`
+/// (defence in depth: the server sends only the caller's own).
+pub fn intentions_for(
+    snap: &v1::IntentionsSnapshot,
+    local: Option<&Name>,
+    local_namespace: &Name,
+) -> Result<IntentionSnapshot, SnapshotError> {
+    if let (Some(local), Some(dest)) = (local, &snap.destination) {
+        let ns = if dest.namespace.is_empty() {
+            "default"
+        } else {
+            dest.namespace.as_str()
+        };
+        if dest.name != local.as_str() || ns != local_namespace.as_str() {
+            return Err(SnapshotError::OtherDestination(format!(
+                "{ns}/{}",
+                dest.name
+            )));
+        }
+    }
     let default = match v1::Action::try_from(snap.default_action) {
         Ok(v1::Action::Allow) => Action::Allow,
         _ => Action::Deny,

@@ -38,6 +38,11 @@ pub struct Identity {
     /// A still-valid certificate found in `state_dir` at start.
     stored: Mutex<Option<Issued>>,
     current: Mutex<Option<Issued>>,
+    /// The roots last received on the roots stream: newer than a Sign response's.
+    stream_roots: Mutex<Option<Vec<CertificateDer<'static>>>>,
+    /// Held across read -> build -> publish of credentials, so a renewal and a roots update
+    /// never interleave (either could otherwise put back what the other replaced).
+    swap: Mutex<()>,
     renew_at: Mutex<Instant>,
 }
 
@@ -69,6 +74,10 @@ impl Identity {
             ensure_private_dir(dir)?;
             let key_path = dir.join(KEY_FILE);
             if key_path.exists() {
+                // Rule 12: the key file is 0600; tighten a looser one rather than use it as is.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| state_err(&key_path, format!("cannot set mode 0600: {e}")))?;
                 let pem = std::fs::read_to_string(&key_path)
                     .map_err(|e| state_err(&key_path, format!("cannot read: {e}")))?;
                 key = Some(
@@ -104,19 +113,46 @@ impl Identity {
             state_dir: cfg.state_dir.clone(),
             stored: Mutex::new(stored),
             current: Mutex::new(None),
+            stream_roots: Mutex::new(None),
+            swap: Mutex::new(()),
             renew_at: Mutex::new(Instant::now()),
         })
     }
 
-    /// The private key, for rebuilding credentials (it never leaves the process).
-    pub fn key_der(&self) -> PrivateKeyDer<'static> {
-        self.private_key()
-    }
-
-    pub fn set_current(&self, issued: Issued) {
+    /// Takes the roots from the roots stream and, when they changed, republishes the current
+    /// certificate with them. Returns whether anything changed.
+    pub fn replace_roots(
+        &self,
+        roots: Vec<CertificateDer<'static>>,
+        store: &CredentialStore,
+    ) -> Result<bool, String> {
+        let _swap = self.swap.lock().map_err(|_| "credential lock poisoned")?;
+        if let Ok(mut r) = self.stream_roots.lock() {
+            *r = Some(roots.clone());
+        }
+        let Some(mut issued) = self.current() else {
+            return Ok(false);
+        };
+        if issued.roots == roots {
+            return Ok(false);
+        }
+        issued.roots = roots;
+        let creds = Credentials::from_der(
+            issued.chain.clone(),
+            self.private_key(),
+            issued.roots.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        store.store(creds);
+        if let Some(dir) = &self.state_dir {
+            if let Err(e) = persist(dir, &issued) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the roots in state_dir");
+            }
+        }
         if let Ok(mut c) = self.current.lock() {
             *c = Some(issued);
         }
+        Ok(true)
     }
 
     fn private_key(&self) -> PrivateKeyDer<'static> {
@@ -138,7 +174,11 @@ impl Identity {
     }
 
     /// Builds credentials from `issued`, checks they are ours, and publishes them.
-    pub fn install(&self, issued: Issued, store: &CredentialStore) -> Result<i64, String> {
+    pub fn install(&self, mut issued: Issued, store: &CredentialStore) -> Result<i64, String> {
+        let _swap = self.swap.lock().map_err(|_| "credential lock poisoned")?;
+        if let Some(roots) = self.stream_roots.lock().ok().and_then(|r| r.clone()) {
+            issued.roots = roots;
+        }
         let creds = Credentials::from_der(
             issued.chain.clone(),
             self.private_key(),

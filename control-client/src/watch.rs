@@ -13,7 +13,6 @@ use tonic::transport::Channel;
 use ward_config::proxy::ServiceConfig;
 use ward_proto::v1;
 use ward_proxy::outbound::Upstream;
-use ward_proxy::tls::Credentials;
 use ward_proxy::MeshHandles;
 
 pub struct Watches {
@@ -103,7 +102,11 @@ impl Watches {
                 Ok(Some(snap)) => {
                     got = true;
                     metrics::gauge!("ward_control_plane_connected").set(1.0);
-                    match crate::convert::intentions(&snap, &self.service.namespace) {
+                    match crate::convert::intentions_for(
+                        &snap,
+                        Some(&self.service.name),
+                        &self.service.namespace,
+                    ) {
                         Ok(s) => {
                             let version = s.version;
                             if self.mesh.intentions.publish(s) {
@@ -147,29 +150,16 @@ impl Watches {
 
     /// Swaps in new roots with the current certificate and key, when they changed.
     fn apply_roots(&self, snap: v1::RootsSnapshot) {
-        let Some(mut issued) = self.identity.current() else {
-            return;
-        };
         let roots: Vec<rustls_pki_types::CertificateDer<'static>> =
             snap.roots.into_iter().map(|r| r.cert.into()).collect();
-        if roots.is_empty() || roots == issued.roots {
+        if roots.is_empty() {
+            tracing::warn!(version = snap.version, "refused an empty roots snapshot");
             return;
         }
-        issued.roots = roots;
-        match Credentials::from_der(
-            issued.chain.clone(),
-            self.identity.key_der(),
-            issued.roots.clone(),
-        ) {
-            Ok(creds) => {
-                tracing::info!(
-                    roots = issued.roots.len(),
-                    version = snap.version,
-                    "trust roots updated"
-                );
-                self.mesh.credentials.store(creds);
-                self.identity.set_current(issued);
-            }
+        let n = roots.len();
+        match self.identity.replace_roots(roots, &self.mesh.credentials) {
+            Ok(true) => tracing::info!(roots = n, version = snap.version, "trust roots updated"),
+            Ok(false) => {}
             Err(e) => tracing::warn!("refused a roots snapshot, keeping the current roots: {e}"),
         }
     }

@@ -112,12 +112,9 @@ pub async fn build(
         roles.push(("inbound".to_owned(), local(&listener)));
         let tickets = crate::tls::tickets::EpochTicketer::new().map(Arc::new);
         if let Some(t) = &tickets {
-            tokio::spawn(rotate_tickets(
-                t.clone(),
-                intentions.clone(),
-                credentials.clone(),
-                shared.force_close.clone(),
-            ));
+            // New ticket keys before any new intentions, roots or own certificate are visible.
+            intentions.rotate_on_change(t.clone());
+            credentials.rotate_on_change(t.clone());
         }
         let inbound = Arc::new(Inbound::new(shared.clone(), cfg.local_app, tickets));
         tokio::spawn(inbound.run(listener));
@@ -171,26 +168,6 @@ pub async fn build(
         shared,
         upstreams,
     })
-}
-
-/// New ticket keys whenever the intentions, the roots or our own certificate change (see
-/// `tls/tickets.rs`): no client resumes a session that saw a certificate we replaced.
-async fn rotate_tickets(
-    tickets: Arc<crate::tls::tickets::EpochTicketer>,
-    intentions: Arc<IntentionStore>,
-    credentials: Arc<CredentialStore>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut versions = intentions.subscribe();
-    let mut roots = credentials.subscribe();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = versions.changed() => if r.is_err() { return },
-            r = roots.changed() => if r.is_err() { return },
-        }
-        tickets.rotate();
-    }
 }
 
 fn local_admin(shared: &Shared) -> SocketAddr {

@@ -43,6 +43,15 @@ impl Inbound {
 
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
         let shared = self.shared.clone();
+        // Without a certificate no handshake can even start; leave callers in the backlog
+        // until the first one arrives (then, before intentions, they get access_denied).
+        let mut changed = shared.credentials.subscribe();
+        while shared.credentials.load().is_none() {
+            tokio::select! {
+                _ = shared.stop_accepting.cancelled() => return,
+                r = changed.changed() => if r.is_err() { return },
+            }
+        }
         crate::listener::accept_loop(listener, shared, move |tcp, peer, permit| {
             self.clone().serve(tcp, peer, permit)
         })
@@ -89,18 +98,36 @@ impl Inbound {
             return;
         };
         if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-            // Rule 8: a resumed session is authorized as a full handshake is. The ticket key
-            // already follows the roots and intentions; check the time and the decision here.
-            if !leaf.valid_at(crate::now_unix()) {
-                m::handshake(Direction::Inbound, HandshakeResult::Expired, elapsed);
-                return;
-            }
-            let allowed = shared
-                .intentions
-                .decide(&leaf.id, &shared.service.name)
-                .is_some_and(|d| d.is_allow());
-            if !allowed {
-                m::handshake(Direction::Inbound, HandshakeResult::Denied, elapsed);
+            // Rule 8: a resumed session is authorized as a full handshake is: current roots,
+            // current time, current intentions, before any byte reaches local_app.
+            let chain = conn.peer_certificates().unwrap_or_default();
+            let refused = match tls::verify::reverify_resumed(
+                &shared.credentials,
+                chain,
+                webpki::KeyUsage::client_auth(),
+            ) {
+                Err(e) => Some(tls::verify::result_of(&e)),
+                Ok(_) => {
+                    let allowed = shared
+                        .intentions
+                        .decide(&leaf.id, &shared.service.name)
+                        .is_some_and(|d| d.is_allow());
+                    metrics::counter!(
+                        m::INTENTION_DECISIONS,
+                        "source" => leaf.id.service.to_string(),
+                        "destination" => shared.service.name.to_string(),
+                        "decision" => if allowed { "allow" } else { "deny" },
+                    )
+                    .increment(1);
+                    (!allowed).then_some(HandshakeResult::Denied)
+                }
+            };
+            if let Some(result) = refused {
+                m::handshake(Direction::Inbound, result, elapsed);
+                // The handshake is over, so no alert can carry the reason; close cleanly.
+                let mut tls = tls;
+                tls.get_mut().1.send_close_notify();
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
                 return;
             }
         }

@@ -97,6 +97,8 @@ impl IntentionSnapshot {
 pub struct IntentionStore {
     current: ArcSwapOption<IntentionSnapshot>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// Session-ticket keys to replace before a new snapshot is visible (rule 8).
+    tickets: std::sync::OnceLock<Arc<crate::tls::tickets::EpochTicketer>>,
 }
 
 impl std::fmt::Debug for IntentionStore {
@@ -110,6 +112,7 @@ impl Default for IntentionStore {
         Self {
             current: ArcSwapOption::empty(),
             changed: tokio::sync::watch::channel(0).0,
+            tickets: std::sync::OnceLock::new(),
         }
     }
 }
@@ -136,9 +139,19 @@ impl IntentionStore {
         {
             return false;
         }
+        // Forget every session ticket first, so no session admitted under the old rules can be
+        // resumed once the new ones are in force.
+        if let Some(t) = self.tickets.get() {
+            t.rotate();
+        }
         self.current.store(Some(Arc::new(snapshot)));
         self.changed.send_replace(version);
         true
+    }
+
+    /// Rotates `tickets` on every published snapshot, before it becomes visible.
+    pub fn rotate_on_change(&self, tickets: Arc<crate::tls::tickets::EpochTicketer>) {
+        let _ = self.tickets.set(tickets);
     }
 
     /// Wakes on every published version.

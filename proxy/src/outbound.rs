@@ -135,15 +135,23 @@ impl Upstream {
         };
         let conn = tls.get_ref().1;
         if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-            // The server's identity was verified when the ticket was issued; its validity
-            // period is checked again now.
-            let valid = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|leaf| tls::check_leaf(leaf, None).ok())
-                .is_some_and(|l| l.valid_at(crate::now_unix()));
-            if !valid {
-                m::handshake(Direction::Outbound, HandshakeResult::Expired, elapsed);
+            // The server's identity was verified when the ticket was issued; check its time
+            // and its chain against our current roots again now.
+            let chain = conn.peer_certificates().unwrap_or_default();
+            let checked = tls::verify::reverify_resumed(
+                &shared.credentials,
+                chain,
+                webpki::KeyUsage::server_auth(),
+            )
+            .and_then(|leaf| {
+                if self.verifier.expects(&leaf.id) {
+                    Ok(leaf)
+                } else {
+                    Err(tls::verify::VerifyError::WrongService)
+                }
+            });
+            if let Err(e) = checked {
+                m::handshake(Direction::Outbound, tls::verify::result_of(&e), elapsed);
                 return;
             }
         }

@@ -41,7 +41,12 @@ pub fn run(cmd: ServerCmd) -> anyhow::Result<()> {
         let (dir, temp) = match cmd.data_dir {
             Some(d) => (d, None),
             None => {
-                let d = std::env::temp_dir().join(format!("ward-dev-{}", std::process::id()));
+                // A fresh private directory (0700, unpredictable name): no one can pre-create it.
+                let d = tempfile::Builder::new()
+                    .prefix("ward-dev-")
+                    .tempdir()
+                    .context("cannot create a temporary data dir")?
+                    .keep();
                 (d.clone(), Some(d))
             }
         };

@@ -58,7 +58,13 @@ pub struct Credentials {
     pub roots: Vec<TrustAnchor<'static>>,
     pub root_ders: Vec<CertificateDer<'static>>,
     pub leaf: LeafInfo,
+    /// Issuing certificates already verified to chain to these roots, so re-checking a
+    /// resumed session against the current roots rarely costs a signature check.
+    verified_issuers: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
 }
+
+/// At most this many issuers are remembered per set of credentials.
+const MAX_VERIFIED_ISSUERS: usize = 64;
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,7 +134,28 @@ impl Credentials {
             roots,
             root_ders,
             leaf,
+            verified_issuers: Default::default(),
         })
+    }
+}
+
+impl Credentials {
+    /// Remembers that a chain whose top certificate is `issuer` verified to these roots.
+    pub fn remember_issuer(&self, issuer: &[u8]) {
+        if let Ok(mut set) = self.verified_issuers.lock() {
+            if set.len() >= MAX_VERIFIED_ISSUERS {
+                set.clear();
+            }
+            set.insert(issuer.to_vec());
+        }
+    }
+
+    /// Whether a chain topped by `issuer` was verified to these roots.
+    pub fn knows_issuer(&self, issuer: &[u8]) -> bool {
+        self.verified_issuers
+            .lock()
+            .map(|s| s.contains(issuer))
+            .unwrap_or(false)
     }
 }
 
@@ -139,6 +166,8 @@ pub struct CredentialStore {
     roots_changed: tokio::sync::watch::Sender<u64>,
     /// Bumped on every new certificate or roots.
     changed: tokio::sync::watch::Sender<u64>,
+    /// Session-ticket keys to replace before new credentials are visible (rule 8).
+    tickets: std::sync::OnceLock<Arc<super::tickets::EpochTicketer>>,
 }
 
 impl Default for CredentialStore {
@@ -147,6 +176,7 @@ impl Default for CredentialStore {
             current: ArcSwapOption::empty(),
             roots_changed: tokio::sync::watch::channel(0).0,
             changed: tokio::sync::watch::channel(0).0,
+            tickets: std::sync::OnceLock::new(),
         }
     }
 }
@@ -163,11 +193,20 @@ impl CredentialStore {
             .load()
             .as_ref()
             .is_none_or(|old| old.root_ders != creds.root_ders);
+        // No client may resume a session that saw our previous certificate or roots.
+        if let Some(t) = self.tickets.get() {
+            t.rotate();
+        }
         self.current.store(Some(Arc::new(creds)));
         if new_roots {
             self.roots_changed.send_modify(|g| *g += 1);
         }
         self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Rotates `tickets` on every new certificate or roots, before they become visible.
+    pub fn rotate_on_change(&self, tickets: Arc<super::tickets::EpochTicketer>) {
+        let _ = self.tickets.set(tickets);
     }
 
     /// Wakes on every new certificate or roots.

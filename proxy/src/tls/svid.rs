@@ -48,6 +48,12 @@ pub fn check_leaf(der: &[u8], trust_domain: Option<&TrustDomain>) -> Result<Leaf
     if cert.is_ca() {
         return Err(SvidError::CaAsLeaf);
     }
+    // X.509-SVID: a leaf may not sign certificates or CRLs.
+    if let Ok(Some(ku)) = cert.key_usage() {
+        if ku.value.key_cert_sign() || ku.value.crl_sign() {
+            return Err(SvidError::CaAsLeaf);
+        }
+    }
     let mut uri = None;
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {

@@ -44,8 +44,10 @@ impl From<VerifyError> for rustls::Error {
             VerifyError::BadIdentity(_) | VerifyError::WrongService => {
                 CertificateError::NotValidForName
             }
-            VerifyError::Denied | VerifyError::NotReady => {
-                CertificateError::ApplicationVerificationFailure
+            VerifyError::Denied => CertificateError::ApplicationVerificationFailure,
+            // Not the peer's fault: counted as `error`, not `denied`.
+            VerifyError::NotReady => {
+                return rustls::Error::General("no credentials are loaded yet".into())
             }
             VerifyError::BadCertificate => CertificateError::BadEncoding,
         };
@@ -129,7 +131,41 @@ fn verify_peer(
     .map_err(from_webpki)?;
     let leaf = check_leaf(end_entity, Some(&creds.leaf.id.trust_domain))
         .map_err(VerifyError::BadIdentity)?;
+    creds.remember_issuer(intermediates.last().unwrap_or(end_entity));
     Ok((leaf, creds))
+}
+
+/// Authorizes a resumed session's peer chain as a full handshake would (rule 8): its validity
+/// period now, and its chain against the current roots (a signature check only the first time
+/// an issuer is seen under these roots). The caller still decides the intention.
+pub fn reverify_resumed(
+    store: &CredentialStore,
+    chain: &[CertificateDer<'_>],
+    usage: webpki::KeyUsage,
+) -> Result<LeafInfo, VerifyError> {
+    let creds = store.load().ok_or(VerifyError::NotReady)?;
+    let end_entity = chain.first().ok_or(VerifyError::BadCertificate)?;
+    let leaf = check_leaf(end_entity, Some(&creds.leaf.id.trust_domain))
+        .map_err(VerifyError::BadIdentity)?;
+    if !leaf.valid_at(crate::now_unix()) {
+        return Err(VerifyError::Expired);
+    }
+    let top = chain.last().unwrap_or(end_entity);
+    if creds.knows_issuer(top) {
+        return Ok(leaf);
+    }
+    verify_peer(store, end_entity, &chain[1..], UnixTime::now(), usage).map(|(l, _)| l)
+}
+
+/// The metric label for a refusal found outside rustls (resumed sessions).
+pub fn result_of(e: &VerifyError) -> HandshakeResult {
+    match e {
+        VerifyError::UnknownCa => HandshakeResult::UnknownCa,
+        VerifyError::Expired => HandshakeResult::Expired,
+        VerifyError::BadIdentity(_) | VerifyError::WrongService => HandshakeResult::BadIdentity,
+        VerifyError::Denied => HandshakeResult::Denied,
+        VerifyError::NotReady | VerifyError::BadCertificate => HandshakeResult::Error,
+    }
 }
 
 /// Inbound: requires a client certificate and decides the intention inside the handshake.
@@ -240,7 +276,8 @@ impl OutboundVerifier {
         }
     }
 
-    fn expects(&self, id: &SpiffeId) -> bool {
+    /// Whether `id` is the upstream this verifier expects.
+    pub fn expects(&self, id: &SpiffeId) -> bool {
         id.namespace == self.namespace && id.service == self.service
     }
 }
