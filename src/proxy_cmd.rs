@@ -33,13 +33,9 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
         .install_recorder()
         .context("cannot install the metrics recorder")?;
 
-    // One worker: a current-thread runtime, with no cross-thread wakeups or work stealing.
-    let mut rt = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
-    if let Some(n) = workers.filter(|&n| n > 1) {
+    if let Some(n) = workers {
         rt.worker_threads(n);
     }
     let rt = rt.build().context("cannot start the runtime")?;
