@@ -154,7 +154,9 @@ pub fn reverify_resumed(
     if creds.knows_issuer(top) {
         return Ok(leaf);
     }
-    tracing::debug!("a resumed session's issuer is new under the current roots; verifying the chain");
+    tracing::debug!(
+        "a resumed session's issuer is new under the current roots; verifying the chain"
+    );
     verify_peer(store, end_entity, &chain[1..], UnixTime::now(), usage).map(|(l, _)| l)
 }
 
