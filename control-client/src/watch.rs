@@ -90,62 +90,41 @@ impl Watches {
     }
 
     async fn intentions(&self, ch: Channel) -> (bool, String) {
-        let mut client = v1::mesh_client::MeshClient::new(ch)
-            .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE);
-        let mut stream = match client.watch_intentions(v1::WatchIntentionsRequest {}).await {
-            Ok(s) => s.into_inner(),
-            Err(s) => return (false, format!("{:?}: {}", s.code(), s.message())),
-        };
-        let mut got = false;
-        loop {
-            match stream.message().await {
-                Ok(Some(snap)) => {
-                    got = true;
-                    metrics::gauge!("ward_control_plane_connected").set(1.0);
-                    match crate::convert::intentions_for(
-                        &snap,
-                        Some(&self.service.name),
-                        &self.service.namespace,
-                    ) {
-                        Ok(s) => {
-                            let version = s.version;
-                            if self.mesh.intentions.publish(s) {
-                                tracing::info!(version, "intentions updated");
-                            }
-                        }
-                        Err(e) => {
-                            metrics::counter!("ward_intention_errors_total").increment(1);
-                            tracing::warn!(
-                                version = snap.version,
-                                "refused an intentions snapshot, keeping the previous one: {e}"
-                            );
-                        }
-                    }
+        let opened = mesh(ch)
+            .watch_intentions(v1::WatchIntentionsRequest {})
+            .await;
+        follow(opened, |snap| {
+            metrics::gauge!("ward_control_plane_connected").set(1.0);
+            self.apply_intentions(snap);
+        })
+        .await
+    }
+
+    fn apply_intentions(&self, snap: v1::IntentionsSnapshot) {
+        match crate::convert::intentions_for(
+            &snap,
+            Some(&self.service.name),
+            &self.service.namespace,
+        ) {
+            Ok(s) => {
+                let version = s.version;
+                if self.mesh.intentions.publish(s) {
+                    tracing::info!(version, "intentions updated");
                 }
-                Ok(None) => return (got, "the server closed the stream".into()),
-                Err(s) => return (got, format!("{:?}: {}", s.code(), s.message())),
+            }
+            Err(e) => {
+                metrics::counter!("ward_intention_errors_total").increment(1);
+                tracing::warn!(
+                    version = snap.version,
+                    "refused an intentions snapshot, keeping the previous one: {e}"
+                );
             }
         }
     }
 
     async fn roots(&self, ch: Channel) -> (bool, String) {
-        let mut client = v1::mesh_client::MeshClient::new(ch)
-            .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE);
-        let mut stream = match client.watch_roots(v1::WatchRootsRequest {}).await {
-            Ok(s) => s.into_inner(),
-            Err(s) => return (false, format!("{:?}: {}", s.code(), s.message())),
-        };
-        let mut got = false;
-        loop {
-            match stream.message().await {
-                Ok(Some(snap)) => {
-                    got = true;
-                    self.apply_roots(snap);
-                }
-                Ok(None) => return (got, "the server closed the stream".into()),
-                Err(s) => return (got, format!("{:?}: {}", s.code(), s.message())),
-            }
-        }
+        let opened = mesh(ch).watch_roots(v1::WatchRootsRequest {}).await;
+        follow(opened, |snap| self.apply_roots(snap)).await
     }
 
     /// Swaps in new roots with the current certificate and key, when they changed.
@@ -165,8 +144,6 @@ impl Watches {
     }
 
     async fn endpoints(&self, ch: Channel, upstreams: &[Arc<Upstream>]) -> (bool, String) {
-        let mut client = v1::mesh_client::MeshClient::new(ch)
-            .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE);
         let services = upstreams
             .iter()
             .map(|u| v1::ServiceRef {
@@ -174,74 +151,84 @@ impl Watches {
                 namespace: u.namespace.to_string(),
             })
             .collect();
-        let mut stream = match client
+        let opened = mesh(ch)
             .watch_endpoints(v1::WatchEndpointsRequest { services })
-            .await
-        {
-            Ok(s) => s.into_inner(),
-            Err(s) => return (false, format!("{:?}: {}", s.code(), s.message())),
-        };
-        let mut got = false;
-        loop {
-            match stream.message().await {
-                Ok(Some(snap)) => {
-                    got = true;
-                    for entry in snap.services {
-                        let Some(svc) = entry.service else { continue };
-                        let ns = if svc.namespace.is_empty() {
-                            "default"
-                        } else {
-                            svc.namespace.as_str()
-                        };
-                        let Some(u) = upstreams
-                            .iter()
-                            .find(|u| u.service.as_str() == svc.name && u.namespace.as_str() == ns)
-                        else {
-                            continue;
-                        };
-                        // An instance whose stream is gone stays listed for the server's
-                        // grace period: it is usually alive and reconnecting (after a renewal
-                        // or a server restart). Connected ones go first; a dead one only costs
-                        // a refused connect before the next endpoint is tried.
-                        let mut listed: Vec<&v1::Endpoint> = entry.endpoints.iter().collect();
-                        listed.sort_by_key(|e| !e.connected);
-                        let addrs: Vec<SocketAddr> = listed
-                            .iter()
-                            .filter_map(|e| e.address.parse().ok())
-                            .collect();
-                        tracing::info!(upstream = %u.service, endpoints = addrs.len(), "endpoints updated");
-                        u.endpoints.store(Arc::new(addrs));
-                    }
-                }
-                Ok(None) => return (got, "the server closed the stream".into()),
-                Err(s) => return (got, format!("{:?}: {}", s.code(), s.message())),
-            }
-        }
+            .await;
+        follow(opened, |snap| apply_endpoints(snap, upstreams)).await
     }
 
     async fn register(&self, ch: Channel, addr: SocketAddr) -> (bool, String) {
-        let mut client = v1::mesh_client::MeshClient::new(ch)
-            .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE);
         let request = v1::RegisterRequest {
             address: addr.to_string(),
             protocol: v1::Protocol::Tcp as i32,
         };
-        let mut stream = match client.register(request).await {
-            Ok(s) => s.into_inner(),
-            Err(s) => return (false, format!("{:?}: {}", s.code(), s.message())),
-        };
-        let mut got = false;
-        loop {
-            match stream.message().await {
-                Ok(Some(r)) => {
-                    if !got {
-                        tracing::info!(address = %r.address, instance = %r.instance_id, "registered in the catalog");
-                    }
-                    got = true;
-                }
-                Ok(None) => return (got, "the server closed the stream".into()),
-                Err(s) => return (got, format!("{:?}: {}", s.code(), s.message())),
+        let opened = mesh(ch).register(request).await;
+        let mut first = true;
+        follow(opened, |r: v1::RegisterResponse| {
+            if std::mem::take(&mut first) {
+                tracing::info!(address = %r.address, instance = %r.instance_id, "registered in the catalog");
             }
+        })
+        .await
+    }
+}
+
+fn mesh(ch: Channel) -> v1::mesh_client::MeshClient<Channel> {
+    v1::mesh_client::MeshClient::new(ch).max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE)
+}
+
+fn status_text(s: &tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+/// Reads an opened server stream to its end, handing each snapshot to `on_message`. Returns
+/// whether anything arrived (which resets the reconnect backoff) and why the stream ended.
+async fn follow<T>(
+    opened: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>,
+    mut on_message: impl FnMut(T),
+) -> (bool, String) {
+    let mut stream = match opened {
+        Ok(s) => s.into_inner(),
+        Err(s) => return (false, status_text(&s)),
+    };
+    let mut got = false;
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => {
+                got = true;
+                on_message(m);
+            }
+            Ok(None) => return (got, "the server closed the stream".into()),
+            Err(s) => return (got, status_text(&s)),
         }
+    }
+}
+
+/// Replaces the endpoints of each watched upstream named in `snap`.
+fn apply_endpoints(snap: v1::EndpointsSnapshot, upstreams: &[Arc<Upstream>]) {
+    for entry in snap.services {
+        let Some(svc) = entry.service else { continue };
+        let ns = if svc.namespace.is_empty() {
+            "default"
+        } else {
+            svc.namespace.as_str()
+        };
+        let Some(u) = upstreams
+            .iter()
+            .find(|u| u.service.as_str() == svc.name && u.namespace.as_str() == ns)
+        else {
+            continue;
+        };
+        // An instance whose stream is gone stays listed for the server's grace period: it is
+        // usually alive and reconnecting (after a renewal or a server restart). Connected ones
+        // go first; a dead one only costs a refused connect before the next endpoint is tried.
+        let mut listed: Vec<&v1::Endpoint> = entry.endpoints.iter().collect();
+        listed.sort_by_key(|e| !e.connected);
+        let addrs: Vec<SocketAddr> = listed
+            .iter()
+            .filter_map(|e| e.address.parse().ok())
+            .collect();
+        tracing::info!(upstream = %u.service, endpoints = addrs.len(), "endpoints updated");
+        u.endpoints.store(Arc::new(addrs));
     }
 }
