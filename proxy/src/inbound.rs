@@ -86,51 +86,60 @@ impl Inbound {
             Ok(Ok(s)) => s,
         };
 
-        // The verifier accepted this leaf (in this handshake, or in the one a resumed session
-        // came from); read its identity back for the registry and labels.
         let conn = tls.get_ref().1;
-        let Some(leaf) = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .and_then(|leaf| tls::check_leaf(leaf, None).ok())
-        else {
-            m::handshake(Direction::Inbound, HandshakeResult::Error, elapsed);
-            return;
-        };
-        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        let chain = conn.peer_certificates().unwrap_or_default();
+        let leaf = if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
             // Rule 8: a resumed session is authorized as a full handshake is: current roots,
             // current time, current intentions, before any byte reaches local_app.
-            let chain = conn.peer_certificates().unwrap_or_default();
-            let refused = match tls::verify::reverify_resumed(
+            let checked = tls::verify::reverify_resumed(
                 &shared.credentials,
                 chain,
                 webpki::KeyUsage::client_auth(),
-            ) {
-                Err(e) => Some(tls::verify::result_of(&e)),
-                Ok(_) => {
-                    let allowed = shared
-                        .intentions
-                        .decide(&leaf.id, &shared.service.name)
-                        .is_some_and(|d| d.is_allow());
-                    metrics::counter!(
-                        m::INTENTION_DECISIONS,
-                        "source" => leaf.id.service.to_string(),
-                        "destination" => shared.service.name.to_string(),
-                        "decision" => if allowed { "allow" } else { "deny" },
-                    )
-                    .increment(1);
-                    (!allowed).then_some(HandshakeResult::Denied)
+            )
+            .map_err(|e| tls::verify::result_of(&e))
+            .and_then(|leaf| {
+                let allowed = shared
+                    .intentions
+                    .decide(&leaf.id, &shared.service.name)
+                    .is_some_and(|d| d.is_allow());
+                metrics::counter!(
+                    m::INTENTION_DECISIONS,
+                    "source" => leaf.id.service.to_string(),
+                    "destination" => shared.service.name.to_string(),
+                    "decision" => if allowed { "allow" } else { "deny" },
+                )
+                .increment(1);
+                if allowed {
+                    Ok(leaf)
+                } else {
+                    Err(HandshakeResult::Denied)
                 }
-            };
-            if let Some(result) = refused {
-                m::handshake(Direction::Inbound, result, elapsed);
-                // The handshake is over, so no alert can carry the reason; close cleanly.
-                let mut tls = tls;
-                tls.get_mut().1.send_close_notify();
-                let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
-                return;
+            });
+            match checked {
+                Ok(leaf) => leaf,
+                Err(result) => {
+                    m::handshake(Direction::Inbound, result, elapsed);
+                    // The handshake is over, so no alert can carry the reason; close cleanly.
+                    let mut tls = tls;
+                    tls.get_mut().1.send_close_notify();
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+                    return;
+                }
             }
-        }
+        } else {
+            // The verifier accepted this leaf in this handshake; read its identity back for the
+            // registry and labels.
+            match chain
+                .first()
+                .and_then(|leaf| tls::check_leaf(leaf, None).ok())
+            {
+                Some(leaf) => leaf,
+                None => {
+                    m::handshake(Direction::Inbound, HandshakeResult::Error, elapsed);
+                    return;
+                }
+            }
+        };
         m::handshake(Direction::Inbound, HandshakeResult::Ok, elapsed);
         let peer_id = leaf.id;
         let registration = shared.connections.register(
