@@ -50,18 +50,8 @@ fn sigterm(pid: u32) {
 }
 
 fn wait_exit(p: &mut WardProcess, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(st) = p.try_wait() {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "proxy still running after {within:?}\n{}",
-            p.stderr_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let status = wait_until(within, Duration::from_millis(20), || p.try_wait());
+    status.unwrap_or_else(|| panic!("proxy still running after {within:?}\n{}", p.stderr_text()))
 }
 
 #[test]
