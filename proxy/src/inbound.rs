@@ -10,7 +10,6 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 use ward_config::identity::escape_peer_value;
 
 /// How long connecting to `local_app` may take.
@@ -18,7 +17,10 @@ const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Inbound {
     shared: Arc<Shared>,
-    acceptor: TlsAcceptor,
+    /// For clients that do not offer `ward-mux/1`: plain L4, no ALPN.
+    plain: Arc<rustls::ServerConfig>,
+    /// For ward outbounds that offer it (security rule 9: chosen by ALPN only).
+    mux: Arc<rustls::ServerConfig>,
     local_app: SocketAddr,
 }
 
@@ -33,10 +35,13 @@ impl Inbound {
             shared.intentions.clone(),
             shared.service.name.clone(),
         );
-        let config = tls::config::server_config(shared.credentials.clone(), verifier, tickets);
+        let plain = tls::config::server_config(shared.credentials.clone(), verifier, tickets);
+        let mut mux = (*plain).clone();
+        mux.alpn_protocols = vec![crate::mux::ALPN.to_vec()];
         Self {
             shared,
-            acceptor: TlsAcceptor::from(config),
+            plain,
+            mux: Arc::new(mux),
             local_app,
         }
     }
@@ -65,11 +70,8 @@ impl Inbound {
             tracing::debug!("pending handshake cap reached; connection refused");
             return;
         };
-        let handshake = tokio::time::timeout(
-            shared.limits.handshake_timeout,
-            self.acceptor.accept(crate::bigreads::BigReads::new(tcp)),
-        )
-        .await;
+        let handshake =
+            tokio::time::timeout(shared.limits.handshake_timeout, self.handshake(tcp)).await;
         drop(pending);
         let elapsed = started.elapsed().as_secs_f64();
         let tls = match handshake {
@@ -98,17 +100,7 @@ impl Inbound {
             )
             .map_err(|e| tls::verify::result_of(&e))
             .and_then(|leaf| {
-                let allowed = shared
-                    .intentions
-                    .decide(&leaf.id, &shared.service.name)
-                    .is_some_and(|d| d.is_allow());
-                metrics::counter!(
-                    m::INTENTION_DECISIONS,
-                    "source" => leaf.id.service.to_string(),
-                    "destination" => shared.service.name.to_string(),
-                    "decision" => if allowed { "allow" } else { "deny" },
-                )
-                .increment(1);
+                let allowed = shared.intentions.authorize(&leaf.id, &shared.service.name);
                 if allowed {
                     Ok(leaf)
                 } else {
@@ -151,24 +143,20 @@ impl Inbound {
         if registration.close.is_cancelled() {
             return;
         }
+        if tls.get_ref().1.alpn_protocol() == Some(crate::mux::ALPN) {
+            tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), "inbound tunnel admitted");
+            let peer = crate::mux::server::TunnelPeer {
+                id: peer_id,
+                not_after: leaf.not_after,
+            };
+            let close = registration.close.clone();
+            crate::mux::server::serve(shared.clone(), self.local_app, tls, peer, close).await;
+            return;
+        }
 
-        let app = match tokio::time::timeout(
-            APP_CONNECT_TIMEOUT,
-            TcpStream::connect(self.local_app),
-        )
-        .await
-        {
-            Ok(Ok(app)) => app,
-            Ok(Err(e)) => {
-                tracing::warn!(local_app = %self.local_app, error = %e, "cannot connect to local_app");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(local_app = %self.local_app, "connecting to local_app timed out");
-                return;
-            }
+        let Some(app) = connect_app(self.local_app).await else {
+            return;
         };
-        let _ = app.set_nodelay(true);
 
         let peer_name = peer_id.service.to_string();
         tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), "inbound connection admitted");
@@ -181,6 +169,45 @@ impl Inbound {
             &registration.close,
         )
         .await;
+    }
+}
+
+impl Inbound {
+    /// Reads the ClientHello first, so the tunnel is offered only to a client that asks for
+    /// it by ALPN (a plain client offering other protocols still gets plain L4).
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<crate::bigreads::BigReads<TcpStream>>>
+    {
+        let acceptor = rustls::server::Acceptor::default();
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(acceptor, crate::bigreads::BigReads::new(tcp))
+                .await?;
+        let offers_mux = start
+            .client_hello()
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == crate::mux::ALPN));
+        let config = if offers_mux { &self.mux } else { &self.plain };
+        start.into_stream(config.clone()).await
+    }
+}
+
+/// Connects to `local_app` for an admitted connection or stream.
+pub(crate) async fn connect_app(local_app: SocketAddr) -> Option<TcpStream> {
+    match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(local_app)).await {
+        Ok(Ok(app)) => {
+            let _ = app.set_nodelay(true);
+            Some(app)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(local_app = %local_app, error = %e, "cannot connect to local_app");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(local_app = %local_app, "connecting to local_app timed out");
+            None
+        }
     }
 }
 

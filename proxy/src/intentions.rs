@@ -127,6 +127,20 @@ impl IntentionStore {
         self.current.load().as_ref().map(|s| s.decide(peer))
     }
 
+    /// Whether `peer` may reach `destination` now (deny before the first snapshot), counted
+    /// in `ward_intention_decisions_total`.
+    pub fn authorize(&self, peer: &SpiffeId, destination: &Name) -> bool {
+        let allowed = self.decide(peer, destination).is_some_and(|d| d.is_allow());
+        metrics::counter!(
+            crate::metrics::INTENTION_DECISIONS,
+            "source" => peer.service.to_string(),
+            "destination" => destination.to_string(),
+            "decision" => if allowed { "allow" } else { "deny" },
+        )
+        .increment(1);
+        allowed
+    }
+
     /// Publishes `snapshot` unless it is not newer than the one held (rule 6). Returns whether
     /// it was taken.
     pub fn publish(&self, snapshot: IntentionSnapshot) -> bool {

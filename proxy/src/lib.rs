@@ -3,7 +3,8 @@
 //! - [`tls`]: credentials, the verifiers that establish a peer's identity and decide its
 //!   intention inside the handshake, and the rustls configs.
 //! - [`intentions`]: the immutable snapshot a handshake reads.
-//! - [`inbound`] / [`outbound`]: the two sides of the sidecar; [`copy`] moves the bytes.
+//! - [`inbound`] / [`outbound`]: the two sides of the sidecar; [`copy`] moves the bytes;
+//!   [`mux`] carries many connections between two sidecars over one (`ward-mux/1`).
 //! - [`connections`]: open connections by peer, closed when intentions turn to deny.
 //! - [`files`]: `[tls]` files, polled and hot-swapped.
 //! - [`admin`]: /live /ready /metrics /config /drain.
@@ -20,6 +21,7 @@ pub mod inbound;
 pub mod intentions;
 mod listener;
 pub mod metrics;
+pub mod mux;
 pub mod outbound;
 pub mod shared;
 pub mod tls;

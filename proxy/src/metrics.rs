@@ -14,6 +14,7 @@ pub const INTENTION_DECISIONS: &str = "ward_intention_decisions_total";
 pub const INTENTION_ERRORS: &str = "ward_intention_errors_total";
 pub const CERT_EXPIRY: &str = "ward_cert_expiry_timestamp_seconds";
 pub const CERT_RELOADS: &str = "ward_cert_reloads_total";
+pub const MUX_STREAMS: &str = "ward_mux_streams_total";
 
 /// Which side of the sidecar a connection is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -101,11 +102,18 @@ pub fn describe() {
         "not_after of the certificate in use, as a Unix timestamp"
     );
     describe_counter!(CERT_RELOADS, "Certificate file reloads by result");
+    describe_counter!(
+        MUX_STREAMS,
+        "ward-mux/1 tunnel streams by direction and result (ok, refused)"
+    );
     for d in [Direction::Inbound, Direction::Outbound] {
         for r in HandshakeResult::ALL {
             counter!(HANDSHAKES, "direction" => d.as_str(), "result" => r.as_str()).absolute(0);
         }
         gauge!(CONNECTIONS_ACTIVE, "direction" => d.as_str()).set(0.0);
+        for r in ["ok", "refused"] {
+            counter!(MUX_STREAMS, "direction" => d.as_str(), "result" => r).absolute(0);
+        }
     }
     counter!(INTENTION_ERRORS).absolute(0);
 }
@@ -114,4 +122,9 @@ pub fn handshake(direction: Direction, result: HandshakeResult, seconds: f64) {
     counter!(HANDSHAKES, "direction" => direction.as_str(), "result" => result.as_str())
         .increment(1);
     metrics::histogram!(HANDSHAKE_DURATION, "direction" => direction.as_str()).record(seconds);
+}
+
+pub fn mux_stream(direction: Direction, ok: bool) {
+    let result = if ok { "ok" } else { "refused" };
+    counter!(MUX_STREAMS, "direction" => direction.as_str(), "result" => result).increment(1);
 }

@@ -2,6 +2,7 @@
 //! to one of the upstream's endpoints, which must prove the upstream's exact identity.
 
 use crate::metrics::{self as m, Direction, HandshakeResult};
+use crate::mux;
 use crate::shared::Shared;
 use crate::tls;
 use arc_swap::ArcSwap;
@@ -29,6 +30,10 @@ pub struct Upstream {
     /// Static endpoints, or the catalog's (replaced on each update).
     pub endpoints: ArcSwap<Vec<SocketAddr>>,
     next: AtomicUsize,
+    /// Tunnel connections to the endpoints (ward-mux/1).
+    pool: mux::pool::Pool,
+    /// The `:authority` of our tunnel streams.
+    authority: String,
 }
 
 impl Upstream {
@@ -44,6 +49,7 @@ impl Upstream {
             service.clone(),
         ));
         let config = tls::config::client_config(shared.credentials.clone(), verifier.clone());
+        let authority = mux::authority(&service, &namespace);
         Self {
             verifier,
             shared,
@@ -52,6 +58,8 @@ impl Upstream {
             connector: ArcSwap::from_pointee(TlsConnector::from(config)),
             endpoints: ArcSwap::from_pointee(endpoints),
             next: AtomicUsize::new(0),
+            pool: mux::pool::Pool::default(),
+            authority,
         }
     }
 
@@ -75,12 +83,15 @@ impl Upstream {
             let config =
                 tls::config::client_config(self.shared.credentials.clone(), self.verifier.clone());
             self.connector.store(Arc::new(TlsConnector::from(config)));
+            // Tunnels opened with the old certificate or roots take no new streams.
+            self.pool.retire_all();
         }
     }
 
-    /// Round robin over the endpoints, moving to the next on a connect failure.
-    async fn connect(&self) -> Option<(TcpStream, SocketAddr)> {
-        let endpoints = self.endpoints.load();
+    /// Round robin over the endpoints; a stream on a pooled tunnel to the chosen one, or a
+    /// new connection to it; the next endpoint when one cannot be reached.
+    async fn open(&self) -> Option<Carrier> {
+        let endpoints = self.endpoints.load_full();
         let n = endpoints.len();
         if n == 0 {
             tracing::warn!(upstream = %self.service, "the upstream has no endpoints");
@@ -88,31 +99,86 @@ impl Upstream {
         }
         let first = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..n {
-            let ep = endpoints[(first + i) % n];
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep)).await {
-                Ok(Ok(s)) => return Some((s, ep)),
-                Ok(Err(e)) => {
-                    tracing::debug!(endpoint = %ep, error = %e, "endpoint refused; trying the next")
-                }
-                Err(_) => {
-                    tracing::debug!(endpoint = %ep, "endpoint connect timed out; trying the next")
-                }
+            match self.open_via(endpoints[(first + i) % n]).await {
+                Attempt::Open(carrier) => return Some(carrier),
+                Attempt::Failed => return None,
+                Attempt::Unreachable => {}
             }
         }
         tracing::warn!(upstream = %self.service, endpoints = n, "no endpoint of the upstream is reachable");
         None
     }
 
-    async fn serve(self: Arc<Self>, local: TcpStream, _slot: OwnedSemaphorePermit) {
+    async fn open_via(&self, ep: SocketAddr) -> Attempt {
+        // A pooled connection can be found dead only when a stream is opened on it: one retry
+        // on another (or a new) connection.
+        for _ in 0..2 {
+            let slot = match self.pool.reserve(ep) {
+                Some(slot) => slot,
+                None => {
+                    let Some(_opening) = self.pool.opening(ep).await else {
+                        return Attempt::Unreachable;
+                    };
+                    match self.pool.reserve(ep) {
+                        Some(slot) => slot,
+                        None => match self.open_tunnel(ep).await {
+                            Ok(slot) => slot,
+                            Err(attempt) => return attempt,
+                        },
+                    }
+                }
+            };
+            match slot.open(&self.authority).await {
+                Ok(stream) => return Attempt::Open(Carrier::Stream(stream)),
+                Err(e) => {
+                    tracing::debug!(endpoint = %ep, error = %e, "tunnel stream refused; retrying")
+                }
+            }
+        }
+        Attempt::Failed
+    }
+
+    /// A new connection to `ep`: a tunnel (its first stream's slot) or, when the peer does not
+    /// select `ward-mux/1`, a plain connection for this one client connection.
+    async fn open_tunnel(&self, ep: SocketAddr) -> Result<mux::pool::StreamSlot, Attempt> {
+        let result = match self.handshake(ep).await {
+            Err(attempt) => Err(attempt),
+            Ok((tls, _)) if tls.get_ref().1.alpn_protocol() != Some(mux::ALPN) => {
+                Err(Attempt::Open(Carrier::Plain(Box::new(tls))))
+            }
+            Ok((tls, server_not_after)) => self
+                .pool
+                .add(&self.shared, ep, tls, server_not_after)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(upstream = %self.service, endpoint = %ep, error = %e, "tunnel setup failed");
+                    Attempt::Failed
+                }),
+        };
+        let ok = !matches!(result, Err(Attempt::Failed | Attempt::Unreachable));
+        self.pool.attempted(ep, ok);
+        result
+    }
+
+    /// TCP connect and mutual TLS handshake to `ep`; the server certificate's not_after.
+    async fn handshake(&self, ep: SocketAddr) -> Result<(MeshStream, i64), Attempt> {
         let shared = &self.shared;
-        let Some((tcp, endpoint)) = self.connect().await else {
-            return;
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %ep, error = %e, "endpoint refused; trying the next");
+                return Err(Attempt::Unreachable);
+            }
+            Err(_) => {
+                tracing::debug!(endpoint = %ep, "endpoint connect timed out; trying the next");
+                return Err(Attempt::Unreachable);
+            }
         };
         let _ = tcp.set_nodelay(true);
         let started = Instant::now();
         // SNI is off and the verifier checks the SPIFFE ID, so the name only keys the session
         // ticket cache: one entry per endpoint.
-        let name = endpoint_name(endpoint);
+        let name = endpoint_name(ep);
         let connector = self.connector.load_full();
         let handshake = tokio::time::timeout(
             shared.limits.handshake_timeout,
@@ -123,22 +189,22 @@ impl Upstream {
         let tls = match handshake {
             Err(_) => {
                 m::handshake(Direction::Outbound, HandshakeResult::Timeout, elapsed);
-                return;
+                return Err(Attempt::Failed);
             }
             Ok(Err(e)) => {
                 let result = tls::classify(&e);
                 m::handshake(Direction::Outbound, result, elapsed);
-                tracing::warn!(upstream = %self.service, endpoint = %endpoint, result = result.as_str(), error = %e, "outbound handshake failed");
-                return;
+                tracing::warn!(upstream = %self.service, endpoint = %ep, result = result.as_str(), error = %e, "outbound handshake failed");
+                return Err(Attempt::Failed);
             }
             Ok(Ok(s)) => s,
         };
         let conn = tls.get_ref().1;
-        if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        let chain = conn.peer_certificates().unwrap_or_default();
+        let checked = if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
             // The server's identity was verified when the ticket was issued; check its time
             // and its chain against our current roots again now.
-            let chain = conn.peer_certificates().unwrap_or_default();
-            let checked = tls::verify::reverify_resumed(
+            tls::verify::reverify_resumed(
                 &shared.credentials,
                 chain,
                 webpki::KeyUsage::server_auth(),
@@ -149,24 +215,64 @@ impl Upstream {
                 } else {
                     Err(tls::verify::VerifyError::WrongService)
                 }
-            });
-            if let Err(e) = checked {
+            })
+        } else {
+            // The verifier accepted this leaf; read its validity back for the pool.
+            chain
+                .first()
+                .ok_or(tls::verify::VerifyError::BadCertificate)
+                .and_then(|leaf| {
+                    tls::check_leaf(leaf, None).map_err(tls::verify::VerifyError::BadIdentity)
+                })
+        };
+        match checked {
+            Ok(leaf) => {
+                m::handshake(Direction::Outbound, HandshakeResult::Ok, elapsed);
+                Ok((tls, leaf.not_after))
+            }
+            Err(e) => {
                 m::handshake(Direction::Outbound, tls::verify::result_of(&e), elapsed);
-                return;
+                Err(Attempt::Failed)
             }
         }
-        m::handshake(Direction::Outbound, HandshakeResult::Ok, elapsed);
-        let close = shared.force_close.child_token();
-        crate::inbound::forward(
-            shared,
-            Direction::Outbound,
-            self.service.to_string(),
-            tls,
-            local,
-            &close,
-        )
-        .await;
     }
+
+    async fn serve(self: Arc<Self>, local: TcpStream, _slot: OwnedSemaphorePermit) {
+        let Some(carrier) = self.open().await else {
+            return;
+        };
+        let shared = &self.shared;
+        let close = shared.force_close.child_token();
+        let peer = self.service.to_string();
+        match carrier {
+            Carrier::Stream(stream) => {
+                m::mux_stream(Direction::Outbound, true);
+                crate::inbound::forward(shared, Direction::Outbound, peer, stream, local, &close)
+                    .await
+            }
+            Carrier::Plain(tls) => {
+                crate::inbound::forward(shared, Direction::Outbound, peer, tls, local, &close).await
+            }
+        }
+    }
+}
+
+type MeshStream = tokio_rustls::client::TlsStream<crate::bigreads::BigReads<TcpStream>>;
+
+/// What carries one client connection to the upstream.
+enum Carrier {
+    /// A stream on a pooled tunnel.
+    Stream(mux::io::StreamIo<mux::pool::StreamSlot>),
+    /// A connection of its own (the peer did not select `ward-mux/1`).
+    Plain(Box<MeshStream>),
+}
+
+enum Attempt {
+    Open(Carrier),
+    /// The endpoint did not answer the TCP connect: try the next one.
+    Unreachable,
+    /// The endpoint answered but the connection failed (handshake refused, tunnel refused).
+    Failed,
 }
 
 /// A name unique to `endpoint`, to key the client's session ticket cache.

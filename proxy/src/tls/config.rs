@@ -86,5 +86,7 @@ pub fn client_config(
     cfg.enable_early_data = false;
     // The verifier checks the SPIFFE ID; SNI would only leak the service name in clear.
     cfg.enable_sni = false;
+    // Ask for the tunnel; an inbound that does not select it gets one connection per stream.
+    cfg.alpn_protocols = vec![crate::mux::ALPN.to_vec()];
     Arc::new(cfg)
 }

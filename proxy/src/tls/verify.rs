@@ -218,17 +218,7 @@ impl ClientCertVerifier for InboundVerifier {
             webpki::KeyUsage::client_auth(),
         )?;
         // Rule 6: no snapshot yet means deny.
-        let allowed = self
-            .intentions
-            .decide(&leaf.id, &self.local_service)
-            .is_some_and(|d| d.is_allow());
-        metrics::counter!(
-            crate::metrics::INTENTION_DECISIONS,
-            "source" => leaf.id.service.to_string(),
-            "destination" => self.local_service.to_string(),
-            "decision" => if allowed { "allow" } else { "deny" },
-        )
-        .increment(1);
+        let allowed = self.intentions.authorize(&leaf.id, &self.local_service);
         if allowed {
             Ok(ClientCertVerified::assertion())
         } else {

@@ -1,0 +1,239 @@
+//! The outbound's tunnel connections, per endpoint: each carries up to [`MAX_STREAMS`] streams,
+//! and a new one is opened only when every open one is full, one handshake at a time per
+//! endpoint (so a burst of new connections shares it).
+//!
+//! A connection is retired (takes no new stream; its open streams run to their end) when our
+//! credentials change, when the server's certificate has expired, when the server refuses a
+//! stream or goes away, when the drain starts, or after [`POOL_IDLE`] without streams.
+
+use super::io::StreamIo;
+use super::MAX_STREAMS;
+use crate::shared::Shared;
+use bytes::Bytes;
+use dashmap::DashMap;
+use http::{Method, Request};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OwnedMutexGuard;
+use tokio::time::Instant;
+
+/// A tunnel connection with no stream for this long is closed.
+pub const POOL_IDLE: Duration = Duration::from_secs(60);
+/// How long a failed attempt to reach an endpoint sends the callers queued behind it on.
+pub const FAILURE_MEMORY: Duration = Duration::from_secs(1);
+
+/// The pooled connections of one upstream.
+#[derive(Default)]
+pub struct Pool {
+    endpoints: DashMap<SocketAddr, Arc<EndpointConns>>,
+    /// Bumped when our credentials change; connections of an older generation are retired.
+    generation: AtomicU64,
+}
+
+#[derive(Default)]
+struct EndpointConns {
+    conns: Mutex<Vec<Arc<TunnelConn>>>,
+    opening: Arc<tokio::sync::Mutex<()>>,
+    /// When the last attempt to open a connection failed: callers that queued behind it move
+    /// on to the next endpoint instead of each waiting out the same failure.
+    failed_at: Mutex<Option<Instant>>,
+}
+
+impl EndpointConns {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<TunnelConn>>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the connection with `state` retired and drops the pool's hold on it, so it
+    /// closes once its last stream ends.
+    fn retire(&self, state: &Arc<ConnState>) {
+        state.retired.store(true, Ordering::Release);
+        self.lock().retain(|c| !Arc::ptr_eq(&c.state, state));
+    }
+}
+
+/// What the connection's driver task and its streams share.
+struct ConnState {
+    streams: AtomicU32,
+    retired: AtomicBool,
+    /// Milliseconds since `born` when the last stream ended.
+    last_used_ms: AtomicU64,
+    born: Instant,
+}
+
+struct TunnelConn {
+    send: h2::client::SendRequest<Bytes>,
+    state: Arc<ConnState>,
+    generation: u64,
+    /// The server certificate's not_after (Unix seconds).
+    server_not_after: i64,
+}
+
+/// One stream's claim on a connection; freed when dropped.
+pub struct StreamSlot {
+    conn: Arc<TunnelConn>,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let s = &self.conn.state;
+        s.last_used_ms
+            .store(s.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        s.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl TunnelConn {
+    fn usable(&self, generation: u64) -> bool {
+        !self.state.retired.load(Ordering::Acquire)
+            && self.generation == generation
+            && crate::now_unix() <= self.server_not_after
+    }
+
+    fn reserve(self: &Arc<Self>) -> Option<StreamSlot> {
+        let cap = (MAX_STREAMS as usize).min(self.send.current_max_send_streams()) as u32;
+        self.state
+            .streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()?;
+        Some(StreamSlot { conn: self.clone() })
+    }
+}
+
+impl StreamSlot {
+    /// Opens the stream: a CONNECT naming `authority`. Bytes may follow at once; the answer is
+    /// awaited by the first read.
+    /// A connection that cannot open a stream is retired.
+    pub async fn open(self, authority: &str) -> Result<StreamIo<StreamSlot>, h2::Error> {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .expect("an authority built from two valid names");
+        let sent = match self.conn.send.clone().ready().await {
+            Ok(mut send) => send.send_request(req, false),
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok((answer, stream)) => Ok(StreamIo::opened(stream, answer, self)),
+            Err(e) => {
+                self.conn.state.retired.store(true, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// Retires every connection: called when our certificate or roots change.
+    pub fn retire_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        for endpoint in self.endpoints.iter() {
+            endpoint.lock().clear();
+        }
+    }
+
+    fn endpoint(&self, ep: SocketAddr) -> Arc<EndpointConns> {
+        self.endpoints.entry(ep).or_default().clone()
+    }
+
+    /// A stream slot on an open connection to `ep` that has room, if any.
+    pub fn reserve(&self, ep: SocketAddr) -> Option<StreamSlot> {
+        let endpoint = self.endpoints.get(&ep)?.clone();
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut conns = endpoint.lock();
+        conns.retain(|c| c.usable(generation));
+        conns.iter().find_map(|c| c.reserve())
+    }
+
+    /// Held while opening a connection to `ep`; `None` when an attempt failed within
+    /// [`FAILURE_MEMORY`] (move on to the next endpoint).
+    pub async fn opening(&self, ep: SocketAddr) -> Option<OwnedMutexGuard<()>> {
+        let endpoint = self.endpoint(ep);
+        let guard = endpoint.opening.clone().lock_owned().await;
+        let failed = *endpoint.failed_at.lock().unwrap_or_else(|e| e.into_inner());
+        match failed {
+            Some(at) if at.elapsed() < FAILURE_MEMORY => None,
+            _ => Some(guard),
+        }
+    }
+
+    /// Records that opening a connection to `ep` failed, or (`ok`) that it worked.
+    pub fn attempted(&self, ep: SocketAddr, ok: bool) {
+        let endpoint = self.endpoint(ep);
+        *endpoint.failed_at.lock().unwrap_or_else(|e| e.into_inner()) = (!ok).then(Instant::now);
+    }
+
+    /// Starts a tunnel over `tls` (which negotiated `ward-mux/1`), adds it to the pool and
+    /// reserves its first stream.
+    pub async fn add<T>(
+        &self,
+        shared: &Arc<Shared>,
+        ep: SocketAddr,
+        tls: T,
+        server_not_after: i64,
+    ) -> Result<StreamSlot, h2::Error>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, connection) = super::client_builder().handshake::<_, Bytes>(tls).await?;
+        let state = Arc::new(ConnState {
+            streams: AtomicU32::new(0),
+            retired: AtomicBool::new(false),
+            last_used_ms: AtomicU64::new(0),
+            born: Instant::now(),
+        });
+        let conn = Arc::new(TunnelConn {
+            send,
+            state: state.clone(),
+            generation: self.generation.load(Ordering::Acquire),
+            server_not_after,
+        });
+        let slot = conn.reserve().expect("a new connection has room");
+        let endpoint = self.endpoint(ep);
+        endpoint.lock().push(conn);
+        shared
+            .tracker
+            .spawn(drive(shared.clone(), connection, state, endpoint));
+        Ok(slot)
+    }
+}
+
+/// Runs the connection's I/O until it ends (after it is retired and its last stream is done)
+/// or the drain deadline passes.
+async fn drive<T>(
+    shared: Arc<Shared>,
+    mut connection: h2::client::Connection<T, Bytes>,
+    state: Arc<ConnState>,
+    endpoint: Arc<EndpointConns>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut idle_check = tokio::time::interval(POOL_IDLE / 4);
+    loop {
+        let retired = state.retired.load(Ordering::Acquire);
+        tokio::select! {
+            r = &mut connection => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "tunnel connection ended with an error");
+                }
+                break;
+            }
+            _ = shared.force_close.cancelled() => break,
+            _ = shared.stop_accepting.cancelled(), if !retired => endpoint.retire(&state),
+            _ = idle_check.tick(), if !retired => {
+                let last = Duration::from_millis(state.last_used_ms.load(Ordering::Relaxed));
+                let quiet = state.born.elapsed().saturating_sub(last);
+                if state.streams.load(Ordering::Acquire) == 0 && quiet >= POOL_IDLE {
+                    endpoint.retire(&state);
+                }
+            }
+        }
+    }
+    endpoint.retire(&state);
+}
