@@ -53,6 +53,7 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
                 handle.stopped(),
             ));
         }
+        tokio::spawn(release_startup_memory_when_ready(handle.readiness()));
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
         let drained = async {
@@ -73,6 +74,19 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
         drained.await;
         Ok(())
     })
+}
+
+/// Startup's code and heap are not needed once the proxy is ready (see
+/// `ward_proxy::footprint`); polls readiness for at most two minutes.
+async fn release_startup_memory_when_ready(ready: impl Fn() -> bool) {
+    for _ in 0..2400 {
+        if ready() {
+            let released = ward_proxy::footprint::release_startup_memory();
+            tracing::debug!(bytes = released, "released startup memory");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 async fn handle_drain_started(handle: &ward_proxy::ProxyHandle) {

@@ -530,6 +530,16 @@ fn allow_to_deny_refuses_new_handshakes_and_closes_the_open_connection_within_1s
         "the long-lived connection did not exchange data: {:?}",
         long.failure()
     );
+    // order -> inventory is a ward-mux/1 tunnel: the long-lived connection is one of its
+    // streams, and the deny must close it as it closes a plain connection.
+    assert!(
+        metric(
+            &mesh.inventory,
+            "ward_mux_streams_total",
+            &[("direction", "inbound"), ("result", "ok")]
+        ) >= 1.0,
+        "order's connections reach inventory as tunnel streams"
+    );
     let denied_before = inbound_denied(&mesh.inventory);
     let version_before = intentions_version(&mesh.inventory).unwrap();
 

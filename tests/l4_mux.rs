@@ -6,16 +6,22 @@
 //!   L4 on the same port: the tunnel is chosen by ALPN only;
 //! - on a tunnel, a stream that is not a CONNECT to the inbound's own service is refused and
 //!   nothing is connected to the app;
-//! - a caller that intentions deny gets no tunnel either: refused in the handshake.
+//! - a caller that intentions deny gets no tunnel either: refused in the handshake;
+//! - beyond 100 concurrent streams the pool opens a second tunnel connection;
+//! - against a TLS inbound that does not select `ward-mux/1`, each connection gets its own.
+//!
+//! An intention turning to deny closes open tunnel streams and refuses new ones within 1 s:
+//! tests/control_plane.rs (`allow_to_deny_...`), whose order -> inventory path is a tunnel.
 
 mod common;
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::cp::echo_once;
-use common::net::{metric_sum, pseudo_random};
+use common::net::{contains_bytes as contains, metric_sum, pseudo_random};
 use common::pki::Identity;
 use common::proc::{ProxyConfig, WardProcess};
 use common::tls::{provider, AcceptAny};
@@ -145,6 +151,16 @@ fn a_client_that_does_not_offer_the_tunnel_gets_plain_l4_on_the_same_port() {
         let selected = s.conn.alpn_protocol().map(|p| p.to_vec());
         if expect_mux {
             assert_eq!(selected.as_deref(), Some(ALPN), "offered {alpn:?}");
+            // Raw bytes where the tunnel's HTTP/2 preface belongs: the connection is closed
+            // and nothing reaches the app.
+            let _ = s.write_all(b"plain\n");
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).unwrap_or(0);
+            assert!(
+                !contains(&buf[..n], b"plain"),
+                "raw bytes on a tunnel were echoed: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
             continue;
         }
         assert_eq!(selected, None, "offering {alpn:?} selects no protocol");
@@ -279,6 +295,105 @@ fn a_denied_caller_asking_for_the_tunnel_is_refused_in_the_handshake() {
     // (access_denied, or the broken pipe behind it) shows on the first tunnel exchange.
     let err = err.expect("legacy must not get a tunnel");
     eprintln!("legacy's tunnel attempt failed as it must: {err}");
+    let counted = common::wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        (inv.proxy.handshakes("inbound", "denied") >= denied + 1.0).then_some(())
+    });
+    assert!(counted.is_some(), "the refusal is counted as denied");
     assert_eq!(inv.proxy.handshakes("inbound", "denied"), denied + 1.0);
     assert_eq!(inv.app.accepted(), 0);
+}
+
+#[test]
+fn beyond_100_concurrent_streams_a_second_tunnel_is_opened() {
+    let inv = Inventory::start("mux-second");
+    let order = order_proxy(&inv);
+    let up = order.upstream("inventory");
+    let mut held = Vec::new();
+    for i in 0..150 {
+        let mut s = std::net::TcpStream::connect_timeout(&up, TIMEOUT).unwrap();
+        s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let msg = format!("held {i}\n");
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf)
+            .unwrap_or_else(|e| panic!("held connection {i}: {e}"));
+        assert_eq!(buf, msg.as_bytes());
+        held.push(s);
+    }
+    assert_eq!(
+        order.handshakes("outbound", "ok"),
+        2.0,
+        "150 open connections need two tunnels of at most 100 streams"
+    );
+    assert_eq!(inv.app.accepted(), 150);
+    drop(held);
+}
+
+/// A TLS 1.3 server with `id`'s certificate that selects no ALPN (a TLS terminator that is not
+/// ward), echoing each of up to `max` connections; counts the connections it accepted.
+fn plain_tls_echo(id: &Identity, max: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(id.chain_der.clone(), id.key_der())
+            .unwrap(),
+    );
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().take(max) {
+            let Ok(tcp) = tcp else { continue };
+            count.fetch_add(1, Ordering::SeqCst);
+            let config = config.clone();
+            std::thread::spawn(move || {
+                tcp.set_read_timeout(Some(TIMEOUT)).ok();
+                let conn = rustls::ServerConnection::new(config).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn an_inbound_that_does_not_select_the_tunnel_gets_a_connection_per_client_connection() {
+    let inv = Inventory::start("mux-fallback");
+    let (addr, accepted) = plain_tls_echo(&inv.pki.leaf("inventory"), 16);
+    let files = write_tls_files(&inv.dir, "order", &inv.pki, &inv.pki.leaf("order"));
+    let cfg = inv.dir.join("order-fallback.toml");
+    ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
+        .upstream("inventory", &[addr])
+        .write(&cfg);
+    let order = WardProcess::start("order", &cfg, &["upstream.inventory"]);
+    let up = order.upstream("inventory");
+    for i in 0..3 {
+        let msg = format!("fallback {i}\n");
+        echo_once(up, msg.as_bytes(), TIMEOUT)
+            .unwrap_or_else(|e| panic!("connection {i} through a non-tunnel inbound: {e}"));
+    }
+    // Three at once as well: none waits behind another's handshake.
+    let workers: Vec<_> = (0..3)
+        .map(|i| {
+            std::thread::spawn(move || {
+                echo_once(up, format!("at once {i}\n").as_bytes(), TIMEOUT)
+                    .unwrap_or_else(|e| panic!("concurrent connection {i}: {e}"))
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 6);
+    assert_eq!(order.handshakes("outbound", "ok"), 6.0);
+    assert_eq!(mux_streams(&order, "outbound", "ok"), 0.0);
 }

@@ -180,6 +180,12 @@ fn local_admin(shared: &Shared) -> SocketAddr {
 }
 
 impl ProxyHandle {
+    /// Whether the proxy is ready (certificate and intentions loaded, no drain), to ask later.
+    pub fn readiness(&self) -> impl Fn() -> bool + Send + 'static {
+        let shared = self.shared.clone();
+        move || shared.is_ready()
+    }
+
     /// The stores and upstreams a control-plane client updates.
     pub fn mesh(&self) -> MeshHandles {
         MeshHandles {

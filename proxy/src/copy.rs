@@ -27,13 +27,21 @@ pub enum CopyEnd {
     Failed(io::Error),
 }
 
-struct Activity {
+/// When bytes last moved, for the idle timeout.
+pub(crate) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
 }
 
 impl Activity {
-    fn touch(&self) {
+    pub(crate) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
         self.last_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
@@ -162,10 +170,7 @@ where
     P: AsyncRead + AsyncWrite + Unpin,
     L: AsyncRead + AsyncWrite + Unpin,
 {
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    };
+    let activity = Activity::new();
     let (mut peer, mut local) = (peer, local);
     let (mut inward, mut outward) = (OneWay::default(), OneWay::default());
     // Both directions in one task, without a lock between the halves of each stream.
@@ -182,6 +187,20 @@ where
             _ => Poll::Pending,
         }
     });
+    supervise(copy, &activity, idle, close).await
+}
+
+/// Runs `copy` until it ends, no byte moves for `idle` (as `activity` records), or `close`
+/// fires.
+pub(crate) async fn supervise<F>(
+    copy: F,
+    activity: &Activity,
+    idle: Duration,
+    close: &CancellationToken,
+) -> CopyEnd
+where
+    F: std::future::Future<Output = io::Result<()>>,
+{
     let watchdog = async {
         loop {
             let quiet = activity.idle_for();
@@ -192,12 +211,14 @@ where
         }
     };
     tokio::select! {
+        // A close (deny, drain deadline) wins over bytes that are ready to move.
+        biased;
+        _ = close.cancelled() => CopyEnd::Closed,
         r = copy => match r {
             Ok(()) => CopyEnd::Done,
             Err(e) => CopyEnd::Failed(e),
         },
         _ = watchdog => CopyEnd::Idle,
-        _ = close.cancelled() => CopyEnd::Closed,
     }
 }
 

@@ -223,21 +223,26 @@ pub(crate) async fn forward<P, L>(
     P: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let idle = shared.limits.idle_timeout;
+    forward_with(direction, peer, |rx, tx| async move {
+        copy::bidirectional(peer_io, local_io, idle, close, &rx, &tx).await
+    })
+    .await
+}
+
+/// Keeps the connection metrics around `copy`, which gets the rx and tx byte counters.
+pub(crate) async fn forward_with<F, Fut>(direction: Direction, peer: String, copy: F)
+where
+    F: FnOnce(metrics::Counter, metrics::Counter) -> Fut,
+    Fut: std::future::Future<Output = CopyEnd>,
+{
     let d = direction.as_str();
     metrics::counter!(m::CONNECTIONS_OPENED, "direction" => d, "peer" => peer.clone()).increment(1);
     let active = metrics::gauge!(m::CONNECTIONS_ACTIVE, "direction" => d);
     active.increment(1.0);
     let rx = metrics::counter!(m::BYTES, "direction" => d, "peer" => peer.clone(), "flow" => "rx");
     let tx = metrics::counter!(m::BYTES, "direction" => d, "peer" => peer.clone(), "flow" => "tx");
-    let end = copy::bidirectional(
-        peer_io,
-        local_io,
-        shared.limits.idle_timeout,
-        close,
-        &rx,
-        &tx,
-    )
-    .await;
+    let end = copy(rx, tx).await;
     match end {
         CopyEnd::Done => {}
         CopyEnd::Idle => tracing::debug!(direction = d, "connection closed after idle_timeout"),

@@ -17,6 +17,7 @@ mod config_dump;
 pub mod connections;
 pub mod copy;
 pub mod files;
+pub mod footprint;
 pub mod inbound;
 pub mod intentions;
 mod listener;

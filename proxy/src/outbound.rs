@@ -110,8 +110,15 @@ impl Upstream {
     }
 
     async fn open_via(&self, ep: SocketAddr) -> Attempt {
-        // A pooled connection can be found dead only when a stream is opened on it: one retry
-        // on another (or a new) connection.
+        if self.pool.prefers_plain(ep) {
+            // No tunnel there lately: a connection per client connection, not serialized.
+            return match self.open_tunnel(ep).await {
+                Ok(slot) => self.open_stream(slot).await,
+                Err(attempt) => attempt,
+            };
+        }
+        // A pooled connection can be found dead only when a stream is opened on it: one more
+        // try on another (or a new) connection, then the next endpoint.
         for _ in 0..2 {
             let slot = match self.pool.reserve(ep) {
                 Some(slot) => slot,
@@ -128,32 +135,48 @@ impl Upstream {
                     }
                 }
             };
-            match slot.open(&self.authority).await {
-                Ok(stream) => return Attempt::Open(Carrier::Stream(stream)),
-                Err(e) => {
-                    tracing::debug!(endpoint = %ep, error = %e, "tunnel stream refused; retrying")
-                }
+            match self.open_stream(slot).await {
+                Attempt::Failed => continue,
+                done => return done,
             }
         }
-        Attempt::Failed
+        Attempt::Unreachable
+    }
+
+    async fn open_stream(&self, slot: mux::pool::StreamSlot) -> Attempt {
+        match slot
+            .open(&self.authority, self.shared.limits.handshake_timeout)
+            .await
+        {
+            Ok(stream) => Attempt::Open(Carrier::Stream(stream)),
+            Err(e) => {
+                tracing::debug!(upstream = %self.service, error = %e, "tunnel stream could not be opened");
+                Attempt::Failed
+            }
+        }
     }
 
     /// A new connection to `ep`: a tunnel (its first stream's slot) or, when the peer does not
     /// select `ward-mux/1`, a plain connection for this one client connection.
     async fn open_tunnel(&self, ep: SocketAddr) -> Result<mux::pool::StreamSlot, Attempt> {
+        // Read before the connector: a rotation during the handshake retires this connection.
+        let generation = self.pool.generation();
         let result = match self.handshake(ep).await {
             Err(attempt) => Err(attempt),
             Ok((tls, _)) if tls.get_ref().1.alpn_protocol() != Some(mux::ALPN) => {
+                self.pool.note_plain(ep, true);
                 Err(Attempt::Open(Carrier::Plain(Box::new(tls))))
             }
-            Ok((tls, server_not_after)) => self
-                .pool
-                .add(&self.shared, ep, tls, server_not_after)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(upstream = %self.service, endpoint = %ep, error = %e, "tunnel setup failed");
-                    Attempt::Failed
-                }),
+            Ok((tls, server_not_after)) => {
+                self.pool.note_plain(ep, false);
+                self.pool
+                    .add(&self.shared, ep, tls, server_not_after, generation)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!(upstream = %self.service, endpoint = %ep, error = %e, "tunnel setup failed");
+                        Attempt::Failed
+                    })
+            }
         };
         let ok = !matches!(result, Err(Attempt::Failed | Attempt::Unreachable));
         self.pool.attempted(ep, ok);
@@ -247,8 +270,11 @@ impl Upstream {
         match carrier {
             Carrier::Stream(stream) => {
                 m::mux_stream(Direction::Outbound, true);
-                crate::inbound::forward(shared, Direction::Outbound, peer, stream, local, &close)
-                    .await
+                let idle = shared.limits.idle_timeout;
+                crate::inbound::forward_with(Direction::Outbound, peer, |rx, tx| {
+                    mux::io::forward(stream, local, idle, &close, rx, tx)
+                })
+                .await
             }
             Carrier::Plain(tls) => {
                 crate::inbound::forward(shared, Direction::Outbound, peer, tls, local, &close).await
@@ -262,7 +288,7 @@ type MeshStream = tokio_rustls::client::TlsStream<crate::bigreads::BigReads<TcpS
 /// What carries one client connection to the upstream.
 enum Carrier {
     /// A stream on a pooled tunnel.
-    Stream(mux::io::StreamIo<mux::pool::StreamSlot>),
+    Stream(mux::io::StreamIo),
     /// A connection of its own (the peer did not select `ward-mux/1`).
     Plain(Box<MeshStream>),
 }

@@ -1,52 +1,36 @@
-//! One tunnel stream as a byte stream, so the copy loop that forwards a TCP connection
-//! forwards a stream the same way: END_STREAM is the half-close, a reset is an error.
+//! Forwarding between one tunnel stream and a TCP socket. END_STREAM is the half-close, a
+//! reset is an error, and no byte is copied in user space beyond what HTTP/2 framing needs:
+//! socket reads go into buffers handed to h2 as they are, and received DATA chunks are
+//! written to the socket straight from h2's buffers.
 
-use bytes::{Buf, Bytes};
+use super::pool::StreamSlot;
+use crate::copy::{self, Activity, CopyEnd};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::time::Duration;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
-/// The receiving half: on the outbound it first waits for the inbound's answer to the CONNECT.
+/// Bytes per socket read, at most (and at most what flow control lets the stream send).
+const READ_SIZE: usize = 64 * 1024;
+
+/// The receiving half: on the outbound it first waits for the inbound's answer to the CONNECT,
+/// at most until the deadline.
 enum Recv {
-    Answer(h2::client::ResponseFuture),
+    Answer(h2::client::ResponseFuture, Pin<Box<tokio::time::Sleep>>),
     Body(RecvStream),
 }
 
-/// A tunnel stream. `Guard` is held for the stream's life (the pool counts streams with it).
-pub struct StreamIo<G = ()> {
+/// A tunnel stream. On the outbound it holds its slot in the pool for its whole life.
+pub struct StreamIo {
     send: SendStream<Bytes>,
     recv: Recv,
-    /// Received bytes not yet read.
-    chunk: Bytes,
-    shut: bool,
-    _guard: G,
-}
-
-impl StreamIo<()> {
-    /// The inbound's side of an accepted stream.
-    pub fn accepted(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self::new(send, Recv::Body(recv), ())
-    }
-}
-
-impl<G> StreamIo<G> {
-    /// The outbound's side: bytes may be written at once; reads wait for the inbound's 200.
-    pub fn opened(send: SendStream<Bytes>, answer: h2::client::ResponseFuture, guard: G) -> Self {
-        Self::new(send, Recv::Answer(answer), guard)
-    }
-
-    fn new(send: SendStream<Bytes>, recv: Recv, guard: G) -> Self {
-        Self {
-            send,
-            recv,
-            chunk: Bytes::new(),
-            shut: false,
-            _guard: guard,
-        }
-    }
+    slot: Option<StreamSlot>,
 }
 
 fn to_io(e: h2::Error) -> io::Error {
@@ -58,60 +42,83 @@ fn to_io(e: h2::Error) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, e)
 }
 
-impl<G: Unpin> AsyncRead for StreamIo<G> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        loop {
-            if let Recv::Body(body) = &mut this.recv {
-                if !this.chunk.is_empty() {
-                    let n = this.chunk.len().min(buf.remaining());
-                    buf.put_slice(&this.chunk[..n]);
-                    this.chunk.advance(n);
-                    // Reopen the window for what the reader took.
-                    let _ = body.flow_control().release_capacity(n);
-                    return Poll::Ready(Ok(()));
-                }
-                match ready!(body.poll_data(cx)) {
-                    Some(Ok(data)) => this.chunk = data,
-                    Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
-                    None => return Poll::Ready(Ok(())),
-                }
-                continue;
-            }
-            let Recv::Answer(answer) = &mut this.recv else {
-                unreachable!("handled above")
-            };
-            let response = ready!(Pin::new(answer).poll(cx)).map_err(to_io)?;
-            if response.status() != http::StatusCode::OK {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::ConnectionRefused,
-                    format!("the inbound refused the stream ({})", response.status()),
-                )));
-            }
-            this.recv = Recv::Body(response.into_body());
+impl StreamIo {
+    /// The inbound's side of an accepted stream.
+    pub fn accepted(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv: Recv::Body(recv),
+            slot: None,
         }
     }
-}
 
-impl<G: Unpin> AsyncWrite for StreamIo<G> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
+    /// The outbound's side: bytes may be sent at once; received ones wait for the inbound's
+    /// 200, for at most `answer_within` (then the tunnel is presumed dead and retired).
+    pub(crate) fn opened(
+        send: SendStream<Bytes>,
+        answer: h2::client::ResponseFuture,
+        answer_within: Duration,
+        slot: StreamSlot,
+    ) -> Self {
+        let deadline = Box::pin(tokio::time::sleep(answer_within));
+        Self {
+            send,
+            recv: Recv::Answer(answer, deadline),
+            slot: Some(slot),
         }
-        let send = &mut self.send;
-        send.reserve_capacity(buf.len());
-        // poll_capacity only reports an increase, so ask it only when nothing is assigned.
-        let mut granted = send.capacity();
+    }
+
+    /// The next received chunk; `None` at END_STREAM.
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        loop {
+            match &mut self.recv {
+                Recv::Body(body) => {
+                    return match ready!(body.poll_data(cx)) {
+                        Some(Ok(data)) => Poll::Ready(Ok(Some(data))),
+                        Some(Err(e)) => Poll::Ready(Err(to_io(e))),
+                        None => Poll::Ready(Ok(None)),
+                    }
+                }
+                Recv::Answer(answer, deadline) => {
+                    let response = match Pin::new(answer).poll(cx) {
+                        Poll::Ready(r) => r.map_err(to_io)?,
+                        Poll::Pending => {
+                            ready!(deadline.as_mut().poll(cx));
+                            if let Some(slot) = &self.slot {
+                                slot.retire();
+                            }
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "the inbound did not answer the stream in time",
+                            )));
+                        }
+                    };
+                    if response.status() != http::StatusCode::OK {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::ConnectionRefused,
+                            format!("the inbound refused the stream ({})", response.status()),
+                        )));
+                    }
+                    self.recv = Recv::Body(response.into_body());
+                }
+            }
+        }
+    }
+
+    /// Reopens the window for `n` bytes the socket took.
+    fn release(&mut self, n: usize) {
+        if let Recv::Body(body) = &mut self.recv {
+            let _ = body.flow_control().release_capacity(n);
+        }
+    }
+
+    /// Waits until the stream may send at least one byte; how many it may send now.
+    fn poll_send_capacity(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        self.send.reserve_capacity(want);
+        // poll_capacity reports only increases, so ask it only when nothing is assigned.
+        let mut granted = self.send.capacity();
         while granted == 0 {
-            granted = match ready!(send.poll_capacity(cx)) {
+            granted = match ready!(self.send.poll_capacity(cx)) {
                 Some(Ok(n)) => n,
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
                 None => {
@@ -122,22 +129,122 @@ impl<G: Unpin> AsyncWrite for StreamIo<G> {
                 }
             };
         }
-        let n = granted.min(buf.len());
-        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
-            .map_err(to_io)?;
-        Poll::Ready(Ok(n))
+        Poll::Ready(Ok(granted))
     }
+}
 
-    /// The tunnel connection's task writes and flushes the frames.
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
+/// Socket -> stream.
+#[derive(Default)]
+struct Up {
+    eof: bool,
+    done: bool,
+}
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.shut {
-            self.shut = true;
-            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
+impl Up {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        socket: &TcpStream,
+        stream: &mut StreamIo,
+        counter: &metrics::Counter,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.eof {
+                stream.send.send_data(Bytes::new(), true).map_err(to_io)?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            // Read only what flow control lets us send, so nothing waits in our buffers; and
+            // allocate only once the socket has data, so an idle stream holds no buffer.
+            let room = ready!(stream.poll_send_capacity(cx, READ_SIZE))?.min(READ_SIZE);
+            ready!(socket.poll_read_ready(cx))?;
+            let mut buf = BytesMut::with_capacity(room);
+            match socket.try_read_buf(&mut buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    stream.send.send_data(buf.freeze(), false).map_err(to_io)?;
+                    counter.increment(n as u64);
+                    *moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
-        Poll::Ready(Ok(()))
     }
+}
+
+/// Stream -> socket.
+#[derive(Default)]
+struct Down {
+    chunk: Bytes,
+    eof: bool,
+    done: bool,
+}
+
+impl Down {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut StreamIo,
+        socket: &mut TcpStream,
+        counter: &metrics::Counter,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            while !self.chunk.is_empty() {
+                let n = ready!(Pin::new(&mut *socket).poll_write(cx, &self.chunk))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.chunk.advance(n);
+                stream.release(n);
+                counter.increment(n as u64);
+                *moved = true;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *socket).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(stream.poll_chunk(cx))? {
+                Some(data) => self.chunk = data,
+                None => self.eof = true,
+            }
+        }
+    }
+}
+
+/// Forwards `stream` <-> `socket` until both directions end, one fails, nothing moves for
+/// `idle`, or `close` fires. `rx` counts bytes from the stream's peer, `tx` bytes to it.
+pub async fn forward(
+    mut stream: StreamIo,
+    mut socket: TcpStream,
+    idle: Duration,
+    close: &CancellationToken,
+    rx: metrics::Counter,
+    tx: metrics::Counter,
+) -> CopyEnd {
+    let activity = Activity::new();
+    let (mut up, mut down) = (Up::default(), Down::default());
+    let copy = std::future::poll_fn(|cx| {
+        let mut moved = false;
+        let a = down.poll(cx, &mut stream, &mut socket, &rx, &mut moved);
+        let b = up.poll(cx, &socket, &mut stream, &tx, &mut moved);
+        if moved {
+            activity.touch();
+        }
+        match (a, b) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    });
+    copy::supervise(copy, &activity, idle, close).await
 }

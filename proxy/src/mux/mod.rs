@@ -26,19 +26,24 @@ pub const ALPN: &[u8] = b"ward-mux/1";
 /// Streams one tunnel connection carries at once; the pool opens another connection beyond.
 pub const MAX_STREAMS: u32 = 100;
 
-/// Flow-control windows: a stream may have this much unread data in flight, a connection at
-/// most `CONNECTION_WINDOW` over all its streams (so that is what a stalled reader can pin).
-const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// Flow-control windows: a stream may have this much unread data in flight. The connection
+/// window covers every stream's at once, so streams whose readers stall cannot starve the
+/// others (a plain connection has no such coupling either); that is also the most a tunnel
+/// can pin in buffers: 25 MiB for 100 stalled streams.
+const STREAM_WINDOW: u32 = 256 * 1024;
+const CONNECTION_WINDOW: u32 = MAX_STREAMS * STREAM_WINDOW;
 /// Frames as large as one read of the copy loop.
 const MAX_FRAME: u32 = 64 * 1024;
 /// A CONNECT carries a handful of short headers.
 const MAX_HEADER_LIST: u32 = 8 * 1024;
 /// Bytes queued for sending per stream before the writer waits.
 const MAX_SEND_BUFFER: usize = 256 * 1024;
-/// Resets a peer may provoke before the connection is closed (rapid-reset bound).
+/// Resets a peer may provoke before the connection is closed (rapid-reset bound): h2 counts
+/// those before a stream is accepted and those it sends for protocol errors; the server counts
+/// streams the peer resets before they were answered ([`MAX_EARLY_RESETS`]).
 const MAX_PENDING_RESETS: usize = 32;
 const MAX_LOCAL_ERROR_RESETS: usize = 256;
+pub const MAX_EARLY_RESETS: usize = 256;
 
 /// The `:authority` naming a destination service.
 pub fn authority(service: &Name, namespace: &Name) -> String {

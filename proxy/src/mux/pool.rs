@@ -3,8 +3,11 @@
 //! endpoint (so a burst of new connections shares it).
 //!
 //! A connection is retired (takes no new stream; its open streams run to their end) when our
-//! credentials change, when the server's certificate has expired, when the server refuses a
-//! stream or goes away, when the drain starts, or after [`POOL_IDLE`] without streams.
+//! credentials change, when the server's certificate has expired, when a stream cannot be
+//! opened on it (the server went away) or its answer does not come within the handshake
+//! timeout, when the drain starts, or after [`POOL_IDLE`] without streams. An endpoint whose
+//! inbound does not select `ward-mux/1` is remembered for [`PLAIN_MEMORY`], so connections to
+//! it are not serialized behind the tunnel's one-handshake-at-a-time lock.
 
 use super::io::StreamIo;
 use super::MAX_STREAMS;
@@ -24,6 +27,8 @@ use tokio::time::Instant;
 pub const POOL_IDLE: Duration = Duration::from_secs(60);
 /// How long a failed attempt to reach an endpoint sends the callers queued behind it on.
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(1);
+/// How long an endpoint that did not select the tunnel gets plain connections without asking.
+pub const PLAIN_MEMORY: Duration = Duration::from_secs(30);
 
 /// The pooled connections of one upstream.
 #[derive(Default)]
@@ -40,6 +45,8 @@ struct EndpointConns {
     /// When the last attempt to open a connection failed: callers that queued behind it move
     /// on to the next endpoint instead of each waiting out the same failure.
     failed_at: Mutex<Option<Instant>>,
+    /// When the inbound last answered without selecting `ward-mux/1`.
+    plain_at: Mutex<Option<Instant>>,
 }
 
 impl EndpointConns {
@@ -106,10 +113,19 @@ impl TunnelConn {
 }
 
 impl StreamSlot {
+    /// Takes the connection out of service: no new stream is placed on it.
+    pub fn retire(&self) {
+        self.conn.state.retired.store(true, Ordering::Release);
+    }
+
     /// Opens the stream: a CONNECT naming `authority`. Bytes may follow at once; the answer is
     /// awaited by the first read.
     /// A connection that cannot open a stream is retired.
-    pub async fn open(self, authority: &str) -> Result<StreamIo<StreamSlot>, h2::Error> {
+    pub async fn open(
+        self,
+        authority: &str,
+        answer_within: Duration,
+    ) -> Result<StreamIo, h2::Error> {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(authority)
@@ -120,9 +136,9 @@ impl StreamSlot {
             Err(e) => Err(e),
         };
         match sent {
-            Ok((answer, stream)) => Ok(StreamIo::opened(stream, answer, self)),
+            Ok((answer, stream)) => Ok(StreamIo::opened(stream, answer, answer_within, self)),
             Err(e) => {
-                self.conn.state.retired.store(true, Ordering::Release);
+                self.retire();
                 Err(e)
             }
         }
@@ -130,6 +146,11 @@ impl StreamSlot {
 }
 
 impl Pool {
+    /// The current generation: read before the handshake of a connection to be added.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Retires every connection: called when our certificate or roots change.
     pub fn retire_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -163,6 +184,21 @@ impl Pool {
         }
     }
 
+    /// Whether `ep` recently answered without selecting the tunnel.
+    pub fn prefers_plain(&self, ep: SocketAddr) -> bool {
+        let Some(endpoint) = self.endpoints.get(&ep) else {
+            return false;
+        };
+        let at = *endpoint.plain_at.lock().unwrap_or_else(|e| e.into_inner());
+        at.is_some_and(|at| at.elapsed() < PLAIN_MEMORY)
+    }
+
+    /// Records that `ep` answered without selecting the tunnel (`plain`), or with it.
+    pub fn note_plain(&self, ep: SocketAddr, plain: bool) {
+        let endpoint = self.endpoint(ep);
+        *endpoint.plain_at.lock().unwrap_or_else(|e| e.into_inner()) = plain.then(Instant::now);
+    }
+
     /// Records that opening a connection to `ep` failed, or (`ok`) that it worked.
     pub fn attempted(&self, ep: SocketAddr, ok: bool) {
         let endpoint = self.endpoint(ep);
@@ -177,6 +213,7 @@ impl Pool {
         ep: SocketAddr,
         tls: T,
         server_not_after: i64,
+        generation: u64,
     ) -> Result<StreamSlot, h2::Error>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -191,7 +228,7 @@ impl Pool {
         let conn = Arc::new(TunnelConn {
             send,
             state: state.clone(),
-            generation: self.generation.load(Ordering::Acquire),
+            generation,
             server_not_after,
         });
         let slot = conn.reserve().expect("a new connection has room");

@@ -8,9 +8,11 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use ward_config::identity::escape_peer_value;
@@ -51,28 +53,50 @@ pub async fn serve<T>(
             return;
         }
     };
-    let peer = Arc::new(peer);
-    let target: Arc<str> = super::authority(&shared.service.name, &shared.service.namespace).into();
+    let tunnel = Arc::new(Tunnel {
+        peer,
+        target: super::authority(&shared.service.name, &shared.service.namespace).into(),
+        streams: Arc::new(Semaphore::new(super::MAX_STREAMS as usize)),
+        early_resets: AtomicUsize::new(0),
+        calm: CancellationToken::new(),
+    });
     let idle_timeout = shared.limits.idle_timeout;
     let period = idle_timeout.clamp(Duration::from_millis(100), Duration::from_secs(30));
     let mut idle_check = tokio::time::interval(period);
     let mut idle_since = Instant::now();
+    let (mut accepted, mut accepted_at_check) = (0u64, 0u64);
+    let mut roots = shared.credentials.subscribe_roots();
     let mut draining = false;
     loop {
         let next = tokio::select! {
             biased;
             _ = close.cancelled() => {
                 conn.abrupt_shutdown(h2::Reason::CANCEL);
-                return;
+                break;
+            }
+            _ = tunnel.calm.cancelled() => {
+                tracing::info!(peer = %escape_peer_value(&tunnel.peer.id.to_string()), "tunnel closed: too many streams reset before their answer");
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                break;
             }
             _ = shared.stop_accepting.cancelled(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
                 continue;
             }
+            // The handshake checked the peer's chain against the roots of that moment: with new
+            // roots, no new stream on this connection (open ones finish); the peer reconnects.
+            r = roots.changed(), if !draining => {
+                if r.is_ok() {
+                    draining = true;
+                    conn.graceful_shutdown();
+                }
+                continue;
+            }
             _ = idle_check.tick(), if !draining => {
-                if conn.has_streams() {
+                if conn.has_streams() || accepted != accepted_at_check {
                     idle_since = Instant::now();
+                    accepted_at_check = accepted;
                 } else if idle_since.elapsed() >= idle_timeout {
                     draining = true;
                     conn.graceful_shutdown();
@@ -87,26 +111,52 @@ pub async fn serve<T>(
                 tracing::debug!(error = %e, "tunnel connection ended with an error");
                 return;
             }
-            Some(Ok((req, respond))) => {
+            Some(Ok((req, mut respond))) => {
+                accepted += 1;
+                // Our own bound on streams at work, whatever h2 counts: a stream the peer
+                // resets keeps its slot until its task has ended.
+                let Ok(slot) = tunnel.streams.clone().try_acquire_owned() else {
+                    m::mux_stream(Direction::Inbound, false);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    continue;
+                };
                 let stream = Stream {
                     shared: shared.clone(),
                     local_app,
-                    peer: peer.clone(),
-                    target: target.clone(),
+                    tunnel: tunnel.clone(),
                     close: close.child_token(),
+                    _slot: slot,
                 };
                 shared.tracker.spawn(stream.run(req, respond));
             }
         }
     }
+    // Let the GOAWAY reach the peer, briefly.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        std::future::poll_fn(|cx| conn.poll_closed(cx)),
+    )
+    .await;
+}
+
+/// What the streams of one tunnel connection share.
+struct Tunnel {
+    peer: TunnelPeer,
+    /// `<service>.<namespace>` of this inbound: the only target a stream may name.
+    target: Arc<str>,
+    /// One permit per stream task.
+    streams: Arc<Semaphore>,
+    /// Streams the peer reset before they were answered; past the bound the tunnel closes.
+    early_resets: AtomicUsize,
+    calm: CancellationToken,
 }
 
 struct Stream {
     shared: Arc<Shared>,
     local_app: SocketAddr,
-    peer: Arc<TunnelPeer>,
-    target: Arc<str>,
+    tunnel: Arc<Tunnel>,
     close: CancellationToken,
+    _slot: OwnedSemaphorePermit,
 }
 
 fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
@@ -123,7 +173,7 @@ impl Stream {
         if req.method() != Method::CONNECT {
             return refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
         }
-        if req.uri().authority().map(|a| a.as_str()) != Some(&*self.target) {
+        if req.uri().authority().map(|a| a.as_str()) != Some(&*self.tunnel.target) {
             tracing::debug!(
                 target = %escape_peer_value(&req.uri().to_string()),
                 "tunnel stream names another target; refused"
@@ -132,15 +182,19 @@ impl Stream {
         }
         // The handshake checked the peer's certificate; a stream opened later still needs it
         // to be valid, and the current intentions to allow it.
-        if crate::now_unix() > self.peer.not_after {
+        let peer = &self.tunnel.peer;
+        if crate::now_unix() > peer.not_after {
             return refuse(&mut respond, StatusCode::FORBIDDEN);
         }
-        if !shared
-            .intentions
-            .authorize(&self.peer.id, &shared.service.name)
-            || self.close.is_cancelled()
+        if !shared.intentions.authorize(&peer.id, &shared.service.name) || self.close.is_cancelled()
         {
             return refuse(&mut respond, StatusCode::FORBIDDEN);
+        }
+        // A stream that arrived while our GOAWAY was on its way: the peer may retry it.
+        if shared.is_draining() {
+            m::mux_stream(Direction::Inbound, false);
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            return;
         }
         let Ok(_slot) = shared.conn_slots.clone().try_acquire_owned() else {
             tracing::debug!("max_connections reached; tunnel stream refused");
@@ -148,23 +202,38 @@ impl Stream {
             respond.send_reset(h2::Reason::REFUSED_STREAM);
             return;
         };
-        let app = match crate::inbound::connect_app(self.local_app).await {
-            Some(app) => app,
-            None => return refuse(&mut respond, StatusCode::BAD_GATEWAY),
+        let connected = tokio::select! {
+            app = crate::inbound::connect_app(self.local_app) => Some(app),
+            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => None,
         };
+        let app = match connected {
+            Some(Some(app)) => app,
+            Some(None) => return refuse(&mut respond, StatusCode::BAD_GATEWAY),
+            None => {
+                // Reset by the peer before the answer: counted against the tunnel's budget.
+                m::mux_stream(Direction::Inbound, false);
+                let n = self.tunnel.early_resets.fetch_add(1, Ordering::Relaxed) + 1;
+                if n > super::MAX_EARLY_RESETS {
+                    self.tunnel.calm.cancel();
+                }
+                return;
+            }
+        };
+        // A deny may have landed while we connected.
+        if self.close.is_cancelled() {
+            m::mux_stream(Direction::Inbound, false);
+            return;
+        }
         let Ok(send) = respond.send_response(Response::new(()), false) else {
             return;
         };
         m::mux_stream(Direction::Inbound, true);
-        let io = StreamIo::accepted(send, req.into_body());
-        crate::inbound::forward(
-            shared,
-            Direction::Inbound,
-            self.peer.id.service.to_string(),
-            io,
-            app,
-            &self.close,
-        )
+        let stream = StreamIo::accepted(send, req.into_body());
+        let idle = shared.limits.idle_timeout;
+        let close = &self.close;
+        crate::inbound::forward_with(Direction::Inbound, peer.id.service.to_string(), |rx, tx| {
+            super::io::forward(stream, app, idle, close, rx, tx)
+        })
         .await;
     }
 }

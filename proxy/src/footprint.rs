@@ -1,0 +1,134 @@
+//! Once the proxy is ready, give back memory that only its startup needed.
+//!
+//! Startup (config and CLI parsing, TLS setup, certificate parsing, the runtime) runs code
+//! spread over most of the binary, and the kernel maps up to 64 KiB around every page it
+//! faults in (fault-around); those clean pages of the executable then count in RSS for the
+//! life of the process although nothing runs them again. So, when ready, the proxy drops its
+//! mappings of its executable's read-only segments (`MADV_DONTNEED`: the pages stay in the
+//! page cache, shared with every other process, and fault back in from the file when next
+//! used) and hands freed heap back to the system (`malloc_trim`). The steady-state code
+//! faults back what it uses; only startup's share of the RSS goes.
+
+use std::os::unix::fs::MetadataExt;
+
+/// Drops the mappings of the executable's clean read-only pages and trims the heap; returns
+/// the bytes of mappings released (best effort: any failure leaves memory as it was).
+pub fn release_startup_memory() -> usize {
+    let released = release_executable_mappings().unwrap_or(0);
+    trim_heap();
+    released
+}
+
+/// A mapping of our own executable that holds only file pages, never a private copy.
+struct Clean {
+    start: usize,
+    len: usize,
+}
+
+fn release_executable_mappings() -> std::io::Result<usize> {
+    let exe_inode = std::fs::metadata("/proc/self/exe")?.ino();
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut released = 0;
+    for m in clean_mappings(&smaps, exe_inode) {
+        // SAFETY: `m` is a private, read-only mapping of our executable whose smaps entry shows
+        // no anonymous (copied-on-write) page, so every page in it is an unmodified page of
+        // the file. MADV_DONTNEED on such a mapping only removes page-table entries; the next
+        // access faults the same bytes back in from the file. No memory content changes.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::madvise(m.start as *mut libc::c_void, m.len, libc::MADV_DONTNEED) };
+        if rc == 0 {
+            released += m.len;
+        }
+    }
+    Ok(released)
+}
+
+/// Read-only (`r-xp` or `r--p`) mappings of the file with `inode` and no anonymous pages.
+fn clean_mappings(smaps: &str, inode: u64) -> Vec<Clean> {
+    let mut out = Vec::new();
+    let mut current: Option<Clean> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((start, end)) = first.split_once('-') {
+            let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            ) else {
+                continue;
+            };
+            let perms = fields.next().unwrap_or("");
+            let ino = fields.nth(2).and_then(|i| i.parse::<u64>().ok());
+            current = (matches!(perms, "r-xp" | "r--p") && ino == Some(inode) && end > start)
+                .then_some(Clean {
+                    start,
+                    len: end - start,
+                });
+        } else if first == "Anonymous:" {
+            let anon_kib = fields.next().and_then(|v| v.parse::<u64>().ok());
+            if let Some(m) = current.take() {
+                if anon_kib == Some(0) {
+                    out.push(m);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(target_env = "gnu")]
+fn trim_heap() {
+    // SAFETY: malloc_trim only returns free heap memory to the system; it takes no pointer.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn trim_heap() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMAPS: &str = "\
+55d0a0000000-55d0a0100000 r--p 00000000 fd:01 4242 /usr/bin/ward
+Rss:                1024 kB
+Anonymous:             0 kB
+55d0a0100000-55d0a0900000 r-xp 00100000 fd:01 4242 /usr/bin/ward
+Rss:                7000 kB
+Anonymous:             0 kB
+55d0a0900000-55d0a0940000 r--p 00900000 fd:01 4242 /usr/bin/ward
+Rss:                 256 kB
+Anonymous:           256 kB
+55d0a0940000-55d0a0950000 rw-p 00940000 fd:01 4242 /usr/bin/ward
+Anonymous:            64 kB
+7f0000000000-7f0000100000 r-xp 00000000 fd:01 99 /usr/lib/libc.so.6
+Anonymous:             0 kB
+";
+
+    #[test]
+    fn only_clean_read_only_mappings_of_the_executable_are_released() {
+        let found = clean_mappings(SMAPS, 4242);
+        let ranges: Vec<(usize, usize)> = found.iter().map(|m| (m.start, m.len)).collect();
+        assert_eq!(
+            ranges,
+            vec![(0x55d0a0000000, 0x100000), (0x55d0a0100000, 0x800000)],
+            "RELRO (anonymous pages), writable data and other files stay mapped"
+        );
+    }
+
+    #[test]
+    fn releasing_keeps_the_process_running_its_code() {
+        let released = release_startup_memory();
+        assert!(
+            released > 0,
+            "this test binary's text was found and released"
+        );
+        // Code and read-only data fault back in from the file.
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(v.iter().sum::<u64>(), 500_500);
+        assert_eq!(format!("{:?}", Some("still here")), "Some(\"still here\")");
+    }
+}
