@@ -181,13 +181,18 @@ where
         if moved {
             activity.touch();
         }
-        match (a, b) {
-            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
-        }
+        both(a, b)
     });
     supervise(copy, &activity, idle, close).await
+}
+
+/// Two directions of one connection: done when both are, failed when either fails.
+pub(crate) fn both(a: Poll<io::Result<()>>, b: Poll<io::Result<()>>) -> Poll<io::Result<()>> {
+    match (a, b) {
+        (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+        (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+        _ => Poll::Pending,
+    }
 }
 
 /// Runs `copy` until it ends, no byte moves for `idle` (as `activity` records), or `close`

@@ -240,11 +240,7 @@ pub async fn forward(
         if moved {
             activity.touch();
         }
-        match (a, b) {
-            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
-        }
+        copy::both(a, b)
     });
     copy::supervise(copy, &activity, idle, close).await
 }

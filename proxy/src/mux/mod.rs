@@ -26,11 +26,13 @@ pub const ALPN: &[u8] = b"ward-mux/1";
 /// Streams one tunnel connection carries at once; the pool opens another connection beyond.
 pub const MAX_STREAMS: u32 = 100;
 
-/// Flow-control windows: a stream may have this much unread data in flight. The connection
-/// window covers every stream's at once, so streams whose readers stall cannot starve the
-/// others (a plain connection has no such coupling either); that is also the most a tunnel
-/// can pin in buffers: 25 MiB for 100 stalled streams.
-const STREAM_WINDOW: u32 = 256 * 1024;
+/// Flow-control windows. A stream may have `STREAM_WINDOW` unread bytes in flight, about what
+/// the kernel lets a plain connection's socket buffers hold, and enough that one stream is not
+/// held back waiting for window updates. The connection window covers every stream's at once,
+/// so streams whose readers stall cannot starve the others of a tunnel (a plain connection has
+/// no such coupling either); it is credit, not memory: bytes are buffered only when a sender
+/// sends and the reader does not read, at most `STREAM_WINDOW` per stream.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = MAX_STREAMS * STREAM_WINDOW;
 /// Frames as large as one read of the copy loop.
 const MAX_FRAME: u32 = 64 * 1024;
