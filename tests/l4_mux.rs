@@ -58,20 +58,23 @@ fn opened(p: &WardProcess, direction: &str) -> f64 {
     )
 }
 
-/// `order`'s proxy with `inventory` as its upstream.
-fn order_proxy(inv: &Inventory) -> WardProcess {
+/// `order`'s proxy with `inventory` as its upstream, started with `extra` arguments.
+fn order_proxy(inv: &Inventory, extra: &[&str]) -> WardProcess {
     let files = write_tls_files(&inv.dir, "order", &inv.pki, &inv.pki.leaf("order"));
     let cfg = inv.dir.join("order.toml");
     ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
         .upstream("inventory", &[inv.proxy.inbound()])
         .write(&cfg);
-    WardProcess::start("order", &cfg, &["upstream.inventory"])
+    let p = WardProcess::spawn_with_args("order", &cfg, &["upstream.inventory"], extra);
+    assert!(p.wait_ready(TIMEOUT), "order's proxy became ready");
+    p
 }
 
 #[test]
 fn many_connections_share_one_tunnel_and_each_is_forwarded_byte_exact() {
     let inv = Inventory::start("mux-pool");
-    let order = order_proxy(&inv);
+    // One side on the single-threaded runtime (`--workers 1`), the other on the default one.
+    let order = order_proxy(&inv, &["--workers", "1"]);
     let up = order.upstream("inventory");
 
     for i in 0..30 {
@@ -306,7 +309,7 @@ fn a_denied_caller_asking_for_the_tunnel_is_refused_in_the_handshake() {
 #[test]
 fn beyond_100_concurrent_streams_a_second_tunnel_is_opened() {
     let inv = Inventory::start("mux-second");
-    let order = order_proxy(&inv);
+    let order = order_proxy(&inv, &[]);
     let up = order.upstream("inventory");
     let mut held = Vec::new();
     for i in 0..150 {

@@ -350,7 +350,13 @@ impl WardProcess {
     /// Starts `ward proxy --config CONFIG` and waits only for the `listening` lines of `admin`
     /// and each of `roles` (not for `/ready`).
     pub fn spawn(label: &str, config: &Path, roles: &[&str]) -> Self {
+        Self::spawn_with_args(label, config, roles, &[])
+    }
+
+    /// As [`WardProcess::spawn`], with `extra` arguments after `--config CONFIG`.
+    pub fn spawn_with_args(label: &str, config: &Path, roles: &[&str], extra: &[&str]) -> Self {
         let mut child = ward_command(config, true)
+            .args(extra)
             .spawn()
             .expect("spawn ward proxy");
         let stderr: Lines = Arc::default();

@@ -18,6 +18,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Bytes per socket read, at most (and at most what flow control lets the stream send).
 const READ_SIZE: usize = 64 * 1024;
+/// The first read's buffer; it doubles after a read that fills it and halves after one that
+/// uses less than a quarter, so a request of a few hundred bytes does not cost a 64 KiB
+/// allocation (which the allocator would hand back to the kernel on free) and a bulk stream
+/// soon reads 64 KiB at a time.
+const FIRST_READ_SIZE: usize = 4 * 1024;
+const MIN_READ_SIZE: usize = 1024;
 
 /// The receiving half: on the outbound it first waits for the inbound's answer to the CONNECT,
 /// at most until the deadline.
@@ -134,17 +140,28 @@ impl StreamIo {
 }
 
 /// Socket -> stream.
-#[derive(Default)]
 struct Up {
+    /// The size of the next read's buffer (see `FIRST_READ_SIZE`).
+    read_size: usize,
     eof: bool,
     done: bool,
+}
+
+impl Default for Up {
+    fn default() -> Self {
+        Self {
+            read_size: FIRST_READ_SIZE,
+            eof: false,
+            done: false,
+        }
+    }
 }
 
 impl Up {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        socket: &TcpStream,
+        socket: &mut TcpStream,
         stream: &mut StreamIo,
         counter: &metrics::Counter,
         moved: &mut bool,
@@ -160,17 +177,27 @@ impl Up {
             }
             // Read only what flow control lets us send, so nothing waits in our buffers; and
             // allocate only once the socket has data, so an idle stream holds no buffer.
-            let room = ready!(stream.poll_send_capacity(cx, READ_SIZE))?.min(READ_SIZE);
+            let room = ready!(stream.poll_send_capacity(cx, READ_SIZE))?.min(self.read_size);
             ready!(socket.poll_read_ready(cx))?;
             let mut buf = BytesMut::with_capacity(room);
-            match socket.try_read_buf(&mut buf) {
+            // poll_read (not try_read): a short read tells tokio the socket is drained, which
+            // saves the read that would only return EAGAIN.
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *socket),
+                cx,
+                &mut buf
+            )) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
+                    if n == room {
+                        self.read_size = (self.read_size * 2).min(READ_SIZE);
+                    } else if n < room / 4 {
+                        self.read_size = (self.read_size / 2).max(MIN_READ_SIZE);
+                    }
                     stream.send.send_data(buf.freeze(), false).map_err(to_io)?;
                     counter.increment(n as u64);
                     *moved = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -236,7 +263,7 @@ pub async fn forward(
     let copy = std::future::poll_fn(|cx| {
         let mut moved = false;
         let a = down.poll(cx, &mut stream, &mut socket, &rx, &mut moved);
-        let b = up.poll(cx, &socket, &mut stream, &tx, &mut moved);
+        let b = up.poll(cx, &mut socket, &mut stream, &tx, &mut moved);
         if moved {
             activity.touch();
         }
