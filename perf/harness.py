@@ -653,8 +653,8 @@ def render(raw):
               f"DURATION={duration}s KA_CONNS={st['KA_CONNS']} "
               f"NEWCONN_CONNS={st['NEWCONN_CONNS']} HOLD_CONNS={st['HOLD_CONNS']}.\n")
     md.append(f"Machine: {meta['machine']}. "
-              "**Shared machine**: other engineers were compiling during the run, so absolute "
-              "figures are noisy; compare ratios within this run only.\n")
+              "**Shared machine**: other workloads share its host, so absolute figures vary "
+              "between runs (by up to 3x); compare ratios within one run only.\n")
     md.append("Path: load generator -> outbound hop (plain, 127.0.0.1) -> mutual TLS 1.3, "
               "ECDSA P-256 leaves from root -> intermediate, client certificate required and "
               "verified -> inbound hop -> backend (nginx, 1 worker, a 23-byte response; "
