@@ -261,7 +261,9 @@ impl Upstream {
     }
 
     async fn serve(self: Arc<Self>, local: TcpStream, _slot: OwnedSemaphorePermit) {
-        let Some(carrier) = self.open().await else {
+        // Boxed: the handshake's state is large and needed only until the connection is
+        // carried; the task then keeps only the copy's state for the connection's life.
+        let Some(carrier) = Box::pin(self.open()).await else {
             return;
         };
         let shared = &self.shared;
