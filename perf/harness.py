@@ -662,7 +662,7 @@ def render(raw):
               "both hops and the backend share the 2 cores.\n")
     md.append("## Versions and settings (pinned table)\n")
     md.append("| setup | version | per hop |\n|---|---|---|")
-    md.append(f"| ward | {versions['ward']} | `ward proxy --workers 1` (one tokio worker thread); "
+    md.append(f"| ward | {versions['ward']} | `ward proxy --workers 1` (one thread: tokio current-thread runtime); "
               "ward's own TLS settings |")
     md.append(f"| haproxy | {versions['haproxy']} | `nbthread 1`, mode tcp; `no-ssl-reuse` on the "
               "server line, `no-tls-tickets` on the bind |")
