@@ -8,7 +8,8 @@
 //!   nothing is connected to the app;
 //! - a caller that intentions deny gets no tunnel either: refused in the handshake;
 //! - beyond 100 concurrent streams the pool opens a second tunnel connection;
-//! - against a TLS inbound that does not select `ward-mux/1`, each connection gets its own.
+//! - against a TLS inbound that does not select `ward-mux/1`, each connection gets its own;
+//! - a draining inbound (SIGTERM) lets open streams finish and carries no new one.
 //!
 //! An intention turning to deny closes open tunnel streams and refuses new ones within 1 s:
 //! tests/control_plane.rs (`allow_to_deny_...`), whose order -> inventory path is a tunnel.
@@ -399,4 +400,63 @@ fn an_inbound_that_does_not_select_the_tunnel_gets_a_connection_per_client_conne
     assert_eq!(accepted.load(Ordering::SeqCst), 6);
     assert_eq!(order.handshakes("outbound", "ok"), 6.0);
     assert_eq!(mux_streams(&order, "outbound", "ok"), 0.0);
+}
+
+#[test]
+fn a_draining_inbound_lets_open_streams_finish_and_takes_no_new_ones() {
+    let mut inv = Inventory::start("mux-drain");
+    let order = order_proxy(&inv, &[]);
+    let up = order.upstream("inventory");
+    let mut open = std::net::TcpStream::connect_timeout(&up, TIMEOUT).unwrap();
+    open.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut echo = |msg: &[u8]| {
+        open.write_all(msg).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        open.read_exact(&mut buf).map(|_| buf)
+    };
+    assert_eq!(echo(b"before\n").unwrap(), b"before\n");
+    let accepted = inv.app.accepted();
+
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &inv.proxy.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM inventory's proxy");
+    let draining = common::wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+        (inv.proxy.ready_status() == Some(503)).then_some(())
+    });
+    assert!(draining.is_some(), "inventory's /ready turns 503");
+
+    // The open stream keeps working through the drain (GOAWAY spares it) ...
+    assert_eq!(
+        echo(b"during\n").expect("the open stream during the drain"),
+        b"during\n"
+    );
+    // ... and new connections from order are not carried to the draining inbound.
+    for i in 0..3 {
+        assert!(
+            echo_once(up, b"new\n", Duration::from_secs(5)).is_err(),
+            "new connection {i} reached the draining inbound's app"
+        );
+    }
+    assert_eq!(inv.app.accepted(), accepted);
+    assert!(
+        inv.proxy.try_wait().is_none(),
+        "inventory waits for its open stream"
+    );
+
+    // Once the last stream ends, the tunnel closes and the process exits 0.
+    drop(echo);
+    drop(open);
+    let status = common::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        inv.proxy.try_wait()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "inventory still running 10 s after its last stream ended\n{}",
+            inv.proxy.stderr_text()
+        )
+    });
+    assert!(status.success(), "drain exit status: {status}");
 }
