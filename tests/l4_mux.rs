@@ -447,7 +447,6 @@ fn a_draining_inbound_lets_open_streams_finish_and_takes_no_new_ones() {
     );
 
     // Once the last stream ends, the tunnel closes and the process exits 0.
-    drop(echo);
     drop(open);
     let status = common::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
         inv.proxy.try_wait()
