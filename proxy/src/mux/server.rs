@@ -116,8 +116,7 @@ pub async fn serve<T>(
                 // Our own bound on streams at work, whatever h2 counts: a stream the peer
                 // resets keeps its slot until its task has ended.
                 let Ok(slot) = tunnel.streams.clone().try_acquire_owned() else {
-                    m::mux_stream(Direction::Inbound, false);
-                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    refuse_for_now(&mut respond);
                     continue;
                 };
                 let stream = Stream {
@@ -166,6 +165,12 @@ fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(response, true);
 }
 
+/// Refuses a stream the peer may retry (REFUSED_STREAM: nothing of it was processed).
+fn refuse_for_now(respond: &mut SendResponse<Bytes>) {
+    m::mux_stream(Direction::Inbound, false);
+    respond.send_reset(h2::Reason::REFUSED_STREAM);
+}
+
 impl Stream {
     async fn run(self, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
         let shared = &self.shared;
@@ -192,15 +197,11 @@ impl Stream {
         }
         // A stream that arrived while our GOAWAY was on its way: the peer may retry it.
         if shared.is_draining() {
-            m::mux_stream(Direction::Inbound, false);
-            respond.send_reset(h2::Reason::REFUSED_STREAM);
-            return;
+            return refuse_for_now(&mut respond);
         }
         let Ok(_slot) = shared.conn_slots.clone().try_acquire_owned() else {
             tracing::debug!("max_connections reached; tunnel stream refused");
-            m::mux_stream(Direction::Inbound, false);
-            respond.send_reset(h2::Reason::REFUSED_STREAM);
-            return;
+            return refuse_for_now(&mut respond);
         };
         let connected = tokio::select! {
             app = crate::inbound::connect_app(self.local_app) => Some(app),
