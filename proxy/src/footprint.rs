@@ -4,10 +4,11 @@
 //! spread over most of the binary, and the kernel maps up to 64 KiB around every page it
 //! faults in (fault-around); those clean pages of the executable then count in RSS for the
 //! life of the process although nothing runs them again. So, when ready, the proxy drops its
-//! mappings of its executable's read-only segments (`MADV_DONTNEED`: the pages stay in the
-//! page cache, shared with every other process, and fault back in from the file when next
-//! used) and hands freed heap back to the system (`malloc_trim`). The steady-state code
-//! faults back what it uses; only startup's share of the RSS goes.
+//! mappings of the read-only segments of its executable and of the shared libraries it loaded
+//! (libc, libm, the loader: `MADV_DONTNEED`; the pages stay in the page cache, shared with
+//! every other process, and fault back in from the file when next used) and hands freed heap
+//! back to the system (`malloc_trim`). The steady-state code faults back what it uses; only
+//! startup's share of the RSS goes.
 
 use std::os::unix::fs::MetadataExt;
 
@@ -19,7 +20,8 @@ pub fn release_startup_memory() -> usize {
     released
 }
 
-/// A mapping of our own executable that holds only file pages, never a private copy.
+/// A mapping of our executable or of a shared library that holds only file pages, never a
+/// private copy.
 struct Clean {
     start: usize,
     len: usize,
@@ -30,9 +32,9 @@ fn release_executable_mappings() -> std::io::Result<usize> {
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut released = 0;
     for m in clean_mappings(&smaps, exe_inode) {
-        // SAFETY: `m` is a private, read-only mapping of our executable whose smaps entry shows
-        // no anonymous (copied-on-write) page, so every page in it is an unmodified page of
-        // the file. MADV_DONTNEED on such a mapping only removes page-table entries; the next
+        // SAFETY: `m` is a private, read-only mapping of our executable or of a shared library
+        // whose smaps entry shows no anonymous (copied-on-write) page, so every page in it is
+        // an unmodified page of the file. MADV_DONTNEED on such a mapping only removes page-table entries; the next
         // access faults the same bytes back in from the file. No memory content changes.
         #[allow(unsafe_code)]
         let rc = unsafe { libc::madvise(m.start as *mut libc::c_void, m.len, libc::MADV_DONTNEED) };
@@ -43,7 +45,8 @@ fn release_executable_mappings() -> std::io::Result<usize> {
     Ok(released)
 }
 
-/// Read-only (`r-xp` or `r--p`) mappings of the file with `inode` and no anonymous pages.
+/// Read-only (`r-xp` or `r--p`) mappings with no anonymous pages of the executable (the file
+/// with `inode`) or of a shared library (a file named `*.so` or `*.so.*`).
 fn clean_mappings(smaps: &str, inode: u64) -> Vec<Clean> {
     let mut out = Vec::new();
     let mut current: Option<Clean> = None;
@@ -59,11 +62,11 @@ fn clean_mappings(smaps: &str, inode: u64) -> Vec<Clean> {
             };
             let perms = fields.next().unwrap_or("");
             let ino = fields.nth(2).and_then(|i| i.parse::<u64>().ok());
-            current = (matches!(perms, "r-xp" | "r--p") && ino == Some(inode) && end > start)
-                .then_some(Clean {
-                    start,
-                    len: end - start,
-                });
+            let ours = ino == Some(inode) || fields.next().is_some_and(is_shared_library);
+            current = (matches!(perms, "r-xp" | "r--p") && ours && end > start).then_some(Clean {
+                start,
+                len: end - start,
+            });
         } else if first == "Anonymous:" {
             let anon_kib = fields.next().and_then(|v| v.parse::<u64>().ok());
             if let Some(m) = current.take() {
@@ -74,6 +77,12 @@ fn clean_mappings(smaps: &str, inode: u64) -> Vec<Clean> {
         }
     }
     out
+}
+
+/// `/usr/lib/x86_64-linux-gnu/libc.so.6`, `/lib64/ld-linux-x86-64.so.2`, `libfoo.so`.
+fn is_shared_library(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    path.starts_with('/') && (name.ends_with(".so") || name.contains(".so."))
 }
 
 #[cfg(target_env = "gnu")]
@@ -106,16 +115,26 @@ Anonymous:           256 kB
 Anonymous:            64 kB
 7f0000000000-7f0000100000 r-xp 00000000 fd:01 99 /usr/lib/libc.so.6
 Anonymous:             0 kB
+7f0000100000-7f0000104000 r--p 00100000 fd:01 99 /usr/lib/libc.so.6
+Anonymous:            16 kB
+7f0000200000-7f0000201000 r--p 00000000 fd:01 77 /etc/ward/data.bin
+Anonymous:             0 kB
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0 [vdso]
+Anonymous:             0 kB
 ";
 
     #[test]
-    fn only_clean_read_only_mappings_of_the_executable_are_released() {
+    fn only_clean_read_only_mappings_of_the_executable_and_libraries_are_released() {
         let found = clean_mappings(SMAPS, 4242);
         let ranges: Vec<(usize, usize)> = found.iter().map(|m| (m.start, m.len)).collect();
         assert_eq!(
             ranges,
-            vec![(0x55d0a0000000, 0x100000), (0x55d0a0100000, 0x800000)],
-            "RELRO (anonymous pages), writable data and other files stay mapped"
+            vec![
+                (0x55d0a0000000, 0x100000),
+                (0x55d0a0100000, 0x800000),
+                (0x7f0000000000, 0x100000)
+            ],
+            "RELRO (anonymous pages), writable data, other files and the vDSO stay mapped"
         );
     }
 
