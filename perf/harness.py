@@ -613,6 +613,8 @@ def main():
         raw["defaults"] = run_suite(True, DEFAULT_ROUNDS, {"keepalive", "seq", "newconn"})
     raw["meta"] = {
         "elapsed_s": time.time() - t0,
+        # From the start of perf/run.sh: tools, build, PKI and measurement.
+        "run_s": time.time() - float(ENV["RUN_STARTED"]) if ENV.get("RUN_STARTED") else None,
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "settings": {"ROUNDS": ROUNDS, "DURATION": DURATION, "KA_CONNS": KA_CONNS,
                      "NEWCONN_CONNS": NEWCONN_CONNS, "HOLD_CONNS": HOLD_CONNS,
@@ -651,7 +653,9 @@ def render(raw):
     md.append(f"Run: {meta['date']}, "
               f"{elapsed / 60:.1f} min of measurement, `bash perf/run.sh` with ROUNDS={rounds} "
               f"DURATION={duration}s KA_CONNS={st['KA_CONNS']} "
-              f"NEWCONN_CONNS={st['NEWCONN_CONNS']} HOLD_CONNS={st['HOLD_CONNS']}.\n")
+              f"NEWCONN_CONNS={st['NEWCONN_CONNS']} HOLD_CONNS={st['HOLD_CONNS']}"
+              + (f"; the whole `perf/run.sh` (tools, release build, PKI, measurement) took "
+                 f"{meta['run_s'] / 60:.1f} min" if meta.get("run_s") else "") + ".\n")
     md.append(f"Machine: {meta['machine']}. "
               "**Shared machine**: other workloads share its host, so absolute figures vary "
               "between runs (by up to 3x); compare ratios within one run only.\n")
@@ -716,7 +720,8 @@ def render(raw):
             md.append(f.read())
     with open(OUT, "w") as f:
         f.write("\n".join(md) + "\n")
-    log(f"wrote {OUT}; measurement took {elapsed / 60:.1f} min")
+    log(f"wrote {OUT}; measurement took {elapsed / 60:.1f} min"
+        + (f", the whole run {meta['run_s'] / 60:.1f} min" if meta.get("run_s") else ""))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
 #   DEFAULTS [1]        also run the everyone's-defaults table (DEFAULT_ROUNDS [1] rounds)
 #   SETUPS [ward,haproxy,nginx,stunnel,direct]
 #   PORT_BASE [24100]   ports PORT_BASE..PORT_BASE+41 on 127.0.0.1 are used
-#   WARD_BIN            use this ward binary instead of building one
+#   WARD_BIN, PKI_BIN   use these ward and ward-perf-pki binaries instead of building them
 #   CARGO_TARGET_DIR    where cargo builds (default: cargo's own)
 #   OUT [perf/RESULTS.md]
 #   WORK                scratch directory (default: a new mktemp -d; removed unless KEEP=1)
@@ -24,6 +24,20 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
 log() { echo "[perf $(date +%H:%M:%S)] $*" >&2; }
+
+# ---- build (in the background while the tools install: on a fresh machine both take minutes)
+RUN_STARTED="$(date +%s)"
+export RUN_STARTED
+target="${CARGO_TARGET_DIR:-target}"
+build_pid=""
+trap '[ -z "$build_pid" ] || kill "$build_pid" 2>/dev/null || true' EXIT
+if [ -z "${WARD_BIN:-}" ] || [ -z "${PKI_BIN:-}" ]; then
+  log "cargo build --release (ward and the PKI writer; log in $target/perf-build.log)"
+  mkdir -p "$target"
+  cargo build --release -p ward --bin ward -p ward-perf --bin ward-perf-pki \
+    >"$target/perf-build.log" 2>&1 &
+  build_pid=$!
+fi
 
 # ---- tools
 need=()
@@ -43,14 +57,20 @@ fi
 # Debian's packages may start system services on install; this harness uses none of them and
 # starts its own instances on its own ports.
 
-# ---- build
-if [ -z "${WARD_BIN:-}" ]; then
-  log "cargo build --release"
-  cargo build --release -p ward --bin ward
-  WARD_BIN="${CARGO_TARGET_DIR:-target}/release/ward"
+if [ -n "$build_pid" ]; then
+  if ! wait "$build_pid"; then
+    tail -n 30 "$target/perf-build.log" >&2
+    echo "perf/run.sh: cargo build --release failed (full log: $target/perf-build.log)" >&2
+    exit 1
+  fi
+  log "build done"
+  build_pid=""
 fi
-WARD_BIN="$(readlink -f "$WARD_BIN")"
-[ -x "$WARD_BIN" ] || { echo "perf/run.sh: WARD_BIN=$WARD_BIN is not an executable" >&2; exit 1; }
+WARD_BIN="$(readlink -f "${WARD_BIN:-$target/release/ward}")"
+PKI_BIN="$(readlink -f "${PKI_BIN:-$target/release/ward-perf-pki}")"
+for bin in "$WARD_BIN" "$PKI_BIN"; do
+  [ -x "$bin" ] || { echo "perf/run.sh: $bin is not an executable" >&2; exit 1; }
+done
 export WARD_BIN
 
 # ---- scratch dir, PID list, cleanup
@@ -82,7 +102,7 @@ trap 'exit 130' INT TERM
 
 # ---- PKI
 log "PKI in $WORK/pki"
-cargo run -q --release -p ward-perf --bin ward-perf-pki -- "$WORK/pki"
+"$PKI_BIN" "$WORK/pki"
 export PKI="$WORK/pki"
 "$WARD_BIN" cert inspect "$PKI/inventory.chain.pem" >"$WORK/cert-inspect.txt" 2>&1 || true
 
