@@ -9,7 +9,9 @@
 //! - a caller that intentions deny gets no tunnel either: refused in the handshake;
 //! - beyond 100 concurrent streams the pool opens a second tunnel connection;
 //! - against a TLS inbound that does not select `ward-mux/1`, each connection gets its own;
-//! - a draining inbound (SIGTERM) lets open streams finish and carries no new one.
+//! - a draining inbound (SIGTERM) lets open streams finish and carries no new one;
+//! - a tunnel whose peer stops answering (no reset, no FIN) is closed after an unanswered PING
+//!   by each side, and so are its streams.
 //!
 //! An intention turning to deny closes open tunnel streams and refuses new ones within 1 s:
 //! tests/control_plane.rs (`allow_to_deny_...`), whose order -> inventory path is a tunnel.
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::cp::echo_once;
-use common::net::{contains_bytes as contains, metric_sum, pseudo_random};
+use common::net::{contains_bytes as contains, metric_sum, pseudo_random, Relay};
 use common::pki::Identity;
 use common::proc::{ProxyConfig, WardProcess};
 use common::tls::{provider, AcceptAny};
@@ -458,4 +460,82 @@ fn a_draining_inbound_lets_open_streams_finish_and_takes_no_new_ones() {
         )
     });
     assert!(status.success(), "drain exit status: {status}");
+}
+
+#[test]
+fn a_tunnel_whose_peer_stops_answering_is_closed_after_an_unanswered_ping() {
+    // Both sides PING every second (the handshake timeout).
+    let inv = Inventory::start_with("mux-ping", |mut c| {
+        c.handshake_timeout = Some("1s".into());
+        c
+    });
+    // order -> relay -> inventory's inbound; the relay can freeze like a host that vanished.
+    let relay = Relay::start(inv.proxy.inbound());
+    let files = write_tls_files(&inv.dir, "order", &inv.pki, &inv.pki.leaf("order"));
+    let cfg = inv.dir.join("order.toml");
+    let mut config = ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
+        .upstream("inventory", &[relay.addr]);
+    config.handshake_timeout = Some("1s".into());
+    config.write(&cfg);
+    let order = WardProcess::spawn_with_args("order", &cfg, &["upstream.inventory"], &[]);
+    assert!(order.wait_ready(TIMEOUT), "order's proxy became ready");
+
+    let mut s =
+        std::net::TcpStream::connect_timeout(&order.upstream("inventory"), TIMEOUT).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut echo = |msg: &[u8]| -> std::io::Result<Vec<u8>> {
+        s.write_all(msg)?;
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back)?;
+        Ok(back)
+    };
+    assert_eq!(echo(b"first\n").unwrap(), b"first\n");
+    // PINGs go out every second and are answered: three seconds later the stream still works.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(echo(b"second\n").unwrap(), b"second\n");
+    assert_eq!(relay.connections(), 1, "one tunnel carried the stream");
+
+    relay.freeze();
+    let frozen_at = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let r = s.read(&mut buf);
+    let waited = frozen_at.elapsed();
+    assert!(
+        matches!(r, Ok(0))
+            || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client connection is closed once the tunnel is found dead, got {r:?} after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(8),
+        "closed within a PING interval plus a PONG timeout (1 s each) and margin, took {waited:?}"
+    );
+    assert!(
+        order
+            .wait_for_stderr(0, TIMEOUT, |l| l.contains("did not answer a PING"))
+            .is_some(),
+        "the outbound says why it closed the tunnel"
+    );
+    // The inbound's PINGs go unanswered too: it closes its side and the stream's app connection.
+    assert!(
+        inv.proxy
+            .wait_for_stderr(0, TIMEOUT, |l| l.contains("did not answer a PING"))
+            .is_some(),
+        "the inbound finds the tunnel dead on its own"
+    );
+    let inbound_active = || {
+        metric_sum(
+            &inv.proxy.metrics(),
+            "ward_connections_active",
+            &[("direction", "inbound")],
+        )
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while inbound_active() != 0.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        inbound_active(),
+        0.0,
+        "the stream's app connection is closed"
+    );
 }

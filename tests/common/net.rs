@@ -276,20 +276,31 @@ impl Drop for EchoApp {
 }
 
 /// A TCP relay to `target` that records (up to 4 MiB per direction) every byte it forwards,
-/// and forwards half-closes.
+/// and forwards half-closes. Once frozen it forwards nothing and closes nothing: the far side
+/// looks like a host that vanished without a reset.
 pub struct Relay {
     pub addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     to_target: Arc<Mutex<Vec<u8>>>,
     from_target: Arc<Mutex<Vec<u8>>>,
+    frozen: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, rec: Arc<Mutex<Vec<u8>>>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, rec: Arc<Mutex<Vec<u8>>>, frozen: Arc<AtomicBool>) {
     let _ = from.set_read_timeout(Some(Duration::from_secs(60)));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        match from.read(&mut buf) {
+        let read = from.read(&mut buf);
+        if frozen.load(Ordering::SeqCst) {
+            // Swallow what arrives; the sockets stay open while the other direction's thread
+            // holds them.
+            if matches!(read, Ok(0) | Err(_)) {
+                break;
+            }
+            continue;
+        }
+        match read {
             Ok(0) => {
                 let _ = to.shutdown(Shutdown::Write);
                 break;
@@ -317,7 +328,9 @@ impl Relay {
         let to_target = Arc::new(Mutex::new(Vec::new()));
         let from_target = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let frozen = Arc::new(AtomicBool::new(false));
         let (conns, tt, ft) = (connections.clone(), to_target.clone(), from_target.clone());
+        let fz = frozen.clone();
         accept_loop(listener, stop.clone(), move |client| {
             conns.fetch_add(1, Ordering::SeqCst);
             let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
@@ -327,17 +340,23 @@ impl Relay {
                 (Ok(c2), Ok(s2)) => (c2, s2),
                 _ => return,
             };
-            let (tt, ft) = (tt.clone(), ft.clone());
-            thread::spawn(move || pump(client, server, tt));
-            thread::spawn(move || pump(s2, c2, ft));
+            let (tt, ft, fz1, fz2) = (tt.clone(), ft.clone(), fz.clone(), fz.clone());
+            thread::spawn(move || pump(client, server, tt, fz1));
+            thread::spawn(move || pump(s2, c2, ft, fz2));
         });
         Relay {
             addr,
             connections,
             to_target,
             from_target,
+            frozen,
             stop,
         }
+    }
+
+    /// From now on, forwards nothing in either direction and keeps every connection open.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
     }
 
     pub fn connections(&self) -> usize {

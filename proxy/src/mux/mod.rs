@@ -13,8 +13,10 @@
 //! - [`io`]: one stream as `AsyncRead + AsyncWrite`, for the copy loop.
 //! - [`server`]: the inbound side of a tunnel connection.
 //! - [`pool`]: the outbound's pooled tunnel connections, per endpoint.
+//! - [`keepalive`]: PINGs that find a peer that is gone without a reset.
 
 pub mod io;
+mod keepalive;
 pub mod pool;
 pub mod server;
 

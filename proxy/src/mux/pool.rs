@@ -10,6 +10,7 @@
 //! it are not serialized behind the tunnel's one-handshake-at-a-time lock.
 
 use super::io::StreamIo;
+use super::keepalive::Keepalive;
 use super::MAX_STREAMS;
 use crate::shared::Shared;
 use bytes::Bytes;
@@ -241,8 +242,8 @@ impl Pool {
     }
 }
 
-/// Runs the connection's I/O until it ends (after it is retired and its last stream is done)
-/// or the drain deadline passes.
+/// Runs the connection's I/O until it ends (after it is retired and its last stream is done),
+/// the drain deadline passes, or the peer leaves a PING unanswered ([`Keepalive`]).
 async fn drive<T>(
     shared: Arc<Shared>,
     mut connection: h2::client::Connection<T, Bytes>,
@@ -252,6 +253,7 @@ async fn drive<T>(
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let mut idle_check = tokio::time::interval(POOL_IDLE / 4);
+    let mut keepalive = Keepalive::new(connection.ping_pong(), shared.limits.handshake_timeout);
     loop {
         let retired = state.retired.load(Ordering::Acquire);
         tokio::select! {
@@ -269,6 +271,13 @@ async fn drive<T>(
                 if state.streams.load(Ordering::Acquire) == 0 && quiet >= POOL_IDLE {
                     endpoint.retire(&state);
                 }
+            }
+            _ = keepalive.peer_gone() => {
+                tracing::warn!(
+                    timeout = ?shared.limits.handshake_timeout,
+                    "tunnel peer did not answer a PING; closing the tunnel and its streams"
+                );
+                break;
             }
         }
     }

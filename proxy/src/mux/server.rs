@@ -2,6 +2,7 @@
 //! goes to `local_app`.
 
 use super::io::StreamIo;
+use super::keepalive::Keepalive;
 use crate::metrics::{self as m, Direction};
 use crate::shared::Shared;
 use bytes::Bytes;
@@ -67,6 +68,7 @@ pub async fn serve<T>(
     let (mut accepted, mut accepted_at_check) = (0u64, 0u64);
     let mut roots = shared.credentials.subscribe_roots();
     let mut draining = false;
+    let mut keepalive = Keepalive::new(conn.ping_pong(), shared.limits.handshake_timeout);
     loop {
         let next = tokio::select! {
             biased;
@@ -77,6 +79,11 @@ pub async fn serve<T>(
             _ = tunnel.calm.cancelled() => {
                 tracing::info!(peer = %escape_peer_value(&tunnel.peer.id.to_string()), "tunnel closed: too many streams reset before their answer");
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                break;
+            }
+            _ = keepalive.peer_gone() => {
+                tracing::warn!(peer = %escape_peer_value(&tunnel.peer.id.to_string()), "tunnel peer did not answer a PING; closing the tunnel and its streams");
+                conn.abrupt_shutdown(h2::Reason::CANCEL);
                 break;
             }
             _ = shared.stop_accepting.cancelled(), if !draining => {
