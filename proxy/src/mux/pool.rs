@@ -61,6 +61,17 @@ impl EndpointConns {
         state.retired.store(true, Ordering::Release);
         self.lock().retain(|c| !Arc::ptr_eq(&c.state, state));
     }
+
+    /// Holds nothing worth keeping: no connection, no remembered failure or plain answer.
+    fn forgettable(&self) -> bool {
+        let expired = |at: &Mutex<Option<Instant>>, memory| {
+            let at = *at.lock().unwrap_or_else(|e| e.into_inner());
+            at.is_none_or(|at| at.elapsed() >= memory)
+        };
+        self.lock().is_empty()
+            && expired(&self.failed_at, FAILURE_MEMORY)
+            && expired(&self.plain_at, PLAIN_MEMORY)
+    }
 }
 
 /// What the connection's driver task and its streams share.
@@ -173,9 +184,19 @@ impl Pool {
         conns.iter().find_map(|c| c.reserve())
     }
 
+    /// Drops the entries of endpoints nobody uses and nothing is remembered about, so the map
+    /// follows the upstream's endpoints as instances come and go. Each entry held elsewhere
+    /// (a connection's driver task, a caller opening one) is kept; the shard's write lock
+    /// keeps anyone from taking a new hold while the entry is looked at.
+    fn forget_unused(&self) {
+        self.endpoints
+            .retain(|_, e| Arc::strong_count(e) > 1 || !e.forgettable());
+    }
+
     /// Held while opening a connection to `ep`; `None` when an attempt failed within
     /// [`FAILURE_MEMORY`] (move on to the next endpoint).
     pub async fn opening(&self, ep: SocketAddr) -> Option<OwnedMutexGuard<()>> {
+        self.forget_unused();
         let endpoint = self.endpoint(ep);
         let guard = endpoint.opening.clone().lock_owned().await;
         let failed = *endpoint.failed_at.lock().unwrap_or_else(|e| e.into_inner());
@@ -282,4 +303,46 @@ async fn drive<T>(
         }
     }
     endpoint.retire(&state);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoints_are_forgotten_once_nothing_is_remembered_about_them() {
+        let pool = Pool::default();
+        pool.attempted(addr(1), false); // a failure, remembered for FAILURE_MEMORY
+        pool.note_plain(addr(2), true); // a plain answer, remembered for PLAIN_MEMORY
+        pool.attempted(addr(3), true); // a success with no connection left: nothing
+        let held = pool.endpoint(addr(4)); // in use elsewhere
+        pool.forget_unused();
+        let mut left: Vec<u16> = pool.endpoints.iter().map(|e| e.key().port()).collect();
+        left.sort();
+        assert_eq!(left, vec![1, 2, 4]);
+
+        tokio::time::advance(FAILURE_MEMORY).await;
+        drop(held);
+        pool.forget_unused();
+        assert_eq!(
+            pool.endpoints.len(),
+            1,
+            "only the plain answer is still remembered"
+        );
+        assert!(pool.prefers_plain(addr(2)));
+
+        tokio::time::advance(PLAIN_MEMORY).await;
+        let guard = pool
+            .opening(addr(5))
+            .await
+            .expect("no failure remembered for it");
+        assert!(!pool.prefers_plain(addr(2)));
+        let left: Vec<u16> = pool.endpoints.iter().map(|e| e.key().port()).collect();
+        assert_eq!(left, vec![5], "the endpoint being opened stays");
+        drop(guard);
+    }
 }
