@@ -29,13 +29,24 @@ log() { echo "[perf $(date +%H:%M:%S)] $*" >&2; }
 RUN_STARTED="$(date +%s)"
 export RUN_STARTED
 target="${CARGO_TARGET_DIR:-target}"
+build=()
+[ -n "${WARD_BIN:-}" ] || build+=(-p ward --bin ward)
+[ -n "${PKI_BIN:-}" ] || build+=(-p ward-perf --bin ward-perf-pki)
 build_pid=""
-trap '[ -z "$build_pid" ] || kill "$build_pid" 2>/dev/null || true' EXIT
-if [ -z "${WARD_BIN:-}" ] || [ -z "${PKI_BIN:-}" ]; then
-  log "cargo build --release (ward and the PKI writer; log in $target/perf-build.log)"
+stop_build() {
+  # The build runs in its own process group (setsid): end cargo and its compilers, by group id.
+  if [ -n "$build_pid" ]; then
+    kill -TERM -- "-$build_pid" 2>/dev/null || true
+    wait "$build_pid" 2>/dev/null || true
+    build_pid=""
+  fi
+}
+trap stop_build EXIT
+trap 'exit 130' INT TERM
+if [ ${#build[@]} -gt 0 ]; then
+  log "cargo build --release ${build[*]} (log in $target/perf-build.log)"
   mkdir -p "$target"
-  cargo build --release -p ward --bin ward -p ward-perf --bin ward-perf-pki \
-    >"$target/perf-build.log" 2>&1 &
+  setsid cargo build --release "${build[@]}" >"$target/perf-build.log" 2>&1 &
   build_pid=$!
 fi
 
@@ -66,8 +77,8 @@ if [ -n "$build_pid" ]; then
   log "build done"
   build_pid=""
 fi
-WARD_BIN="$(readlink -f "${WARD_BIN:-$target/release/ward}")"
-PKI_BIN="$(readlink -f "${PKI_BIN:-$target/release/ward-perf-pki}")"
+WARD_BIN="$(readlink -f "${WARD_BIN:-$target/release/ward}" || echo "${WARD_BIN:-$target/release/ward}")"
+PKI_BIN="$(readlink -f "${PKI_BIN:-$target/release/ward-perf-pki}" || echo "${PKI_BIN:-$target/release/ward-perf-pki}")"
 for bin in "$WARD_BIN" "$PKI_BIN"; do
   [ -x "$bin" ] || { echo "perf/run.sh: $bin is not an executable" >&2; exit 1; }
 done
@@ -81,6 +92,7 @@ export WORK
 : >"$WORK/pids"
 harness_pid=""
 cleanup() {
+  stop_build
   # Only processes this run started: the harness, then any PID it recorded and left running.
   if [ -n "$harness_pid" ] && kill -0 "$harness_pid" 2>/dev/null; then
     kill -TERM "$harness_pid" 2>/dev/null || true

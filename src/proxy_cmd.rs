@@ -9,6 +9,8 @@ use ward_config::proxy::ProxyConfig;
 const RESERVED_FDS: u64 = 64;
 
 pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<()> {
+    // Before any thread exists: which libraries the release of startup memory may touch.
+    ward_proxy::footprint::note_startup_libraries();
     let mut config = ProxyConfig::load(path)?;
     if check {
         if let ward_config::proxy::CredentialSource::Files { tls, .. } = &config.credentials {

@@ -1,7 +1,10 @@
 //! PINGs on a tunnel connection, both ways: a peer whose host vanished without a reset would
 //! otherwise hold the connection's streams until their idle timeout (an hour by default). A
 //! PING goes out every `every` (the handshake timeout); a peer that has not answered one by
-//! the next is taken as gone.
+//! the next is taken as gone. The PONG is read when the connection is polled, so callers poll
+//! the connection before [`Keepalive::peer_gone`] in each round: a PONG already received
+//! never loses to the deadline. (A PONG queues behind whatever the peer's socket has yet to
+//! send; with the default 10 s that is seconds of a saturated link.)
 
 use std::future::poll_fn;
 use std::task::Poll;
@@ -40,7 +43,8 @@ impl Keepalive {
                 continue;
             }
             tokio::select! {
-                _ = self.tick.tick() => return,
+                // A PONG that is in together with the deadline counts.
+                biased;
                 pong = poll_fn(|cx| match pp.poll_pong(cx) {
                     Poll::Ready(r) => Poll::Ready(r.is_ok()),
                     Poll::Pending => Poll::Pending,
@@ -51,6 +55,7 @@ impl Keepalive {
                         self.ping_pong = None;
                     }
                 }
+                _ = self.tick.tick() => return,
             }
         }
     }

@@ -5,7 +5,8 @@
 //! A connection is retired (takes no new stream; its open streams run to their end) when our
 //! credentials change, when the server's certificate has expired, when a stream cannot be
 //! opened on it (the server went away) or its answer does not come within the handshake
-//! timeout, when the drain starts, or after [`POOL_IDLE`] without streams. An endpoint whose
+//! timeout, when the drain starts, or after [`POOL_IDLE`] without streams; it is closed with
+//! its streams when the server leaves a PING unanswered (`keepalive`). An endpoint whose
 //! inbound does not select `ward-mux/1` is remembered for [`PLAIN_MEMORY`], so connections to
 //! it are not serialized behind the tunnel's one-handshake-at-a-time lock.
 
@@ -185,12 +186,14 @@ impl Pool {
     }
 
     /// Drops the entries of endpoints nobody uses and nothing is remembered about, so the map
-    /// follows the upstream's endpoints as instances come and go. Each entry held elsewhere
-    /// (a connection's driver task, a caller opening one) is kept; the shard's write lock
-    /// keeps anyone from taking a new hold while the entry is looked at.
+    /// follows the upstream's endpoints as instances come and go. An entry held elsewhere (a
+    /// connection's driver task) or whose opening lock is held or awaited (a handshake in
+    /// progress, callers queued behind it) is kept; the shard's write lock keeps anyone from
+    /// taking a new hold while the entry is looked at.
     fn forget_unused(&self) {
-        self.endpoints
-            .retain(|_, e| Arc::strong_count(e) > 1 || !e.forgettable());
+        self.endpoints.retain(|_, e| {
+            Arc::strong_count(e) > 1 || Arc::strong_count(&e.opening) > 1 || !e.forgettable()
+        });
     }
 
     /// Held while opening a connection to `ep`; `None` when an attempt failed within
@@ -258,7 +261,7 @@ impl Pool {
         endpoint.lock().push(conn);
         shared
             .tracker
-            .spawn(drive(shared.clone(), connection, state, endpoint));
+            .spawn(drive(shared.clone(), connection, state, endpoint, ep));
         Ok(slot)
     }
 }
@@ -270,6 +273,7 @@ async fn drive<T>(
     mut connection: h2::client::Connection<T, Bytes>,
     state: Arc<ConnState>,
     endpoint: Arc<EndpointConns>,
+    endpoint_addr: SocketAddr,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -278,6 +282,8 @@ async fn drive<T>(
     loop {
         let retired = state.retired.load(Ordering::Acquire);
         tokio::select! {
+            // The connection first: it reads any PONG before the keepalive looks.
+            biased;
             r = &mut connection => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "tunnel connection ended with an error");
@@ -295,6 +301,7 @@ async fn drive<T>(
             }
             _ = keepalive.peer_gone() => {
                 tracing::warn!(
+                    %endpoint_addr,
                     timeout = ?shared.limits.handshake_timeout,
                     "tunnel peer did not answer a PING; closing the tunnel and its streams"
                 );

@@ -27,8 +27,8 @@ pub struct TunnelPeer {
 }
 
 /// Serves one tunnel connection until the peer closes it, `close` fires (intention deny, drain
-/// deadline), or it has carried no stream for `idle_timeout`. A drain sends GOAWAY and lets the
-/// open streams finish.
+/// deadline), it has carried no stream for `idle_timeout`, or the peer leaves a PING
+/// unanswered (closed with its streams). A drain sends GOAWAY and lets the open streams finish.
 pub async fn serve<T>(
     shared: Arc<Shared>,
     local_app: SocketAddr,
@@ -81,11 +81,6 @@ pub async fn serve<T>(
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                 break;
             }
-            _ = keepalive.peer_gone() => {
-                tracing::warn!(peer = %escape_peer_value(&tunnel.peer.id.to_string()), "tunnel peer did not answer a PING; closing the tunnel and its streams");
-                conn.abrupt_shutdown(h2::Reason::CANCEL);
-                break;
-            }
             _ = shared.stop_accepting.cancelled(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
@@ -111,6 +106,12 @@ pub async fn serve<T>(
                 continue;
             }
             next = conn.accept() => next,
+            // After `accept`, which reads the connection (and so any PONG).
+            _ = keepalive.peer_gone() => {
+                tracing::warn!(peer = %escape_peer_value(&tunnel.peer.id.to_string()), "tunnel peer did not answer a PING; closing the tunnel and its streams");
+                conn.abrupt_shutdown(h2::Reason::CANCEL);
+                break;
+            }
         };
         match next {
             None => return,
