@@ -10,6 +10,8 @@
 //! - beyond 100 concurrent streams the pool opens a second tunnel connection;
 //! - against a TLS inbound that does not select `ward-mux/1`, each connection gets its own;
 //! - a draining inbound (SIGTERM) lets open streams finish and carries no new one;
+//! - new roots on the inbound: GOAWAY on its tunnels; the open stream keeps working and new
+//!   connections ride a new tunnel (a second handshake), none failing;
 //! - a tunnel whose peer stops answering (no reset, no FIN) is closed after an unanswered PING
 //!   by each side, and so are its streams.
 //!
@@ -25,7 +27,7 @@ use std::time::Duration;
 
 use common::cp::echo_once;
 use common::net::{contains_bytes as contains, metric_sum, pseudo_random, Relay};
-use common::pki::Identity;
+use common::pki::{Identity, Pki};
 use common::proc::{ProxyConfig, WardProcess};
 use common::tls::{provider, AcceptAny};
 use common::{write_tls_files, Inventory};
@@ -59,6 +61,14 @@ fn opened(p: &WardProcess, direction: &str) -> f64 {
         "ward_connections_opened_total",
         &[("direction", direction)],
     )
+}
+
+/// Writes `msg` on `s` and reads back as many bytes (the echo app's answer).
+fn echo_on(s: &mut std::net::TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    Ok(back)
 }
 
 /// `order`'s proxy with `inventory` as its upstream, started with `extra` arguments.
@@ -483,12 +493,7 @@ fn a_tunnel_whose_peer_stops_answering_is_closed_after_an_unanswered_ping() {
     let mut s =
         std::net::TcpStream::connect_timeout(&order.upstream("inventory"), TIMEOUT).unwrap();
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut echo = |msg: &[u8]| -> std::io::Result<Vec<u8>> {
-        s.write_all(msg)?;
-        let mut back = vec![0u8; msg.len()];
-        s.read_exact(&mut back)?;
-        Ok(back)
-    };
+    let mut echo = |msg: &[u8]| echo_on(&mut s, msg);
     assert_eq!(echo(b"first\n").unwrap(), b"first\n");
     // PINGs go out and are answered: two periods and more later the stream still works.
     std::thread::sleep(Duration::from_secs(5));
@@ -539,4 +544,56 @@ fn a_tunnel_whose_peer_stops_answering_is_closed_after_an_unanswered_ping() {
         0.0,
         "the stream's app connection is closed"
     );
+}
+
+#[test]
+fn new_roots_on_the_inbound_end_the_tunnel_for_new_streams_and_open_ones_finish() {
+    let inv = Inventory::start("mux-roots");
+    let order = order_proxy(&inv, &[]);
+    let up = order.upstream("inventory");
+    let mut open = std::net::TcpStream::connect_timeout(&up, TIMEOUT).unwrap();
+    open.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut echo = |msg: &[u8]| echo_on(&mut open, msg);
+    assert_eq!(echo(b"before\n").unwrap(), b"before\n");
+    assert_eq!(order.handshakes("outbound", "ok"), 1.0);
+
+    // The inbound's trust bundle gains a second root (order's root stays in it).
+    let reloads =
+        |p: &WardProcess| metric_sum(&p.metrics(), "ward_cert_reloads_total", &[("result", "ok")]);
+    let before = reloads(&inv.proxy);
+    let bundle = format!(
+        "{}{}",
+        inv.pki.roots_pem(),
+        Pki::new("other.test").roots_pem()
+    );
+    let tmp = inv.files.ca.with_extension("pem.tmp");
+    std::fs::write(&tmp, bundle).unwrap();
+    std::fs::rename(&tmp, &inv.files.ca).unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while reloads(&inv.proxy) == before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        reloads(&inv.proxy) > before,
+        "the inbound loaded the new roots"
+    );
+
+    // New connections ride a new tunnel, checked against the new roots; none fails.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut i = 0;
+    while order.handshakes("outbound", "ok") < 2.0 && std::time::Instant::now() < deadline {
+        let msg = format!("after {i}\n");
+        echo_once(up, msg.as_bytes(), TIMEOUT)
+            .unwrap_or_else(|e| panic!("connection {i} after the roots changed: {e}"));
+        i += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        order.handshakes("outbound", "ok"),
+        2.0,
+        "a second tunnel was opened after the GOAWAY"
+    );
+    assert_eq!(inv.proxy.handshakes("inbound", "ok"), 2.0);
+    // The stream opened before the change still works.
+    assert_eq!(echo(b"still open\n").unwrap(), b"still open\n");
 }
