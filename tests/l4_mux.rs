@@ -12,6 +12,8 @@
 //! - a draining inbound (SIGTERM) lets open streams finish and carries no new one;
 //! - new roots on the inbound: GOAWAY on its tunnels; the open stream keeps working and new
 //!   connections ride a new tunnel (a second handshake), none failing;
+//! - a peer that resets more than 256 streams before their answer loses its tunnel
+//!   (ENHANCE_YOUR_CALM), 200 are tolerated;
 //! - a tunnel whose peer stops answering (no reset, no FIN) is closed after an unanswered PING
 //!   by each side, and so are its streams.
 //!
@@ -596,4 +598,93 @@ fn new_roots_on_the_inbound_end_the_tunnel_for_new_streams_and_open_ones_finish(
     assert_eq!(inv.proxy.handshakes("inbound", "ok"), 2.0);
     // The stream opened before the change still works.
     assert_eq!(echo(b"still open\n").unwrap(), b"still open\n");
+}
+
+#[test]
+fn a_peer_that_resets_too_many_streams_before_their_answer_loses_its_tunnel() {
+    // The app's accept queue is full, so every stream waits in its connect to the app: a
+    // reset from the peer lands before the answer, which is what the budget counts.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (stuck, _queued) = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            let c = tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await;
+            if let Ok(Ok(c)) = c {
+                queued.push(c);
+            }
+        }
+        (addr, (listener, queued))
+    });
+    let inv = Inventory::start_with("mux-resets", |c| c.inbound("127.0.0.1:0", stuck));
+
+    let (tolerated, closed) = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(inv.proxy.inbound())
+            .await
+            .unwrap();
+        let connector =
+            tokio_rustls::TlsConnector::from(client_config(&inv.pki.leaf("order"), &[ALPN]));
+        let tls = connector
+            .connect("inventory.ward".try_into().unwrap(), tcp)
+            .await
+            .expect("order's handshake");
+        let (mut send, conn) = h2::client::handshake(tls).await.expect("h2 preface");
+        let conn = tokio::spawn(conn);
+        let mut reset_one = async || -> Result<(), h2::Error> {
+            let req = http::Request::connect("inventory.default")
+                .body(())
+                .unwrap();
+            send = send.clone().ready().await?;
+            let (_answer, mut body) = send.send_request(req, false)?;
+            // Long enough for the inbound to accept the stream and start connecting.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            body.send_reset(h2::Reason::CANCEL);
+            Ok(())
+        };
+        for i in 0..200 {
+            reset_one()
+                .await
+                .unwrap_or_else(|e| panic!("stream {i} of 200: {e}"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let tolerated = !conn.is_finished();
+        let mut sent = 200;
+        while sent < 600 && reset_one().await.is_ok() {
+            sent += 1;
+        }
+        let closed = tokio::time::timeout(TIMEOUT, conn).await;
+        (tolerated, (sent, closed))
+    });
+    assert!(tolerated, "200 early resets stay within the budget (256)");
+    let (sent, closed) = closed;
+    let err = match closed {
+        Ok(Ok(Err(e))) => e,
+        other => panic!("the tunnel ends with an error after {sent} resets, got {other:?}"),
+    };
+    assert_eq!(
+        err.reason(),
+        Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "closed with ENHANCE_YOUR_CALM: {err}"
+    );
+    assert!(
+        (257..600).contains(&sent),
+        "closed past the budget of 256, after {sent} streams"
+    );
+    assert!(
+        inv.proxy
+            .wait_for_stderr(0, TIMEOUT, |l| l
+                .contains("too many streams reset before their answer"))
+            .is_some(),
+        "the inbound says why"
+    );
 }
