@@ -32,10 +32,11 @@ use common::net::{contains_bytes as contains, metric_sum, pseudo_random, Relay};
 use common::pki::{Identity, Pki};
 use common::proc::{ProxyConfig, WardProcess};
 use common::tls::{provider, AcceptAny};
-use common::{write_tls_files, Inventory};
+use common::{wait_until, write_tls_files, Inventory};
 
 const ALPN: &[u8] = b"ward-mux/1";
 const TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(50);
 
 fn client_config(id: &Identity, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
@@ -497,7 +498,8 @@ fn a_tunnel_whose_peer_stops_answering_is_closed_after_an_unanswered_ping() {
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut echo = |msg: &[u8]| echo_on(&mut s, msg);
     assert_eq!(echo(b"first\n").unwrap(), b"first\n");
-    // PINGs go out and are answered: two periods and more later the stream still works.
+    // An observation window, not a wait: PINGs go out and are answered, so two periods and
+    // more later the stream still works.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(echo(b"second\n").unwrap(), b"second\n");
     assert_eq!(relay.connections(), 1, "one tunnel carried the stream");
@@ -537,10 +539,7 @@ fn a_tunnel_whose_peer_stops_answering_is_closed_after_an_unanswered_ping() {
             .is_some(),
         "the inbound finds the tunnel dead on its own"
     );
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while inbound_active() != 0.0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(TIMEOUT, POLL, || (inbound_active() == 0.0).then_some(()));
     assert_eq!(
         inbound_active(),
         0.0,
@@ -571,25 +570,23 @@ fn new_roots_on_the_inbound_end_the_tunnel_for_new_streams_and_open_ones_finish(
     let tmp = inv.files.ca.with_extension("pem.tmp");
     std::fs::write(&tmp, bundle).unwrap();
     std::fs::rename(&tmp, &inv.files.ca).unwrap();
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while reloads(&inv.proxy) == before && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(TIMEOUT, POLL, || {
+        (reloads(&inv.proxy) > before).then_some(())
+    });
     assert!(
         reloads(&inv.proxy) > before,
         "the inbound loaded the new roots"
     );
 
     // New connections ride a new tunnel, checked against the new roots; none fails.
-    let deadline = std::time::Instant::now() + TIMEOUT;
     let mut i = 0;
-    while order.handshakes("outbound", "ok") < 2.0 && std::time::Instant::now() < deadline {
+    wait_until(TIMEOUT, POLL, || {
         let msg = format!("after {i}\n");
         echo_once(up, msg.as_bytes(), TIMEOUT)
             .unwrap_or_else(|e| panic!("connection {i} after the roots changed: {e}"));
         i += 1;
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        (order.handshakes("outbound", "ok") >= 2.0).then_some(())
+    });
     assert_eq!(
         order.handshakes("outbound", "ok"),
         2.0,
