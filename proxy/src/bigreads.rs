@@ -1,40 +1,75 @@
 //! Large socket reads under TLS. rustls reads ciphertext 4 KiB at a time, so a 16 KiB record
-//! costs four `read` calls; this adapter reads up to 64 KiB per call into a per-thread scratch
-//! buffer and serves rustls from it. What rustls does not take at once is kept per connection
-//! only until it is consumed (normally within the same poll), so an idle connection holds no
-//! buffer.
+//! costs four `read` calls; this adapter reads up to 64 KiB per call and serves rustls from
+//! that buffer. The buffer belongs to the connection only until rustls has taken all of it
+//! (normally within a few polls), then goes back to a small per-thread stock, so an idle
+//! connection holds no buffer and a busy one neither allocates nor copies per read beyond the
+//! copy into rustls.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const READ_SIZE: usize = 64 * 1024;
+/// Buffers kept per thread for reuse: enough for the connections that are mid-buffer at once
+/// in practice; more are allocated (and freed) as needed.
+const STOCK: usize = 2;
 
 thread_local! {
-    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
-        std::cell::RefCell::new(vec![0u8; READ_SIZE].into_boxed_slice());
+    static SPARE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    SPARE
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; READ_SIZE].into_boxed_slice())
+}
+
+fn give_back(buf: Box<[u8]>) {
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < STOCK {
+            s.push(buf);
+        }
+    });
 }
 
 /// A socket whose reads are batched; writes pass straight through.
 #[derive(Debug)]
 pub struct BigReads<T> {
     inner: T,
-    pending: Vec<u8>,
+    /// Read but not yet taken: `pending[pos..end]`; `None` when everything was taken.
+    pending: Option<Box<[u8]>>,
     pos: usize,
+    end: usize,
 }
 
 impl<T> BigReads<T> {
     pub fn new(inner: T) -> Self {
         Self {
             inner,
-            pending: Vec::new(),
+            pending: None,
             pos: 0,
+            end: 0,
         }
     }
 
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+
+    /// Hands `buf.remaining()` bytes at most of `big[from..end]` to `buf`; keeps the rest.
+    fn serve(&mut self, big: Box<[u8]>, from: usize, end: usize, buf: &mut ReadBuf<'_>) {
+        let n = buf.remaining().min(end - from);
+        buf.put_slice(&big[from..from + n]);
+        if from + n == end {
+            give_back(big);
+        } else {
+            self.pending = Some(big);
+            self.pos = from + n;
+            self.end = end;
+        }
     }
 }
 
@@ -45,36 +80,29 @@ impl<T: AsyncRead + Unpin> AsyncRead for BigReads<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.pos < this.pending.len() {
-            let n = buf.remaining().min(this.pending.len() - this.pos);
-            buf.put_slice(&this.pending[this.pos..this.pos + n]);
-            this.pos += n;
-            if this.pos == this.pending.len() {
-                this.pending = Vec::new();
-                this.pos = 0;
-            }
+        if let Some(big) = this.pending.take() {
+            let (pos, end) = (this.pos, this.end);
+            this.serve(big, pos, end, buf);
             return Poll::Ready(Ok(()));
         }
         if buf.remaining() >= READ_SIZE {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            let mut big = ReadBuf::new(&mut scratch[..]);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut big) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
+        let mut big = take_buffer();
+        let mut read = ReadBuf::new(&mut big[..]);
+        let got = match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => read.filled().len(),
+            Poll::Ready(Err(e)) => {
+                give_back(big);
+                return Poll::Ready(Err(e));
             }
-            let got = big.filled();
-            let n = buf.remaining().min(got.len());
-            buf.put_slice(&got[..n]);
-            if n < got.len() {
-                this.pending = got[n..].to_vec();
-                this.pos = 0;
+            Poll::Pending => {
+                give_back(big);
+                return Poll::Pending;
             }
-            Poll::Ready(Ok(()))
-        })
+        };
+        this.serve(big, 0, got, buf);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -130,6 +158,6 @@ mod tests {
             out.extend_from_slice(&chunk[..n]);
         }
         assert_eq!(out, data);
-        assert!(r.pending.is_empty(), "nothing held once drained");
+        assert!(r.pending.is_none(), "nothing held once drained");
     }
 }
