@@ -629,10 +629,25 @@ def main():
             "wrk": version(["wrk", "-v"]),
             "iperf3": version(["iperf3", "--version"]),
         },
+        "link_order": link_order_coverage(),
     }
     with open(RAW, "w") as f:
         json.dump(raw, f, indent=1)
     render(raw)
+
+
+def link_order_coverage():
+    """How much of perf/ward.order the ward binary has (a list made for other code or other
+    dependency versions places fewer functions; see perf/README.md)."""
+    order = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ward.order")
+    try:
+        with open(order) as f:
+            listed = {line.strip() for line in f if line.strip()}
+        out = subprocess.run(["nm", WARD_BIN], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    have = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    return {"listed": len(listed), "present": len(listed & have)}
 
 
 def render(raw):
@@ -675,6 +690,10 @@ def render(raw):
     md.append(f"| stunnel | {versions['stunnel']} | one process per hop (stunnel has no worker "
               "setting: a thread per connection); `sessionResume = no`, `NO_TICKET` |")
     md.append(f"| direct | backend alone | — |\n")
+    lo = meta.get("link_order")
+    if lo:
+        md.append(f"ward's binary has {lo['present']} of the {lo['listed']} functions of its link "
+                  "order (`perf/ward.order`, see perf/README.md).\n")
     md.append(f"TLS library of the peers: {versions['openssl']}; load: {versions['wrk']}, "
               f"{versions['iperf3']}. Resumption is off for every peer in this table so that "
               "every peer connection pays a full mutual handshake.\n")

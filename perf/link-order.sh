@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Regenerates perf/ward.order, the link order of ward's steady-state code (see build.rs and
+# perf/link_order.py): `bash perf/link-order.sh` from the repo root, then commit the file.
+# Needs valgrind (installed from Debian's package if missing); takes a few minutes.
+#
+# Environment: WARD_BIN, PKI_BIN (use these binaries instead of building them),
+# CARGO_TARGET_DIR, WORK (scratch directory, default a new mktemp -d, removed unless KEEP=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+log() { echo "[link-order $(date +%H:%M:%S)] $*" >&2; }
+
+command -v valgrind >/dev/null || {
+  log "apt-get install valgrind"
+  apt-get install -y -q valgrind >/dev/null
+}
+target="${CARGO_TARGET_DIR:-target}"
+if [ -z "${WARD_BIN:-}" ] || [ -z "${PKI_BIN:-}" ]; then
+  log "cargo build --release"
+  cargo build --release -q -p ward --bin ward -p ward-perf --bin ward-perf-pki
+fi
+WARD_BIN="$(readlink -f "${WARD_BIN:-$target/release/ward}")"
+PKI_BIN="$(readlink -f "${PKI_BIN:-$target/release/ward-perf-pki}")"
+WORK="${WORK:-$(mktemp -d /tmp/ward-link-order.XXXXXX)}"
+[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/pki"
+"$PKI_BIN" "$WORK/pki"
+log "profiling both hops under callgrind (work dir $WORK)"
+WORK="$WORK" PKI="$WORK/pki" WARD_BIN="$WARD_BIN" python3 perf/link_order.py
