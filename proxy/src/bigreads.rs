@@ -36,13 +36,27 @@ fn give_back(buf: Box<[u8]>) {
 }
 
 /// A socket whose reads are batched; writes pass straight through.
-#[derive(Debug)]
 pub struct BigReads<T> {
     inner: T,
     /// Read but not yet taken: `pending[pos..end]`; `None` when everything was taken.
     pending: Option<Box<[u8]>>,
     pos: usize,
     end: usize,
+}
+
+/// Never shows the bytes: buffers are reused across connections.
+impl<T: std::fmt::Debug> std::fmt::Debug for BigReads<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pending = if self.pending.is_some() {
+            self.end - self.pos
+        } else {
+            0
+        };
+        f.debug_struct("BigReads")
+            .field("inner", &self.inner)
+            .field("pending_bytes", &pending)
+            .finish()
+    }
 }
 
 impl<T> BigReads<T> {
@@ -149,15 +163,97 @@ mod tests {
         drop(a);
         let mut r = BigReads::new(b);
         let mut out = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = r.read(&mut chunk).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&chunk[..n]);
-        }
+        read_to_end(&mut r, &mut out, 4096).await;
         assert_eq!(out, data);
         assert!(r.pending.is_none(), "nothing held once drained");
+    }
+
+    /// Appends what `r` yields to `out`, reading `chunk` bytes at most at a time.
+    async fn read_to_end(
+        r: &mut BigReads<tokio::io::DuplexStream>,
+        out: &mut Vec<u8>,
+        chunk: usize,
+    ) {
+        let mut buf = vec![0u8; chunk];
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn connections_sharing_the_stock_see_only_their_own_bytes() {
+        // More connections mid-buffer than the stock holds, read in turns, each ending with a
+        // short read into a reused buffer: any stale byte would break an equality below.
+        let lens = [150_000, 70_001, 65_536 + 17];
+        let mut readers = Vec::new();
+        let mut datas = Vec::new();
+        for (i, len) in lens.into_iter().enumerate() {
+            let (mut a, b) = tokio::io::duplex(256 * 1024);
+            let data = pattern(i as u8 * 7 + 1, len);
+            a.write_all(&data).await.unwrap();
+            drop(a);
+            readers.push(BigReads::new(b));
+            datas.push(data);
+        }
+        let mut outs = vec![Vec::new(); lens.len()];
+        let mut open = lens.len();
+        let mut chunk = [0u8; 3000];
+        for _ in 0..10_000 {
+            if open == 0 {
+                break;
+            }
+            open = 0;
+            for (r, out) in readers.iter_mut().zip(outs.iter_mut()) {
+                let n = r.read(&mut chunk).await.unwrap();
+                out.extend_from_slice(&chunk[..n]);
+                open += usize::from(n > 0);
+            }
+        }
+        assert_eq!(open, 0, "every connection reached its end");
+        for (out, data) in outs.iter().zip(&datas) {
+            assert_eq!(out, data);
+        }
+        assert!(readers.iter().all(|r| r.pending.is_none()));
+        assert!(
+            SPARE.with(|s| s.borrow().len()) <= STOCK,
+            "the stock stays bounded"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_large_read_gets_the_pending_bytes_first() {
+        let (mut a, b) = tokio::io::duplex(512 * 1024);
+        let data = pattern(3, 300_000);
+        a.write_all(&data).await.unwrap();
+        drop(a);
+        let mut r = BigReads::new(b);
+        let mut small = [0u8; 100];
+        let n = r.read(&mut small).await.unwrap();
+        assert_eq!(n, 100);
+        assert!(r.pending.is_some(), "the rest of the 64 KiB read waits");
+        let mut out = small.to_vec();
+        read_to_end(&mut r, &mut out, 2 * READ_SIZE).await;
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn debug_does_not_show_the_bytes() {
+        let mut r = BigReads::new(());
+        let mut secret = vec![0u8; READ_SIZE];
+        secret[..6].copy_from_slice(b"secret");
+        r.pending = Some(secret.into_boxed_slice());
+        (r.pos, r.end) = (0, 6);
+        let shown = format!("{r:?}");
+        assert_eq!(shown, "BigReads { inner: (), pending_bytes: 6 }");
     }
 }
