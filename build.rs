@@ -1,59 +1,110 @@
 //! Links the release `ward` binary with its steady-state code first and together
 //! (`perf/ward.order`, written by `perf/link-order.sh`): after startup the proxy runs only
 //! that code, and grouping it keeps the pages a connection faults in few (see
-//! proxy/src/footprint.rs). The order changes where functions sit, never what they do; a
-//! function missing from the list is placed after the listed ones.
+//! proxy/src/footprint.rs and perf/README.md). The order changes where functions sit, never
+//! what they do; a function missing from the list is placed after the listed ones.
 //!
-//! Applied only where the linker is known to be lld: release builds for
-//! x86_64-unknown-linux-gnu with rustc 1.90 or later (which links with its own lld there by
-//! default). `WARD_LINK_ORDER=0` turns it off, e.g. with a custom linker.
+//! Applied to release builds only, and only when a probe program links with the option under
+//! the same compiler, target, flags and linker (lld has it; GNU ld and gold do not), so no
+//! toolchain fails to build ward because of it. `WARD_LINK_ORDER=0` turns it off.
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 const ORDER_FILE: &str = "perf/ward.order";
 
 fn main() {
     println!("cargo:rerun-if-changed={ORDER_FILE}");
-    println!("cargo:rerun-if-env-changed=WARD_LINK_ORDER");
-    let env = |k: &str| std::env::var(k).unwrap_or_default();
-    if env("WARD_LINK_ORDER") == "0"
-        || env("PROFILE") != "release"
-        || env("TARGET") != "x86_64-unknown-linux-gnu"
-        || !rustc_links_with_lld(&env("RUSTC"))
-    {
+    for var in [
+        "WARD_LINK_ORDER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_RUSTFLAGS",
+        "RUSTC_LINKER",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let target = env("TARGET").to_uppercase().replace('-', "_");
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_{target}_LINKER");
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_{target}_RUSTFLAGS");
+
+    if env("WARD_LINK_ORDER") == "0" || env("PROFILE") != "release" {
         return;
     }
     let order = Path::new(&env("CARGO_MANIFEST_DIR")).join(ORDER_FILE);
-    if order.is_file() {
-        println!(
-            "cargo:rustc-link-arg-bin=ward=-Wl,--symbol-ordering-file={}",
-            order.display()
-        );
-        // Functions of the list that this build does not have (other dependency versions).
-        println!("cargo:rustc-link-arg-bin=ward=-Wl,--no-warn-symbol-ordering");
+    if !order.is_file() {
+        println!("cargo:warning={ORDER_FILE} is missing: ward links in the default order");
+        return;
+    }
+    let args = [
+        format!("-Wl,--symbol-ordering-file={}", order.display()),
+        // Names of the list this build does not have (other dependency or rustc versions).
+        "-Wl,--no-warn-symbol-ordering".to_string(),
+    ];
+    if !probe_links(&args) {
+        return; // not lld: the default order
+    }
+    if let Some(made_with) = made_with(&order) {
+        let rustc = rustc_version();
+        if !rustc.is_empty() && made_with != rustc {
+            println!(
+                "cargo:warning={ORDER_FILE} was made with {made_with}, this is {rustc}: most \
+                 names will not match (regenerate: bash perf/link-order.sh)"
+            );
+        }
+    }
+    for arg in args {
+        println!("cargo:rustc-link-arg-bin=ward={arg}");
     }
 }
 
-/// rustc 1.90+ links x86_64-unknown-linux-gnu with its bundled lld unless told otherwise.
-fn rustc_links_with_lld(rustc: &str) -> bool {
-    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    let chosen = [
-        "RUSTC_LINKER",
-        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER",
-    ];
-    if flags.contains("linker") || chosen.iter().any(|k| std::env::var_os(k).is_some()) {
-        return false; // a chosen linker or linker flavour: do not assume lld
+fn env(key: &str) -> String {
+    std::env::var(key).unwrap_or_default()
+}
+
+/// Links an empty program with `args` the way cargo will link ward.
+fn probe_links(args: &[String]) -> bool {
+    let out = PathBuf::from(env("OUT_DIR")).join("link-order-probe");
+    let mut cmd = Command::new(env("RUSTC"));
+    cmd.args(["--crate-type", "bin", "--crate-name", "probe", "--target"])
+        .arg(env("TARGET"))
+        .arg("-o")
+        .arg(&out)
+        .arg("-");
+    let flags = env("CARGO_ENCODED_RUSTFLAGS");
+    cmd.args(flags.split('\x1f').filter(|f| !f.is_empty()));
+    if let Ok(linker) = std::env::var("RUSTC_LINKER") {
+        cmd.arg(format!("-Clinker={linker}"));
     }
-    let Ok(out) = Command::new(rustc).arg("-V").output() else {
+    for arg in args {
+        cmd.arg(format!("-Clink-arg={arg}"));
+    }
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let Ok(mut child) = cmd.spawn() else {
         return false;
     };
-    let version = String::from_utf8_lossy(&out.stdout);
-    // "rustc 1.95.0 (...)"
-    let minor = version
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.split('.').nth(1))
-        .and_then(|m| m.parse::<u32>().ok());
-    minor.is_some_and(|m| m >= 90)
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        let _ = stdin.write_all(b"fn main() {}\n");
+    }
+    let ok = child.wait().map(|s| s.success()).unwrap_or(false);
+    let _ = std::fs::remove_file(&out);
+    ok
+}
+
+/// The `# rustc ...` header line of the order file.
+fn made_with(order: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(order).ok()?;
+    let first = text.lines().next()?;
+    first.strip_prefix("# ").map(|v| v.trim().to_string())
+}
+
+fn rustc_version() -> String {
+    Command::new(env("RUSTC"))
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }

@@ -642,7 +642,7 @@ def link_order_coverage():
     order = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ward.order")
     try:
         with open(order) as f:
-            listed = {line.strip() for line in f if line.strip()}
+            listed = {line.strip() for line in f if line.strip() and not line.startswith("#")}
         out = subprocess.run(["nm", WARD_BIN], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return None

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates perf/ward.order, the link order of ward's steady-state code (see build.rs and
 # perf/link_order.py): `bash perf/link-order.sh` from the repo root, then commit the file.
-# Needs valgrind (installed from Debian's package if missing); takes a few minutes.
+# Needs valgrind and, for the native pass, perf (installed from Debian's packages if missing:
+# valgrind, linux-perf); takes about a minute after the build.
 #
 # Environment: WARD_BIN, PKI_BIN (use these binaries instead of building them),
 # CARGO_TARGET_DIR, WORK (scratch directory, default a new mktemp -d, removed unless KEEP=1).
@@ -10,10 +11,13 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 log() { echo "[link-order $(date +%H:%M:%S)] $*" >&2; }
 
-command -v valgrind >/dev/null || {
-  log "apt-get install valgrind"
-  apt-get install -y -q valgrind >/dev/null
-}
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v perf >/dev/null || need+=(linux-perf)
+if [ ${#need[@]} -gt 0 ]; then
+  log "apt-get install ${need[*]}"
+  apt-get update -qq && apt-get install -y -q "${need[@]}" >/dev/null
+fi
 target="${CARGO_TARGET_DIR:-target}"
 if [ -z "${WARD_BIN:-}" ] || [ -z "${PKI_BIN:-}" ]; then
   log "cargo build --release"

@@ -8,19 +8,28 @@ linker's default order the data path's functions sit among cold code (CLI, confi
 server), so one request leaves most of the binary resident. lld's `--symbol-ordering-file`
 (passed by build.rs) places the functions listed here first and together.
 
-How: both hops of the harness's ward path run under callgrind with instrumentation off; once both are
-ready, instrumentation is switched on, and the workload below runs what a sidecar does after startup:
-tunnel handshakes on both sides, streams opened and closed, request/response round trips, a bulk
-transfer both ways, held connections, a plain mutual-TLS client that is not ward, and the admin
-endpoints a kubelet and Prometheus poll. Every function that ran is listed, hottest first.
-Symbol names are stable across builds of the same dependency versions; a function missing from
-the list (new code) is only placed after the listed ones, so a stale list costs memory, never
-correctness. Regenerate after dependency updates.
+How: both hops of the harness's ward path run under callgrind, which zeroes its counts when the
+proxy releases its startup memory (`--zero-before`); once both are ready, the workload below runs
+what a sidecar does after startup: tunnel handshakes on both sides, streams opened and closed, request/response round
+trips, a bulk transfer both ways, held connections, a plain mutual-TLS client that is not ward,
+and the admin endpoints a kubelet and Prometheus poll. Twice: with `--workers 1` (tokio's
+current-thread runtime) and with the default runtime (one worker per core). Every function of
+the binary that ran is listed, hottest first, after a `# rustc ...` line (lld skips it; build.rs
+warns when it differs from the compiler in use).
+
+Symbol names depend on the rustc version, the dependency versions and, for the `.llvm.<hash>`
+suffixes of functions that thin LTO promoted (about 14 % of the list), on the code of their
+unit; a name the binary does not have is skipped, so a stale list costs memory, never
+correctness. Regenerate after a toolchain or dependency update or a large change to the data
+path. Functions that run only with CPU features valgrind does not offer (ring's assembly
+variants for ADX, VAES, ...) are found by a native pass with `perf` (page faults of the same
+workload) and appended; they are the ones this machine's CPU selects.
 """
 
 import glob
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -74,17 +83,20 @@ def admin_get(port, path):
         out = b""
         while chunk := s.recv(65536):
             out += chunk
-        return out.split(b" ", 2)[1] == b"200"
+        return out.startswith(b"HTTP/1.1 200 ")
 
 
 def round_trip(s, payload):
-    s.sendall(payload)
+    # Send from a thread: a large payload cannot wait in socket buffers until we read.
+    sender = threading.Thread(target=s.sendall, args=(payload,), daemon=True)
+    sender.start()
     got = b""
     while len(got) < len(payload):
         chunk = s.recv(65536)
         if not chunk:
             raise RuntimeError("connection closed mid-echo")
         got += chunk
+    sender.join(timeout=60)
     if got != payload:
         raise RuntimeError("echo differs")
 
@@ -134,6 +146,9 @@ def functions(outfile, exe):
                 kind, num, name = m.groups()
                 if name is not None:
                     names[kind][num] = name.strip()
+                if name is not None and kind == "fn":
+                    # --separate-recs: recursion levels are named "sym'2", "sym'3".
+                    names["fn"][num] = re.sub(r"'\d+$", "", names["fn"][num])
                 if line.startswith("ob="):
                     obj = os.path.realpath(names["ob"].get(num, ""))
                 elif line.startswith("fn="):
@@ -144,35 +159,31 @@ def functions(outfile, exe):
                 continue
             if fn and obj == exe and line[:1].isdigit():
                 parts = line.split()
-                if len(parts) >= 2:
+                if len(parts) >= 2 and int(parts[1]) > 0:
                     costs[fn] = costs.get(fn, 0) + int(parts[1])
     return costs
 
 
-def main():
-    exe = os.path.realpath(harness.WARD_BIN)
-    os.makedirs(WORK, exist_ok=True)
-    for old in glob.glob(f"{WORK}/callgrind.out.*"):
-        os.remove(old)
-    echo_backend()
+def profile(exe, mode, runtime_args):
+    """Runs both hops under callgrind with `runtime_args`, the workload once they are ready;
+    returns {symbol: instructions} over both."""
     o, i = harness.ward_configs(False)
     procs = []
     for hop, text in (("out", o), ("in", i)):
         cfg = harness.write(f"ward-{hop}.toml", text)
-        argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--demangle=no",
-                "--compress-pos=no",
-                f"--callgrind-out-file={WORK}/callgrind.out.{hop}",
-                exe, "proxy", "--config", cfg, "--workers", "1"]
-        log = open(f"{WORK}/ward-{hop}.log", "w")
+        # Counting starts where the proxy releases its startup memory (footprint.rs), so what
+        # runs from there on is listed, and startup is not.
+        argv = ["valgrind", "--tool=callgrind", "--zero-before=*release_startup_memory*",
+                "--demangle=no",
+                "--compress-pos=no", f"--callgrind-out-file={WORK}/callgrind.out.{mode}.{hop}",
+                exe, "proxy", "--config", cfg, *runtime_args]
+        log = open(f"{WORK}/ward-{mode}-{hop}.log", "w")
         procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                       env=dict(os.environ, WARD_LOG="warn")))
     try:
         for port in harness.WARD_ADMIN:
             wait(f"ward ready on admin {port}", lambda port=port: admin_get(port, "/ready"))
         time.sleep(2)  # footprint's release runs right after ready
-        for p in procs:
-            subprocess.run(["callgrind_control", "-i", "on", str(p.pid)], check=True,
-                           stdout=subprocess.DEVNULL, timeout=60)
         workload()
         time.sleep(1)
         for p in procs:  # not the drain that SIGTERM starts
@@ -189,11 +200,80 @@ def main():
                 p.wait()
     total = {}
     for hop in ("out", "in"):
-        for name, cost in functions(f"{WORK}/callgrind.out.{hop}", exe).items():
+        for name, cost in functions(f"{WORK}/callgrind.out.{mode}.{hop}", exe).items():
             total[name] = total.get(name, 0) + cost
+    return total
+
+
+def native_faults(exe, listed):
+    """Functions the native run executes that callgrind did not list (CPU-feature variants of
+    ring's assembly): both hops run without valgrind, and the page faults of the workload are
+    recorded with `perf` (one per 64 KiB window the first time code there runs). Needs `perf`;
+    returns [] without it."""
+    if subprocess.run(["sh", "-c", "command -v perf"], capture_output=True).returncode != 0:
+        print("perf not found: the native pass is skipped (ring's CPU-specific code unlisted)")
+        return []
+    o, i = harness.ward_configs(False)
+    procs = []
+    for hop, text in (("out", o), ("in", i)):
+        cfg = harness.write(f"ward-{hop}.toml", text)
+        log = open(f"{WORK}/ward-native-{hop}.log", "w")
+        procs.append(subprocess.Popen([exe, "proxy", "--config", cfg, "--workers", "1"],
+                                      stdout=log, stderr=subprocess.STDOUT,
+                                      env=dict(os.environ, WARD_LOG="warn")))
+    data = f"{WORK}/faults.data"
+    try:
+        for port in harness.WARD_ADMIN:
+            wait(f"ward ready on admin {port}", lambda port=port: admin_get(port, "/ready"))
+        time.sleep(1)
+        perf = subprocess.Popen(["perf", "record", "-q", "-e", "page-faults", "-c", "1", "-d",
+                                 "-o", data, "-p", ",".join(str(p.pid) for p in procs)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+        workload()
+        perf.send_signal(signal.SIGINT)
+        perf.wait(timeout=60)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=60)
+    out = subprocess.run(["perf", "script", "-i", data, "-F", "ip,sym,addr", "--no-demangle"],
+                         capture_output=True, text=True, timeout=120).stdout
+    nm = subprocess.run(["nm", "--defined-only", exe], capture_output=True, text=True,
+                        timeout=120).stdout
+    ours = {line.split()[-1] for line in nm.splitlines() if line.strip()}
+    found = []
+    for line in out.splitlines():
+        parts = line.split()
+        # addr == ip: the fault fetched the instruction itself (code, not data).
+        if len(parts) == 4 and parts[0] == parts[2] and parts[3] not in listed:
+            if parts[3] in ours and parts[3] not in found:  # not libc's, not the PLT
+                found.append(parts[3])
+    return found
+
+
+def main():
+    exe = os.path.realpath(harness.WARD_BIN)
+    os.makedirs(WORK, exist_ok=True)
+    for old in glob.glob(f"{WORK}/callgrind.out.*"):
+        os.remove(old)
+    echo_backend()
+    total = {}
+    # Both runtimes: `--workers 1` (current-thread) and the default (one worker per core).
+    for mode, args in (("single", ["--workers", "1"]), ("multi", [])):
+        for name, cost in profile(exe, mode, args).items():
+            total[name] = total.get(name, 0) + cost
+    if len(total) < 300:
+        raise RuntimeError(f"only {len(total)} functions profiled: the workload or the "
+                           "callgrind output is not what this script expects")
     order = sorted(total, key=lambda n: (-total[n], n))
+    order += native_faults(exe, set(order))
+    rustc = subprocess.run([os.environ.get("RUSTC", "rustc"), "-V"], capture_output=True,
+                           text=True, timeout=60).stdout.strip()
     with open(OUT, "w") as f:
-        f.write("".join(n + "\n" for n in order))
+        # lld skips lines that start with '#'; build.rs compares this with its rustc.
+        f.write(f"# {rustc}\n" + "".join(n + "\n" for n in order))
     print(f"{len(order)} functions written to {OUT}")
 
 
