@@ -64,7 +64,10 @@ fn env(key: &str) -> String {
 
 /// Links an empty program with `args` the way cargo will link ward.
 fn probe_links(args: &[String]) -> bool {
-    let out = PathBuf::from(env("OUT_DIR")).join("link-order-probe");
+    let Ok(out_dir) = std::env::var("OUT_DIR") else {
+        return false;
+    };
+    let out = PathBuf::from(out_dir).join("link-order-probe");
     let mut cmd = Command::new(env("RUSTC"));
     cmd.args(["--crate-type", "bin", "--crate-name", "probe", "--target"])
         .arg(env("TARGET"))

@@ -669,7 +669,7 @@ def render(raw):
               f"{elapsed / 60:.1f} min of measurement, `bash perf/run.sh` with ROUNDS={rounds} "
               f"DURATION={duration}s KA_CONNS={st['KA_CONNS']} "
               f"NEWCONN_CONNS={st['NEWCONN_CONNS']} HOLD_CONNS={st['HOLD_CONNS']}"
-              + (f"; the whole `perf/run.sh` (tools, release build, PKI, measurement) took "
+              + (f"; the whole `perf/run.sh` (tools, release build unless WARD_BIN and PKI_BIN named binaries, PKI, measurement) took "
                  f"{meta['run_s'] / 60:.1f} min" if meta.get("run_s") else "") + ".\n")
     md.append(f"Machine: {meta['machine']}. "
               "**Shared machine**: other workloads share its host, so absolute figures vary "

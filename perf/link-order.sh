@@ -5,7 +5,7 @@
 # valgrind, linux-perf); takes about a minute after the build.
 #
 # Environment: WARD_BIN, PKI_BIN (use these binaries instead of building them),
-# CARGO_TARGET_DIR, WORK (scratch directory, default a new mktemp -d, removed unless KEEP=1).
+# CARGO_TARGET_DIR, WORK (scratch directory; default a new mktemp -d, removed unless KEEP=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -25,8 +25,10 @@ if [ -z "${WARD_BIN:-}" ] || [ -z "${PKI_BIN:-}" ]; then
 fi
 WARD_BIN="$(readlink -f "${WARD_BIN:-$target/release/ward}")"
 PKI_BIN="$(readlink -f "${PKI_BIN:-$target/release/ward-perf-pki}")"
-WORK="${WORK:-$(mktemp -d /tmp/ward-link-order.XXXXXX)}"
-[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
+if [ -z "${WORK:-}" ]; then
+  WORK="$(mktemp -d /tmp/ward-link-order.XXXXXX)"
+  [ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT  # only a directory we created
+fi
 mkdir -p "$WORK/pki"
 "$PKI_BIN" "$WORK/pki"
 log "profiling both hops under callgrind (work dir $WORK)"

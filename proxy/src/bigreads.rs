@@ -192,8 +192,9 @@ mod tests {
 
     #[tokio::test]
     async fn connections_sharing_the_stock_see_only_their_own_bytes() {
-        // More connections mid-buffer than the stock holds, read in turns, each ending with a
-        // short read into a reused buffer: any stale byte would break an equality below.
+        // More connections mid-buffer than the stock holds, read in turns; later 64 KiB reads
+        // and the short last reads of the first two land in reused buffers: any stale byte
+        // would break an equality below.
         let lens = [150_000, 70_001, 65_536 + 17];
         let mut readers = Vec::new();
         let mut datas = Vec::new();
