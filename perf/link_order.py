@@ -29,6 +29,7 @@ fault per 64 KiB window, so it finds some, not all.
 import glob
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -164,25 +165,34 @@ def functions(outfile, exe):
     return costs
 
 
-def profile(exe, mode, runtime_args):
-    """Runs both hops under callgrind with `runtime_args`, the workload once they are ready;
-    returns {symbol: instructions} over both."""
+def start_hops(mode, argv):
+    """Starts both hops of the harness's ward path with `argv(hop, config)`; waits until both
+    are ready. Returns the processes (harness.spawn records them; harness.stop ends them)."""
     o, i = harness.ward_configs(False)
-    procs = []
-    for hop, text in (("out", o), ("in", i)):
-        cfg = harness.write(f"ward-{hop}.toml", text)
-        # Counting starts where the proxy releases its startup memory (footprint.rs), so what
-        # runs from there on is listed, and startup is not.
-        argv = ["valgrind", "--tool=callgrind", "--zero-before=*release_startup_memory*",
-                "--demangle=no",
-                "--compress-pos=no", f"--callgrind-out-file={WORK}/callgrind.out.{mode}.{hop}",
-                exe, "proxy", "--config", cfg, *runtime_args]
-        log = open(f"{WORK}/ward-{mode}-{hop}.log", "w")
-        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                      env=dict(os.environ, WARD_LOG="warn")))
+    procs = [harness.spawn(f"ward-{mode}-{hop}", argv(hop, harness.write(f"ward-{hop}.toml", t)),
+                           env=dict(os.environ, WARD_LOG="warn"))
+             for hop, t in (("out", o), ("in", i))]
     try:
         for port in harness.WARD_ADMIN:
             wait(f"ward ready on admin {port}", lambda port=port: admin_get(port, "/ready"))
+    except BaseException:
+        for p in procs:
+            harness.stop(p)
+        raise
+    return procs
+
+
+def profile(exe, mode, runtime_args):
+    """Runs both hops under callgrind with `runtime_args`, the workload once they are ready;
+    returns {symbol: instructions} over both."""
+    # Counting starts where the proxy releases its startup memory (footprint.rs), so what runs
+    # from there on is listed, and startup is not.
+    procs = start_hops(mode, lambda hop, cfg: [
+        "valgrind", "--tool=callgrind", "--zero-before=*release_startup_memory*",
+        "--demangle=no", "--compress-pos=no",
+        f"--callgrind-out-file={WORK}/callgrind.out.{mode}.{hop}",
+        exe, "proxy", "--config", cfg, *runtime_args])
+    try:
         time.sleep(2)  # footprint's release runs right after ready
         workload()
         time.sleep(1)
@@ -190,14 +200,8 @@ def profile(exe, mode, runtime_args):
             subprocess.run(["callgrind_control", "-i", "off", str(p.pid)], check=True,
                            stdout=subprocess.DEVNULL, timeout=60)
     finally:
-        for p in procs:
-            p.terminate()  # SIGTERM: the proxy drains and exits; callgrind writes its dump
-        for p in procs:
-            try:
-                p.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        for p in procs:  # SIGTERM: the proxy drains and exits; callgrind writes its dump
+            harness.stop(p, grace=120)
     total = {}
     for hop in ("out", "in"):
         for name, cost in functions(f"{WORK}/callgrind.out.{mode}.{hop}", exe).items():
@@ -211,39 +215,31 @@ def native_faults(exe, listed):
     the page faults of the workload are recorded with `perf`. Only the first fault of each
     64 KiB window is seen, in the binary as it is linked now, so this finds some of what is
     missing, not all; run the script twice to find more. Needs `perf`; returns [] without it."""
-    if subprocess.run(["sh", "-c", "command -v perf"], capture_output=True).returncode != 0:
+    if shutil.which("perf") is None:
         print("perf not found: the native pass is skipped (ring's CPU-specific code unlisted)")
         return []
-    o, i = harness.ward_configs(False)
-    procs = []
-    for hop, text in (("out", o), ("in", i)):
-        cfg = harness.write(f"ward-{hop}.toml", text)
-        log = open(f"{WORK}/ward-native-{hop}.log", "w")
-        procs.append(subprocess.Popen([exe, "proxy", "--config", cfg, "--workers", "1"],
-                                      stdout=log, stderr=subprocess.STDOUT,
-                                      env=dict(os.environ, WARD_LOG="warn")))
+    procs = start_hops("native", lambda hop, cfg: [exe, "proxy", "--config", cfg,
+                                                   "--workers", "1"])
     data = f"{WORK}/faults.data"
     if os.path.exists(data):
         os.remove(data)
     perf = None
     try:
-        for port in harness.WARD_ADMIN:
-            wait(f"ward ready on admin {port}", lambda port=port: admin_get(port, "/ready"))
         time.sleep(1)
-        perf = subprocess.Popen(["perf", "record", "-q", "-e", "page-faults", "-c", "1", "-d",
-                                 "-o", data, "-p", ",".join(str(p.pid) for p in procs)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        perf = harness.spawn("perf-faults", ["perf", "record", "-q", "-e", "page-faults", "-c",
+                                             "1", "-d", "-o", data,
+                                             "-p", ",".join(str(p.pid) for p in procs)])
         time.sleep(1)
         workload()
     finally:
-        for p in ([perf] if perf else []) + procs:
-            p.send_signal(signal.SIGINT if p is perf else signal.SIGTERM)
-        for p in ([perf] if perf else []) + procs:
+        if perf is not None and perf.poll() is None:
+            os.kill(perf.pid, signal.SIGINT)  # perf record writes its data on SIGINT
             try:
-                p.wait(timeout=60)
+                perf.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                pass
+        for p in ([perf] if perf else []) + procs:
+            harness.stop(p, grace=60)
     if perf is None or perf.returncode not in (0, -signal.SIGINT) or not os.path.exists(data):
         print("perf record failed: the native pass adds nothing")
         return []
