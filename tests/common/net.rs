@@ -167,15 +167,43 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// A port that was free a moment ago (bound on 127.0.0.1 and released).
+/// A port that was free a moment ago (bound on 127.0.0.1 and released), never handed out
+/// twice by this process, and below the kernel's ephemeral range: a port from that range can
+/// be taken by any other test's `bind(0)` or, for a probe, be the probe's own source port
+/// (a self-connection that looks like a listener). CI failed once on exactly this.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().unwrap().port()
+    use std::sync::atomic::AtomicU32;
+    const LOW: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let high = ephemeral_low().clamp(LOW + 1_000, 65_535);
+    let span = high - LOW;
+    // a different start per process, so two test runs side by side rarely meet
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{high}");
 }
 
-/// Whether something accepts TCP connections on `addr` now.
+/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
+/// Whether something accepts TCP connections on `addr` now. A connection to itself (source
+/// port = `addr`'s port, possible when nothing listens on an ephemeral port) is not a listener.
 pub fn is_listening(addr: SocketAddr) -> bool {
-    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+    match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+        Ok(s) => s.local_addr().ok() != Some(addr),
+        Err(_) => false,
+    }
 }
 
 const RECORD_CAP: usize = 4 << 20;
