@@ -17,11 +17,10 @@ current-thread runtime) and with the default runtime (one worker per core). Ever
 the binary that ran is listed, hottest first, after a `# rustc ...` line (lld skips it; build.rs
 warns when it differs from the compiler in use).
 
-Symbol names depend on the rustc version, the dependency versions and, for the `.llvm.<hash>`
-suffixes of functions that thin LTO promoted (about 14 % of the list), on the code of their
-unit; a name the binary does not have is skipped, so a stale list costs memory, never
-correctness. Regenerate after a toolchain or dependency update or a large change to the data
-path. A native pass with `perf` (page faults of the same workload) appends some of what runs
+Symbol names depend on the rustc version, the dependency versions and the release profile
+(fat LTO, so no `.llvm.<hash>` names and nothing that depends on the build's paths); a name the
+binary does not have is skipped, so a stale list costs memory, never correctness. Regenerate
+after a toolchain or dependency update, a profile change or a large change to the data path. A native pass with `perf` (page faults of the same workload) appends some of what runs
 only natively (e.g. the variants of ring's assembly this CPU selects, ADX, VAES); it sees one
 fault per 64 KiB window, so it finds some, not all.
 """
