@@ -14,7 +14,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,11 +28,37 @@ use common::wait_until;
 
 const SHORT: Duration = Duration::from_secs(3);
 
+/// The deny test measures PRODUCT.md's 1 s bounds, so it runs alone: the other tests of this
+/// file (a burst of 200 CLI processes, two minutes of traffic) share the 2 CI cores with
+/// whatever runs beside them, and would be measured as well. std's RwLock lets a waiting
+/// writer in before new readers.
+static TIMED: RwLock<()> = RwLock::new(());
+
+fn beside_others() -> RwLockReadGuard<'static, ()> {
+    TIMED.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn alone() -> RwLockWriteGuard<'static, ()> {
+    TIMED.write().unwrap_or_else(|e| e.into_inner())
+}
+
 fn inbound_denied(p: &WardProcess) -> f64 {
     metric(
         p,
         "ward_tls_handshakes_total",
         &[("direction", "inbound"), ("result", "denied")],
+    )
+}
+
+fn deny_decisions(p: &WardProcess) -> f64 {
+    metric(
+        p,
+        "ward_intention_decisions_total",
+        &[
+            ("source", "order"),
+            ("destination", "inventory"),
+            ("decision", "deny"),
+        ],
     )
 }
 
@@ -117,6 +143,7 @@ fn raw_admin_create_token(server: &DevServer, bearer: Option<&str>) -> Result<()
 
 #[test]
 fn join_tokens_give_certificates_traffic_flows_and_bad_credentials_are_refused() {
+    let _timed = beside_others();
     let mesh = Mesh::start("cp-join", None);
 
     // Both proxies run with a certificate from the server for their own identity.
@@ -294,6 +321,7 @@ fn join_tokens_give_certificates_traffic_flows_and_bad_credentials_are_refused()
 
 #[test]
 fn two_minutes_of_traffic_across_20s_leaf_renewals_has_zero_failures() {
+    let _timed = beside_others();
     let mesh = Mesh::start("cp-renew", Some("20s"));
     mesh.allow_order();
     let now_unix = || {
@@ -379,6 +407,7 @@ fn two_minutes_of_traffic_across_20s_leaf_renewals_has_zero_failures() {
 
 #[test]
 fn server_kill9_keeps_traffic_flowing_and_proxies_apply_a_change_after_restart() {
+    let _timed = beside_others();
     let mut mesh = Mesh::start("cp-crash", None);
     mesh.allow_order();
     let up = mesh.upstream();
@@ -517,6 +546,7 @@ fn server_kill9_keeps_traffic_flowing_and_proxies_apply_a_change_after_restart()
 
 #[test]
 fn allow_to_deny_refuses_new_handshakes_and_closes_the_open_connection_within_1s() {
+    let _timed = alone();
     let mesh = Mesh::start("cp-deny", None);
     mesh.allow_order();
     let up = mesh.upstream();
@@ -540,7 +570,7 @@ fn allow_to_deny_refuses_new_handshakes_and_closes_the_open_connection_within_1s
         ) >= 1.0,
         "order's connections reach inventory as tunnel streams"
     );
-    let denied_before = inbound_denied(&mesh.inventory);
+    let denied_before = deny_decisions(&mesh.inventory);
     let version_before = intentions_version(&mesh.inventory).unwrap();
 
     let cli_started = Instant::now();
@@ -585,10 +615,15 @@ fn allow_to_deny_refuses_new_handshakes_and_closes_the_open_connection_within_1s
         accepted_at_refusal,
         "the app accepted connections after the deny took effect"
     );
+    // A refusal is a denied handshake, or a stream refused on the tunnel in the moment before
+    // the deny closed it; both are deny decisions, counted once the refusal is on its way.
+    let counted = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        (deny_decisions(&mesh.inventory) >= denied_before + 6.0).then_some(())
+    });
     assert!(
-        inbound_denied(&mesh.inventory) >= denied_before + 6.0,
-        "inventory's denied handshakes went {denied_before} -> {} over 6 refused connections",
-        inbound_denied(&mesh.inventory)
+        counted.is_some(),
+        "inventory's deny decisions for order went {denied_before} -> {} over 6 refused connections",
+        deny_decisions(&mesh.inventory)
     );
     let (closed_at, why) = closed
         .expect("the open long-lived connection was still exchanging data 3 s after the deny");
@@ -610,6 +645,7 @@ fn allow_to_deny_refuses_new_handshakes_and_closes_the_open_connection_within_1s
 
 #[test]
 fn every_acknowledged_intention_write_survives_kill9_during_a_burst() {
+    let _timed = beside_others();
     const WRITES: usize = 200;
     const WORKERS: usize = 4;
     let dir = TempDir::new("cp-burst");

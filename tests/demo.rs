@@ -34,6 +34,26 @@ fn read_until(rx: &mpsc::Receiver<String>, marker: &str, deadline: Instant) -> V
     seen
 }
 
+/// The demo under test: if the test fails before its own SIGINT, the demo still gets one (it
+/// stops the processes it started), and a SIGKILL if it has not exited 20 s later.
+struct Demo(std::process::Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-INT", &self.0.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn sidecar_pids(parent: u32) -> Vec<u32> {
     let out = Command::new("ps")
         .args(["-o", "pid=", "--ppid", &parent.to_string()])
@@ -47,13 +67,16 @@ fn sidecar_pids(parent: u32) -> Vec<u32> {
 
 #[test]
 fn demo_refuses_attacks_confirms_an_order_and_stops_on_ctrl_c() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ward"))
-        .arg("demo")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("ward demo starts");
-    let rx = lines_of(&mut child);
+    let mut demo = Demo(
+        Command::new(env!("CARGO_BIN_EXE_ward"))
+            .arg("demo")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ward demo starts"),
+    );
+    let child = &mut demo.0;
+    let rx = lines_of(child);
     let seen = read_until(
         &rx,
         "Ctrl-C to stop.",

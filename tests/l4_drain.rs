@@ -63,14 +63,14 @@ fn sigterm_drains_open_connections_then_exits_zero() {
     assert_eq!(conn.echo(b"before\n").unwrap(), b"before\n");
 
     sigterm(s.proxy.pid());
-    let not_ready = wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+    let not_ready = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
         (s.proxy.ready_status() == Some(503)).then_some(())
     });
     assert!(
         not_ready.is_some(),
         "/ready turns 503 at once when draining"
     );
-    let closed = wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+    let closed = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
         (!is_listening(inbound)).then_some(())
     });
     assert!(closed.is_some(), "the inbound listener stops accepting");

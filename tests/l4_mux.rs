@@ -438,7 +438,7 @@ fn a_draining_inbound_lets_open_streams_finish_and_takes_no_new_ones() {
         .unwrap()
         .success();
     assert!(ok, "kill -TERM inventory's proxy");
-    let draining = common::wait_until(Duration::from_secs(2), Duration::from_millis(20), || {
+    let draining = common::wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
         (inv.proxy.ready_status() == Some(503)).then_some(())
     });
     assert!(draining.is_some(), "inventory's /ready turns 503");

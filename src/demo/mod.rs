@@ -13,6 +13,7 @@ use anyhow::Context;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
 
 pub fn run(once: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -27,8 +28,17 @@ async fn play(once: bool) -> anyhow::Result<()> {
     let dir = proxies::DemoDir::new()?;
     println!("ward demo: working directory {}", dir.path().display());
 
+    // Ctrl-C at any point stops the processes the demo started, not just the demo.
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle Ctrl-C")?;
     let mut children = proxies::Children::default();
-    let outcome = story(&dir, &mut children, once).await;
+    let outcome = tokio::select! {
+        outcome = story(&dir, &mut children, once) => outcome,
+        _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted before the demo finished")),
+    };
+    if !once && matches!(outcome, Ok(true)) {
+        interrupt.recv().await;
+        println!();
+    }
     println!("stopping the sidecars and the server");
     children.stop().await;
     match outcome {
@@ -163,10 +173,6 @@ async fn story(
         println!("config:   curl http://{}/config", inventory.addr("admin"));
         println!("logs:     {}", dir.path().display());
         println!("Ctrl-C to stop.");
-        tokio::signal::ctrl_c()
-            .await
-            .context("cannot wait for Ctrl-C")?;
-        println!();
     }
     Ok(ok)
 }

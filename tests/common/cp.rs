@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::net::{http_get, metric_sum, EchoApp};
+use super::net::{free_port, http_get, metric_sum, EchoApp};
 use super::proc::{collect_lines, strip_ansi, toml_path, toml_str, ward_bin, Lines, TempDir};
 use super::proc::{parse_listening, WardProcess};
 use super::wait_until;
@@ -186,7 +186,10 @@ impl DevServer {
             admin: "127.0.0.1:0".parse().unwrap(),
             started_at: Instant::now(),
         };
-        if let Err(e) = s.launch("127.0.0.1:0".parse().unwrap()) {
+        // A port below the ephemeral range: restart() binds it again, and while the server is
+        // down no other test's bind(0) or outgoing connection can take it.
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        if let Err(e) = s.launch(listen) {
             panic!("[{label}] {e}");
         }
         s
@@ -737,6 +740,18 @@ impl TrafficReport {
     }
 }
 
+/// Sleeps until `next + every` and makes that the new `next`: one round per `every` however long
+/// a round took (a late round starts the schedule again from now).
+fn pace(next: &mut Instant, every: Duration) {
+    *next += every;
+    let now = Instant::now();
+    if *next > now {
+        thread::sleep(*next - now);
+    } else {
+        *next = now;
+    }
+}
+
 /// Background traffic through `addr`: a new connection every `every` (each echoes a few bytes)
 /// and one long-lived connection exchanging a line every `every`; every failure is recorded
 /// (the long-lived one is reopened after a failure, so later failures count too).
@@ -771,13 +786,7 @@ impl Traffic {
                             error: format!("connection {n}: {e}"),
                         }),
                     }
-                    next += every;
-                    let now = Instant::now();
-                    if next > now {
-                        thread::sleep(next - now);
-                    } else {
-                        next = now;
-                    }
+                    pace(&mut next, every);
                 }
             }));
         }
@@ -785,6 +794,7 @@ impl Traffic {
             let (stop, state) = (stop.clone(), state.clone());
             threads.push(thread::spawn(move || {
                 let mut conn: Option<LongLived> = None;
+                let mut next = Instant::now();
                 while !stop.load(Ordering::SeqCst) {
                     let r = match &mut conn {
                         Some(c) => c.exchange(),
@@ -807,7 +817,7 @@ impl Traffic {
                             });
                         }
                     }
-                    thread::sleep(every);
+                    pace(&mut next, every);
                 }
             }));
         }

@@ -175,7 +175,13 @@ pub fn free_port() -> u16 {
     use std::sync::atomic::AtomicU32;
     const LOW: u32 = 10_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let high = ephemeral_low().clamp(LOW + 1_000, 65_535);
+    let high = ephemeral_low();
+    assert!(
+        high >= LOW + 1_000,
+        "the ephemeral port range starts at {high} (/proc/sys/net/ipv4/ip_local_port_range): \
+         the tests need ports {LOW}..{} outside it",
+        LOW + 1_000
+    );
     let span = high - LOW;
     // a different start per process, so two test runs side by side rarely meet
     let start = std::process::id().wrapping_mul(7_919) % span;
