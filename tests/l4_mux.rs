@@ -15,7 +15,9 @@
 //! - a peer that resets more than 256 streams before their answer loses its tunnel
 //!   (ENHANCE_YOUR_CALM), 200 are tolerated;
 //! - a tunnel whose peer stops answering (no reset, no FIN) is closed after an unanswered PING
-//!   by each side, and so are its streams.
+//!   by each side, and so are its streams;
+//! - a tunnel admits no stream once its peer's chain has expired, the intermediate's end
+//!   counting as the leaf's does.
 //!
 //! An intention turning to deny closes open tunnel streams and refuses new ones within 1 s:
 //! tests/control_plane.rs (`allow_to_deny_...`), whose order -> inventory path is a tunnel.
@@ -293,6 +295,43 @@ fn a_stream_that_is_not_a_connect_to_this_service_is_refused_and_connects_nothin
     );
     assert_eq!(mux_streams(&inv.proxy, "inbound", "refused"), 4.0);
     assert_eq!(mux_streams(&inv.proxy, "inbound", "ok"), 1.0);
+}
+
+#[test]
+fn a_tunnel_admits_no_stream_once_the_peers_intermediate_has_expired() {
+    let inv = Inventory::start("mux-chain-end");
+    // order's leaf is valid for a day, the intermediate it comes with for 5 s more.
+    let until = time::OffsetDateTime::now_utc() + time::Duration::seconds(5);
+    let order = inv.pki.leaf_from_intermediate_until("order", until);
+    with_tunnel(inv.proxy.inbound(), &order, |mut send| async move {
+        let connect = || {
+            http::Request::connect("inventory.default")
+                .body(())
+                .unwrap()
+        };
+        let before = request_status(&mut send, connect()).await;
+        assert_eq!(
+            before,
+            http::StatusCode::OK,
+            "a stream while the chain is valid"
+        );
+        // Wall-clock time is what this is about: wait until the intermediate has expired.
+        let left = until - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1_500);
+        tokio::time::sleep(left.try_into().unwrap_or_default()).await;
+        let after = request_status(&mut send, connect()).await;
+        assert_eq!(
+            after,
+            http::StatusCode::FORBIDDEN,
+            "a stream after the intermediate's not_after, on the tunnel opened before it"
+        );
+        Ok(())
+    })
+    .expect("the tunnel");
+    assert_eq!(
+        inv.app.accepted(),
+        1,
+        "only the stream opened while the chain was valid reached the app"
+    );
 }
 
 #[test]

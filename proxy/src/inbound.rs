@@ -147,7 +147,7 @@ impl Inbound {
             tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), "inbound tunnel admitted");
             let peer = crate::mux::server::TunnelPeer {
                 id: peer_id,
-                not_after: leaf.not_after,
+                not_after: tls::chain_not_after(leaf.not_after, chain, crate::now_unix()),
             };
             let close = registration.close.clone();
             crate::mux::server::serve(shared.clone(), self.local_app, tls, peer, close).await;

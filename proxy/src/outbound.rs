@@ -183,7 +183,7 @@ impl Upstream {
         result
     }
 
-    /// TCP connect and mutual TLS handshake to `ep`; the server certificate's not_after.
+    /// TCP connect and mutual TLS handshake to `ep`; when the server's chain stops being valid.
     async fn handshake(&self, ep: SocketAddr) -> Result<(MeshStream, i64), Attempt> {
         let shared = &self.shared;
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep)).await {
@@ -251,7 +251,8 @@ impl Upstream {
         match checked {
             Ok(leaf) => {
                 m::handshake(Direction::Outbound, HandshakeResult::Ok, elapsed);
-                Ok((tls, leaf.not_after))
+                let not_after = tls::chain_not_after(leaf.not_after, chain, crate::now_unix());
+                Ok((tls, not_after))
             }
             Err(e) => {
                 m::handshake(Direction::Outbound, tls::verify::result_of(&e), elapsed);

@@ -208,6 +208,55 @@ impl Identity {
     }
 }
 
+/// An intermediate (pathLen 0) signed by `root`, valid from 20 days ago until `not_after`.
+fn intermediate(root: &Ca, trust_domain: &str, not_after: OffsetDateTime) -> Ca {
+    let mut int_params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        format!("ward test intermediate {trust_domain}"),
+    );
+    int_params.distinguished_name = dn;
+    int_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    int_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    int_params.not_before = now() - Duration::days(20);
+    int_params.not_after = not_after;
+    int_params.serial_number = Some(random_serial());
+    int_params.use_authority_key_identifier_extension = true;
+    let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("intermediate key");
+    let int_cert = int_params
+        .signed_by(&int_key, &root.issuer)
+        .expect("intermediate cert");
+    Ca {
+        cert_pem: int_cert.pem(),
+        cert_der: int_cert.der().clone(),
+        issuer: Issuer::new(int_params, int_key),
+    }
+}
+
+/// A leaf from `spec`, signed by `ca`; the chain carries `ca`'s certificate.
+fn issue_by(ca: &Ca, spec: &LeafSpec) -> Identity {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("leaf key");
+    let cert = spec
+        .params()
+        .signed_by(&key, &ca.issuer)
+        .expect("sign leaf");
+    let leaf_pem = cert.pem();
+    Identity {
+        chain_pem: format!("{}{}", leaf_pem, ca.cert_pem),
+        extra_pem: ca.cert_pem.clone(),
+        leaf_pem,
+        key_pem: key.serialize_pem(),
+        serial: serial_of_der(cert.der()),
+        chain_der: vec![cert.der().clone(), ca.cert_der.clone()],
+        key_pkcs8: key.serialize_der(),
+    }
+}
+
 /// Root -> intermediate (pathLen 0) for one trust domain.
 pub struct Pki {
     pub trust_domain: String,
@@ -238,32 +287,7 @@ impl Pki {
             issuer: Issuer::new(root_params, root_key),
         };
 
-        let mut int_params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            format!("ward test intermediate {trust_domain}"),
-        );
-        int_params.distinguished_name = dn;
-        int_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        int_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        int_params.not_before = now() - Duration::days(20);
-        int_params.not_after = now() + Duration::days(365);
-        int_params.serial_number = Some(random_serial());
-        int_params.use_authority_key_identifier_extension = true;
-        let int_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("intermediate key");
-        let int_cert = int_params
-            .signed_by(&int_key, &root.issuer)
-            .expect("intermediate cert");
-        let intermediate = Ca {
-            cert_pem: int_cert.pem(),
-            cert_der: int_cert.der().clone(),
-            issuer: Issuer::new(int_params, int_key),
-        };
+        let intermediate = intermediate(&root, trust_domain, now() + Duration::days(365));
         Pki {
             trust_domain: trust_domain.to_string(),
             root,
@@ -282,21 +306,18 @@ impl Pki {
 
     /// A leaf from `spec`, signed by the intermediate; the chain carries the intermediate.
     pub fn issue(&self, spec: &LeafSpec) -> Identity {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("leaf key");
-        let cert = spec
-            .params()
-            .signed_by(&key, &self.intermediate.issuer)
-            .expect("sign leaf");
-        let leaf_pem = cert.pem();
-        Identity {
-            chain_pem: format!("{}{}", leaf_pem, self.intermediate.cert_pem),
-            extra_pem: self.intermediate.cert_pem.clone(),
-            leaf_pem,
-            key_pem: key.serialize_pem(),
-            serial: serial_of_der(cert.der()),
-            chain_der: vec![cert.der().clone(), self.intermediate.cert_der.clone()],
-            key_pkcs8: key.serialize_der(),
-        }
+        issue_by(&self.intermediate, spec)
+    }
+
+    /// A valid day-long leaf for `service` from a second intermediate under the same root that
+    /// is valid only until `not_after`: a chain that expires before its leaf.
+    pub fn leaf_from_intermediate_until(
+        &self,
+        service: &str,
+        not_after: OffsetDateTime,
+    ) -> Identity {
+        let short = intermediate(&self.root, &self.trust_domain, not_after);
+        issue_by(&short, &LeafSpec::new(&self.trust_domain, service))
     }
 
     /// A valid mesh identity for `service`.

@@ -88,7 +88,7 @@ struct TunnelConn {
     send: h2::client::SendRequest<Bytes>,
     state: Arc<ConnState>,
     generation: u64,
-    /// The server certificate's not_after (Unix seconds).
+    /// When the server's chain stops being valid (Unix seconds; leaf and intermediates).
     server_not_after: i64,
 }
 

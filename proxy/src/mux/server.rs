@@ -22,7 +22,8 @@ use ward_config::SpiffeId;
 /// Who is at the other end of a tunnel connection, as its handshake established.
 pub struct TunnelPeer {
     pub id: SpiffeId,
-    /// The peer certificate's not_after (Unix seconds): no stream is admitted after it.
+    /// When the peer's chain stops being valid (Unix seconds; the earliest not_after of its
+    /// leaf and intermediates): no stream is admitted after it.
     pub not_after: i64,
 }
 

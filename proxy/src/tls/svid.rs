@@ -1,6 +1,7 @@
 //! X.509-SVID rules on a leaf certificate: one URI SAN that is a ward SPIFFE ID, not a CA,
 //! serverAuth and clientAuth usage.
 
+use rustls_pki_types::CertificateDer;
 use ward_config::{SpiffeId, TrustDomain};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -90,6 +91,26 @@ pub fn check_leaf(der: &[u8], trust_domain: Option<&TrustDomain>) -> Result<Leaf
     })
 }
 
+/// When the peer's presented chain stops being valid: the earliest of the leaf's not_after and
+/// those of the certificates sent with it that are valid at `now` (the handshake's time). A
+/// tunnel admits streams only until then, so an intermediate that expires before its leaf ends
+/// the tunnel's use too. Certificates that do not parse or are not valid at `now` cannot be on
+/// the path the verifier built, and are left out.
+pub fn chain_not_after(leaf_not_after: i64, chain: &[CertificateDer<'_>], now: i64) -> i64 {
+    chain
+        .iter()
+        .skip(1)
+        .filter_map(|der| X509Certificate::from_der(der).ok())
+        .map(|(_, cert)| {
+            let v = cert.validity();
+            (v.not_before.timestamp(), v.not_after.timestamp())
+        })
+        .filter(|&(not_before, not_after)| not_before <= now && now <= not_after)
+        .fold(leaf_not_after, |earliest, (_, not_after)| {
+            earliest.min(not_after)
+        })
+}
+
 fn hex_lower(bytes: &[u8]) -> String {
     use std::fmt::Write;
     let mut s = String::with_capacity(bytes.len() * 2);
@@ -97,4 +118,86 @@ fn hex_lower(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    use time::{Duration, OffsetDateTime};
+
+    /// root -> intermediate (valid `int_days` more days) -> leaf (valid 2 more days).
+    fn chain(int_days: i64) -> Vec<CertificateDer<'static>> {
+        let now = OffsetDateTime::now_utc();
+        let mut root = CertificateParams::default();
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root_key = KeyPair::generate().unwrap();
+        let root_issuer = Issuer::new(root, root_key);
+        let mut int = CertificateParams::default();
+        int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        int.not_before = now - Duration::days(3);
+        int.not_after = now + Duration::days(int_days);
+        let int_key = KeyPair::generate().unwrap();
+        let int_cert = int.signed_by(&int_key, &root_issuer).unwrap();
+        let int_issuer = Issuer::new(int, int_key);
+        let mut leaf = CertificateParams::default();
+        leaf.subject_alt_names = vec![SanType::URI(
+            "spiffe://mesh.test/ns/default/svc/order".try_into().unwrap(),
+        )];
+        leaf.not_before = now - Duration::hours(1);
+        leaf.not_after = now + Duration::days(2);
+        let leaf_cert = leaf
+            .signed_by(&KeyPair::generate().unwrap(), &int_issuer)
+            .unwrap();
+        vec![leaf_cert.der().clone(), int_cert.der().clone()]
+    }
+
+    fn info(der: &CertificateDer<'_>) -> LeafInfo {
+        let (_, cert) = X509Certificate::from_der(der).unwrap();
+        LeafInfo {
+            id: SpiffeId::parse("spiffe://mesh.test/ns/default/svc/order").unwrap(),
+            serial: String::new(),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+        }
+    }
+
+    #[test]
+    fn an_intermediate_that_expires_first_ends_the_chain() {
+        let now = crate::now_unix();
+        let short = chain(1);
+        let leaf = info(&short[0]);
+        let end = chain_not_after(leaf.not_after, &short, now);
+        assert!(
+            end < leaf.not_after,
+            "the intermediate's end, not the leaf's"
+        );
+        assert!(
+            (end - (now + 86_400)).abs() < 60,
+            "about a day from now: {end}"
+        );
+
+        let long = chain(30);
+        let leaf = info(&long[0]);
+        assert_eq!(chain_not_after(leaf.not_after, &long, now), leaf.not_after);
+    }
+
+    #[test]
+    fn certificates_off_the_path_do_not_count() {
+        let now = crate::now_unix();
+        let good = chain(30);
+        let leaf = info(&good[0]);
+        // An intermediate that expired a day ago cannot be on a path verified now.
+        let expired = chain(-1).remove(1);
+        let with_extras = vec![
+            good[0].clone(),
+            good[1].clone(),
+            expired,
+            CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]),
+        ];
+        assert_eq!(
+            chain_not_after(leaf.not_after, &with_extras, now),
+            leaf.not_after
+        );
+    }
 }
