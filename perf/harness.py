@@ -550,6 +550,12 @@ def table(med, cols):
     return "\n".join(lines)
 
 
+def near(r, goal):
+    """`r` with 2 decimals, or 3 when 2 would round it onto the goal (1.497 is not 1.50)."""
+    two = f"{r:.2f}"
+    return f"{r:.3f}" if float(two) == goal and r != goal else two
+
+
 def targets(med):
     rows = []
 
@@ -564,11 +570,11 @@ def targets(med):
                              ("new connections/s ≥ 4x best peer", "new_cps", 4.0),
                              ("bulk Gbit/s ≥ 1.5x best peer", "iperf_gbps", 1.5)):
         r, who = ratio(key, True)
-        rows.append((title, "—" if r is None else f"{r:.2f}x ({who})",
+        rows.append((title, "—" if r is None else f"{near(r, goal)}x ({who})",
                      "—" if r is None else ("met" if r >= goal else "**not met**")))
     r, who = ratio("added_p50_us", False)
     rows.append(("added p50 ≤ 0.6x best peer's", "—" if r is None else
-                 f"{r:.2f}x ({med['ward']['added_p50_us']:.0f} µs vs {who} "
+                 f"{near(r, 0.6)}x ({med['ward']['added_p50_us']:.0f} µs vs {who} "
                  f"{med[who]['added_p50_us']:.0f} µs)",
                  "—" if r is None else ("met" if r <= 0.6 else "**not met**")))
     w = med.get("ward", {}).get("rss_idle_mib")
@@ -576,7 +582,7 @@ def targets(med):
                  "—" if w is None else ("met" if w <= 12 else "**not met**")))
     r, who = ratio("rss_hold_mib", False)
     rows.append(("RSS with 1000 held connections ≤ 0.25x best peer's",
-                 "—" if r is None else f"{r:.2f}x ({who})",
+                 "—" if r is None else f"{near(r, 0.25)}x ({who})",
                  "—" if r is None else ("met" if r <= 0.25 else "**not met**")))
     lines = ["| target | ward, this run | status |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]

@@ -570,7 +570,8 @@ fn allow_to_deny_refuses_new_handshakes_and_closes_the_open_connection_within_1s
         ) >= 1.0,
         "order's connections reach inventory as tunnel streams"
     );
-    let denied_before = deny_decisions(&mesh.inventory);
+    let decisions_before = deny_decisions(&mesh.inventory);
+    let handshakes_before = inbound_denied(&mesh.inventory);
     let version_before = intentions_version(&mesh.inventory).unwrap();
 
     let cli_started = Instant::now();
@@ -615,15 +616,22 @@ fn allow_to_deny_refuses_new_handshakes_and_closes_the_open_connection_within_1s
         accepted_at_refusal,
         "the app accepted connections after the deny took effect"
     );
-    // A refusal is a denied handshake, or a stream refused on the tunnel in the moment before
-    // the deny closed it; both are deny decisions, counted once the refusal is on its way.
+    // Inventory refused them: the first refusal can be a stream refused on the tunnel in the
+    // moment before the deny closed it (a deny decision, not a handshake), and the outbound
+    // retries a failed stream once, so 6 connections make 6 to 12 deny decisions. The 5 after
+    // the first came after the tunnel was closed: a denied handshake each. Both are counted
+    // once the refusal is on its way, so wait for them.
     let counted = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
-        (deny_decisions(&mesh.inventory) >= denied_before + 6.0).then_some(())
+        let decisions = deny_decisions(&mesh.inventory) - decisions_before;
+        let handshakes = inbound_denied(&mesh.inventory) - handshakes_before;
+        (decisions >= 6.0 && handshakes >= 5.0).then_some(())
     });
+    let decisions = deny_decisions(&mesh.inventory) - decisions_before;
+    let handshakes = inbound_denied(&mesh.inventory) - handshakes_before;
     assert!(
-        counted.is_some(),
-        "inventory's deny decisions for order went {denied_before} -> {} over 6 refused connections",
-        deny_decisions(&mesh.inventory)
+        counted.is_some() && decisions <= 12.0,
+        "over 6 refused connections inventory counted {decisions} deny decisions for order \
+         (want 6 to 12) and {handshakes} denied handshakes (want at least 5)"
     );
     let (closed_at, why) = closed
         .expect("the open long-lived connection was still exchanging data 3 s after the deny");

@@ -129,7 +129,13 @@ fn demo_refuses_attacks_confirms_an_order_and_stops_on_ctrl_c() {
             break st;
         }
         if Instant::now() > deadline {
+            // The demo cannot stop its processes now: end them here, by the PIDs seen above.
             let _ = child.kill();
+            for pid in &sidecars {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
             panic!("ward demo did not exit after SIGINT");
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -68,7 +68,7 @@ fn sigterm_drains_open_connections_then_exits_zero() {
     });
     assert!(
         not_ready.is_some(),
-        "/ready turns 503 at once when draining"
+        "/ready turns 503 when the drain starts, while the open connection still runs"
     );
     let closed = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
         (!is_listening(inbound)).then_some(())

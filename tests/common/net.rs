@@ -168,39 +168,47 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// A port that was free a moment ago (bound on 127.0.0.1 and released), never handed out
-/// twice by this process, and below the kernel's ephemeral range: a port from that range can
+/// twice by this process, and outside the kernel's ephemeral range: a port from that range can
 /// be taken by any other test's `bind(0)` or, for a probe, be the probe's own source port
 /// (a self-connection that looks like a listener). CI failed once on exactly this.
 pub fn free_port() -> u16 {
     use std::sync::atomic::AtomicU32;
-    const LOW: u32 = 10_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let high = ephemeral_low();
-    assert!(
-        high >= LOW + 1_000,
-        "the ephemeral port range starts at {high} (/proc/sys/net/ipv4/ip_local_port_range): \
-         the tests need ports {LOW}..{} outside it",
-        LOW + 1_000
-    );
-    let span = high - LOW;
+    let (low, high) = free_port_range();
+    let span = high - low;
     // a different start per process, so two test runs side by side rarely meet
     let start = std::process::id().wrapping_mul(7_919) % span;
     for _ in 0..span {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (LOW + (start + n) % span) as u16;
+        let port = (low + (start + n) % span) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free port in {LOW}..{high}");
+    panic!("no free port in {low}..{high}");
 }
 
-/// The first port of the kernel's ephemeral range (32768 when it cannot be read).
-fn ephemeral_low() -> u32 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32_768)
+/// Ports `low..high` below the kernel's ephemeral range (from 10000), or above it when it
+/// starts too low (`1024 65535` leaves none: then say so).
+fn free_port_range() -> (u32, u32) {
+    const LOW: u32 = 10_000;
+    const ROOM: u32 = 1_000;
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let mut ends = range
+        .iter()
+        .flat_map(|s| s.split_whitespace())
+        .filter_map(|v| v.parse::<u32>().ok());
+    let (first, last) = (ends.next().unwrap_or(32_768), ends.next().unwrap_or(60_999));
+    if first >= LOW + ROOM {
+        (LOW, first)
+    } else if last + ROOM < 65_535 {
+        (last + 1, 65_536)
+    } else {
+        panic!(
+            "the ephemeral port range {first}-{last} (/proc/sys/net/ipv4/ip_local_port_range) \
+             leaves the tests no ports outside it"
+        )
+    }
 }
 
 /// Whether something accepts TCP connections on `addr` now. A connection to itself (source
