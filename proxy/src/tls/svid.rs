@@ -142,7 +142,9 @@ mod tests {
         let int_issuer = Issuer::new(int, int_key);
         let mut leaf = CertificateParams::default();
         leaf.subject_alt_names = vec![SanType::URI(
-            "spiffe://mesh.test/ns/default/svc/order".try_into().unwrap(),
+            "spiffe://mesh.test/ns/default/svc/order"
+                .try_into()
+                .unwrap(),
         )];
         leaf.not_before = now - Duration::hours(1);
         leaf.not_after = now + Duration::days(2);
