@@ -167,10 +167,14 @@ impl Upstream {
                 self.pool.note_plain(ep, true);
                 Err(Attempt::Open(Carrier::Plain(Box::new(tls))))
             }
-            Ok((tls, server_not_after)) => {
+            Ok((tls, leaf_not_after)) => {
                 self.pool.note_plain(ep, false);
+                // Only a tunnel outlives this client connection: it is retired when any
+                // certificate of the server's chain expires, not only the leaf.
+                let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+                let not_after = tls::chain_not_after(leaf_not_after, chain, crate::now_unix());
                 self.pool
-                    .add(&self.shared, ep, tls, server_not_after, generation)
+                    .add(&self.shared, ep, tls, not_after, generation)
                     .await
                     .map_err(|e| {
                         tracing::warn!(upstream = %self.service, endpoint = %ep, error = %e, "tunnel setup failed");
@@ -183,7 +187,7 @@ impl Upstream {
         result
     }
 
-    /// TCP connect and mutual TLS handshake to `ep`; when the server's chain stops being valid.
+    /// TCP connect and mutual TLS handshake to `ep`; the server leaf's not_after.
     async fn handshake(&self, ep: SocketAddr) -> Result<(MeshStream, i64), Attempt> {
         let shared = &self.shared;
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep)).await {
@@ -251,8 +255,7 @@ impl Upstream {
         match checked {
             Ok(leaf) => {
                 m::handshake(Direction::Outbound, HandshakeResult::Ok, elapsed);
-                let not_after = tls::chain_not_after(leaf.not_after, chain, crate::now_unix());
-                Ok((tls, not_after))
+                Ok((tls, leaf.not_after))
             }
             Err(e) => {
                 m::handshake(Direction::Outbound, tls::verify::result_of(&e), elapsed);
