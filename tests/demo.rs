@@ -1,9 +1,13 @@
 //! `ward demo`: the attacks are refused, the order is confirmed, and Ctrl-C stops everything.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use common::wait_until;
 
 fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
     let out = child.stdout.take().expect("stdout piped");
@@ -34,20 +38,32 @@ fn read_until(rx: &mpsc::Receiver<String>, marker: &str, deadline: Instant) -> V
     seen
 }
 
+/// How long the demo may take to stop its processes and exit after SIGINT.
+const STOP_WITHIN: Duration = Duration::from_secs(20);
+
+fn sigint(child: &Child) -> bool {
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `child`'s exit status once it has exited, or None if it has not within [`STOP_WITHIN`].
+fn exit_of(child: &mut Child) -> Option<ExitStatus> {
+    wait_until(STOP_WITHIN, Duration::from_millis(50), || {
+        child.try_wait().ok().flatten()
+    })
+}
+
 /// The demo under test: if the test fails before its own SIGINT, the demo still gets one (it
-/// stops the processes it started), and a SIGKILL if it has not exited 20 s later.
-struct Demo(std::process::Child);
+/// stops the processes it started), and a SIGKILL if it has not exited in time.
+struct Demo(Child);
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .args(["-INT", &self.0.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        if matches!(self.0.try_wait(), Ok(None))
+            && !(sigint(&self.0) && exit_of(&mut self.0).is_some())
+        {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
@@ -118,27 +134,16 @@ fn demo_refuses_attacks_confirms_an_order_and_stops_on_ctrl_c() {
     s.read_to_string(&mut resp).unwrap();
     assert!(resp.contains("order confirmed: 1 x gear"), "{resp}");
 
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let exit = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
+    assert!(sigint(child), "kill -INT {}", child.id());
+    let Some(exit) = exit_of(child) else {
+        // The demo cannot stop its processes now: end them here, by the PIDs seen above.
+        let _ = child.kill();
+        for pid in &sidecars {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
-        if Instant::now() > deadline {
-            // The demo cannot stop its processes now: end them here, by the PIDs seen above.
-            let _ = child.kill();
-            for pid in &sidecars {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            }
-            panic!("ward demo did not exit after SIGINT");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        panic!("ward demo did not exit after SIGINT");
     };
     assert!(exit.success(), "clean exit: {exit:?}");
     for pid in sidecars {

@@ -186,7 +186,7 @@ impl DevServer {
             admin: "127.0.0.1:0".parse().unwrap(),
             started_at: Instant::now(),
         };
-        // A port below the ephemeral range: restart() binds it again, and while the server is
+        // A port outside the ephemeral range: restart() binds it again, and while the server is
         // down no other test's bind(0) or outgoing connection can take it.
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         if let Err(e) = s.launch(listen) {
