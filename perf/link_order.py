@@ -87,16 +87,23 @@ def admin_get(port, path):
 
 
 def round_trip(s, payload):
-    # Send from a thread: a large payload cannot wait in socket buffers until we read.
-    sender = threading.Thread(target=s.sendall, args=(payload,), daemon=True)
-    sender.start()
+    # Send from a thread: a large payload cannot wait in socket buffers until we read. Not on
+    # a TLS socket: one OpenSSL connection must not be read and written by two threads at once
+    # (that made this script fail now and then at the plain mutual-TLS client).
+    if isinstance(s, ssl.SSLSocket):
+        s.sendall(payload)
+        sender = None
+    else:
+        sender = threading.Thread(target=s.sendall, args=(payload,), daemon=True)
+        sender.start()
     got = b""
     while len(got) < len(payload):
         chunk = s.recv(65536)
         if not chunk:
             raise RuntimeError("connection closed mid-echo")
         got += chunk
-    sender.join(timeout=60)
+    if sender:
+        sender.join(timeout=60)
     if got != payload:
         raise RuntimeError("echo differs")
 
