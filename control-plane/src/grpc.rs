@@ -498,8 +498,7 @@ impl v1::mesh_server::Mesh for MeshService {
             .streams
             .acquire(StreamKind::Intentions, &m.instance_id, &s.metrics)?;
         let dest = service_of(&m.spiffe_id);
-        let default = action_to_proto(s.intentions.default_action()) as i32;
-        let mut last: Option<Vec<v1::Intention>> = None;
+        let mut last: Option<(i32, Vec<v1::Intention>)> = None;
         let stream = watch_stream(
             s.intentions.subscribe(),
             s.shutdown.clone(),
@@ -510,10 +509,15 @@ impl v1::mesh_server::Mesh for MeshService {
                     .for_destination(&dest)
                     .map(Intention::to_proto)
                     .collect();
-                if last.as_ref() == Some(&rules) {
+                let default = action_to_proto(snap.default) as i32;
+                // The policy this caller sees: its rules and the default.
+                if last
+                    .as_ref()
+                    .is_some_and(|(d, r)| *d == default && r == &rules)
+                {
                     return None;
                 }
-                last = Some(rules.clone());
+                last = Some((default, rules.clone()));
                 Some(v1::IntentionsSnapshot {
                     version: snap.version,
                     destination: Some(dest.to_proto()),
@@ -709,7 +713,7 @@ impl v1::admin_server::Admin for AdminService {
         Ok(Response::new(v1::ListIntentionsResponse {
             version: snap.version,
             intentions,
-            default_action: action_to_proto(self.0.intentions.default_action()) as i32,
+            default_action: action_to_proto(snap.default) as i32,
         }))
     }
 

@@ -129,11 +129,38 @@ pub struct Decision {
     pub reason: String,
 }
 
-/// An immutable view of every intention at one version.
-#[derive(Debug, Clone, Default)]
+/// An immutable view of the policy at one version: every intention and the default. Its version
+/// changes with either, so a proxy that holds a version holds exactly this policy.
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub version: u64,
+    /// What applies when no intention matches.
+    pub default: Action,
     pub rules: BTreeMap<String, Intention>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Self {
+            version: 0,
+            default: Action::Deny,
+            rules: BTreeMap::new(),
+        }
+    }
+}
+
+/// The version after `current`: above it, and at least the wall clock in microseconds since the
+/// Unix epoch. Proxies ignore a snapshot whose version is not above the one they hold (security
+/// rule 6), so versions must keep rising across restarts, and also when a `data_dir` is restored
+/// from a backup whose stored version is older than what proxies hold: tying them to the clock
+/// puts every new version above any published before it (the clock moving forward between
+/// them). Below 2^53 until the year 2255, so JSON readers keep it exact.
+pub fn next_version(current: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    current.saturating_add(1).max(now)
 }
 
 impl Snapshot {
@@ -390,7 +417,6 @@ pub struct Intentions {
     storage: Arc<dyn Storage>,
     tx: watch::Sender<Arc<Snapshot>>,
     write: tokio::sync::Mutex<()>,
-    default: Action,
 }
 
 impl fmt::Debug for Intentions {
@@ -402,7 +428,8 @@ impl fmt::Debug for Intentions {
 }
 
 impl Intentions {
-    /// Builds the store from loaded records; a record this build cannot read is an error.
+    /// Builds the store from loaded records, at `version` with `default`, both as stored; a
+    /// record this build cannot read is an error.
     pub fn new(
         storage: Arc<dyn Storage>,
         version: u64,
@@ -414,17 +441,16 @@ impl Intentions {
             let i = Intention::from_record(r).map_err(|e| format!("intention {}: {e}", r.key()))?;
             rules.insert(i.key(), i);
         }
-        let (tx, _) = watch::channel(Arc::new(Snapshot { version, rules }));
+        let (tx, _) = watch::channel(Arc::new(Snapshot {
+            version,
+            default,
+            rules,
+        }));
         Ok(Self {
             storage,
             tx,
             write: tokio::sync::Mutex::new(()),
-            default,
         })
-    }
-
-    pub fn default_action(&self) -> Action {
-        self.default
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -450,7 +476,7 @@ impl Intentions {
                 to: i.destination.display_short(),
             });
         }
-        let version = cur.version + 1;
+        let version = next_version(cur.version);
         i.version = version;
         i.created_at = crate::now_unix();
         let rec = i.to_record();
@@ -481,7 +507,7 @@ impl Intentions {
                 to: dest.display_short(),
             });
         }
-        let version = cur.version + 1;
+        let version = next_version(cur.version);
         let storage = self.storage.clone();
         let k = key.clone();
         blocking(move || storage.delete_intention(&k, version)).await?;
@@ -508,7 +534,7 @@ impl Intentions {
             },
         };
         let snap = self.snapshot();
-        Ok((snap.check(&src, &dest, self.default), snap.version))
+        Ok((snap.check(&src, &dest, snap.default), snap.version))
     }
 }
 
@@ -549,6 +575,26 @@ mod tests {
 
     fn svc(s: &str) -> ServiceRef {
         ServiceRef::parse(s).unwrap()
+    }
+
+    #[test]
+    fn next_version_rises_past_any_stored_version_and_the_clock() {
+        let now_us = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros(),
+        )
+        .unwrap();
+        // A restored state holds a small counter: the next version is past the clock.
+        assert!(next_version(3) >= now_us);
+        // A version ahead of the clock (written in the same microsecond, or by a server whose
+        // clock was ahead) still rises.
+        let ahead = now_us + 10_000_000;
+        assert_eq!(next_version(ahead), ahead + 1);
+        assert_eq!(next_version(u64::MAX), u64::MAX);
+        let a = next_version(0);
+        assert!(next_version(a) > a);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::grpc::{
     stopped, AdminService, IdentityService, MeshService, OversizeIsExhausted, RateLimiter, Shared,
     StreamSlots,
 };
-use crate::intentions::Intentions;
+use crate::intentions::{self, Intentions};
 use crate::metrics::Metrics;
 use crate::peer::{mesh_peer, tls_config, MeshConn, PeerInfo, ServerCert};
 use crate::storage::{self, Initial, RedbStorage, Storage, StorageError, STATE_FILE};
@@ -330,11 +330,31 @@ pub async fn build(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     );
     let tls = tls_config(&ca, server_cert.clone()).map_err(|e| ServerError::Tls(e.to_string()))?;
 
+    // Every start publishes a new intentions version, with the configured default stored
+    // beside the rules: a proxy that reconnects takes the policy of this run even when only the
+    // default changed, or the state was restored from an older copy (intentions::next_version).
+    let policy_version = intentions::next_version(state.intentions_version);
+    let (st, default) = (storage.clone(), cfg.default_intention);
+    tokio::task::spawn_blocking(move || {
+        st.put_intentions_default(default.as_str(), policy_version)
+    })
+    .await
+    .map_err(|e| ServerError::Serve(e.to_string()))??;
+    if let Some(stored) = state.intentions_default.as_deref() {
+        if stored != default.as_str() {
+            tracing::info!(
+                from = stored,
+                to = default.as_str(),
+                "[intentions] default changed; proxies receive the new policy"
+            );
+        }
+    }
+
     let dyn_storage: Arc<dyn Storage> = storage.clone();
     let intentions = Arc::new(
         Intentions::new(
             dyn_storage.clone(),
-            state.intentions_version,
+            policy_version,
             &state.intentions,
             cfg.default_intention,
         )

@@ -31,6 +31,8 @@ const META_FORMAT: &str = "format";
 const META_CA: &str = "ca";
 const META_ADMIN: &str = "admin_token_sha256";
 const META_INTENTIONS_VERSION: &str = "intentions_version";
+/// `allow` or `deny`; absent in state written before it was stored.
+const META_INTENTIONS_DEFAULT: &str = "intentions_default";
 
 /// Why state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +114,8 @@ pub struct State {
     /// SHA-256 of the admin token, lowercase hex.
     pub admin_token_sha256: String,
     pub intentions_version: u64,
+    /// The stored `[intentions] default` (`allow` or `deny`), if any was stored.
+    pub intentions_default: Option<String>,
     pub intentions: Vec<IntentionRecord>,
     pub tokens: Vec<(String, TokenRecord)>,
     pub instances: Vec<InstanceRecord>,
@@ -131,6 +135,8 @@ pub trait Storage: Send + Sync + 'static {
     fn put_intention(&self, rec: &IntentionRecord, version: u64) -> Result<(), StorageError>;
     /// Deletes an intention and writes the new intentions version.
     fn delete_intention(&self, key: &str, version: u64) -> Result<(), StorageError>;
+    /// Writes the default intention (`allow` or `deny`) and the new intentions version.
+    fn put_intentions_default(&self, default: &str, version: u64) -> Result<(), StorageError>;
     fn put_token(&self, index: &str, rec: &TokenRecord) -> Result<(), StorageError>;
     fn get_token(&self, index: &str) -> Result<Option<TokenRecord>, StorageError>;
     /// In one write: reads the token at `index`, lets `decide` check it and return the record
@@ -382,6 +388,16 @@ impl Storage for RedbStorage {
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| self.corrupt("intentions version is not a number"))?;
+        let intentions_default = match meta
+            .get(META_INTENTIONS_DEFAULT)
+            .map_err(|e| self.corrupt(e))?
+        {
+            None => None,
+            Some(v) => Some(
+                String::from_utf8(v.value().to_vec())
+                    .map_err(|_| self.corrupt("default intention is not text"))?,
+            ),
+        };
         drop(meta);
         let intentions = self
             .read_all::<IntentionRecord>(&tx, INTENTIONS)?
@@ -400,6 +416,7 @@ impl Storage for RedbStorage {
             ca,
             admin_token_sha256,
             intentions_version,
+            intentions_default,
             intentions,
             tokens,
             instances,
@@ -436,6 +453,15 @@ impl Storage for RedbStorage {
             tx.open_table(INTENTIONS)?.remove(key)?;
             tx.open_table(META)?
                 .insert(META_INTENTIONS_VERSION, version.to_string().as_bytes())?;
+            Ok(())
+        })
+    }
+
+    fn put_intentions_default(&self, default: &str, version: u64) -> Result<(), StorageError> {
+        self.write(|tx| {
+            let mut meta = tx.open_table(META)?;
+            meta.insert(META_INTENTIONS_DEFAULT, default.as_bytes())?;
+            meta.insert(META_INTENTIONS_VERSION, version.to_string().as_bytes())?;
             Ok(())
         })
     }
@@ -587,7 +613,20 @@ mod tests {
         let st = s.load().unwrap();
         assert_eq!(st.intentions, vec![rec]);
         assert_eq!(st.intentions_version, 1);
+        assert_eq!(
+            st.intentions_default, None,
+            "state from before the default was stored"
+        );
         assert_eq!(st.ca.intermediate_cert_pem, ca_before);
+        s.put_intentions_default("allow", 7).unwrap();
+        drop(s);
+        let st = RedbStorage::open(dir.path())
+            .unwrap()
+            .unwrap()
+            .load()
+            .unwrap();
+        assert_eq!(st.intentions_default.as_deref(), Some("allow"));
+        assert_eq!(st.intentions_version, 7);
         assert!(!dir.path().join(STATE_TMP).exists());
         let mode = fs::metadata(dir.path().join(STATE_FILE))
             .unwrap()

@@ -149,6 +149,9 @@ pub struct DevServer {
     pub label: String,
     pub data_dir: PathBuf,
     leaf_ttl: Option<String>,
+    /// `Some(toml)`: runs `ward server --config` with this text after its `[server]` and
+    /// `[admin]` tables, instead of `--dev`.
+    config: Option<String>,
     run: Option<Incarnation>,
     /// stderr of the runs that were killed, for the failure output.
     history: Vec<String>,
@@ -173,10 +176,38 @@ fn export_value(lines: &[String], name: &str) -> Option<String> {
 impl DevServer {
     /// Starts a server on a free port of 127.0.0.1 keeping its state in `data_dir`.
     pub fn start(label: &str, data_dir: &Path, leaf_ttl: Option<&str>) -> Self {
+        Self::start_inner(label, data_dir, leaf_ttl, None)
+    }
+
+    /// As [`DevServer::start`], but from a config file (`ward server --config`): `extra` is
+    /// appended after the `[server]` (listen, data_dir) and `[admin]` tables. The admin token
+    /// is the one the first start wrote to `<data_dir>/admin.token`.
+    pub fn start_with_config(label: &str, data_dir: &Path, extra: &str) -> Self {
+        Self::start_inner(label, data_dir, None, Some(extra.to_string()))
+    }
+
+    /// Replaces the config text appended by [`DevServer::start_with_config`]; it takes
+    /// effect at the next [`DevServer::restart`].
+    pub fn set_config(&mut self, extra: &str) {
+        assert!(
+            self.config.is_some(),
+            "[{}] not a --config server",
+            self.label
+        );
+        self.config = Some(extra.to_string());
+    }
+
+    fn start_inner(
+        label: &str,
+        data_dir: &Path,
+        leaf_ttl: Option<&str>,
+        config: Option<String>,
+    ) -> Self {
         let mut s = DevServer {
             label: label.to_string(),
             data_dir: data_dir.to_path_buf(),
             leaf_ttl: leaf_ttl.map(str::to_string),
+            config,
             run: None,
             history: Vec::new(),
             address: String::new(),
@@ -198,16 +229,27 @@ impl DevServer {
     /// One attempt to start on `listen`; on success the fields describe the new run.
     fn launch(&mut self, listen: SocketAddr) -> Result<(), String> {
         let mut cmd = Command::new(ward_bin());
-        cmd.arg("server")
-            .arg("--dev")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--listen")
-            .arg(listen.to_string())
-            .arg("--admin-listen")
-            .arg("127.0.0.1:0");
-        if let Some(ttl) = &self.leaf_ttl {
-            cmd.arg("--leaf-ttl").arg(ttl);
+        if let Some(extra) = &self.config {
+            // Beside the data dir, never in it (a foreign file there is refused).
+            let path = self.data_dir.with_extension("toml");
+            let text = format!(
+                "[server]\nlisten = \"{listen}\"\ndata_dir = {}\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n",
+                toml_path(&self.data_dir)
+            );
+            std::fs::write(&path, text).expect("write the server config");
+            cmd.arg("server").arg("--config").arg(path);
+        } else {
+            cmd.arg("server")
+                .arg("--dev")
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .arg("--listen")
+                .arg(listen.to_string())
+                .arg("--admin-listen")
+                .arg("127.0.0.1:0");
+            if let Some(ttl) = &self.leaf_ttl {
+                cmd.arg("--leaf-ttl").arg(ttl);
+            }
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -253,11 +295,22 @@ impl DevServer {
                     _ => {}
                 }
             }
-            let exports = (
-                export_value(&out, "WARD_ADDR"),
-                export_value(&out, "WARD_TOKEN"),
-                export_value(&out, "WARD_CACERT"),
-            );
+            let exports = match (&self.config, grpc) {
+                (None, _) => (
+                    export_value(&out, "WARD_ADDR"),
+                    export_value(&out, "WARD_TOKEN"),
+                    export_value(&out, "WARD_CACERT"),
+                ),
+                // Outside --dev the token is in a file and the roots in ca.pem.
+                (Some(_), Some(g)) => (
+                    Some(format!("https://{g}")),
+                    std::fs::read_to_string(self.data_dir.join("admin.token"))
+                        .ok()
+                        .map(|t| t.trim().to_string()),
+                    Some(self.data_dir.join("ca.pem").to_string_lossy().into_owned()),
+                ),
+                (Some(_), None) => (None, None, None),
+            };
             if let (Some(g), Some(a), (Some(addr), Some(token), Some(ca))) = (grpc, admin, exports)
             {
                 self.grpc = g;
