@@ -748,3 +748,83 @@ fn a_peer_that_resets_too_many_streams_before_their_answer_loses_its_tunnel() {
         "the inbound says why"
     );
 }
+
+/// Security rule 15: what one tunnel may make the inbound buffer is bounded in total, not per
+/// stream. Sixteen CONNECT streams whose data nobody has read yet are granted the inbound's
+/// flow-control window: before the bound, 4 MiB each (64 MiB, and 400 MiB with 100 streams);
+/// now `[limits] max_tunnel_buffer_bytes` (32 MiB by default) in all. No data is sent, so
+/// nothing is released and the granted capacity is exactly what the inbound advertised.
+#[test]
+fn sixteen_streams_are_granted_at_most_the_tunnel_buffer_in_all() {
+    const STREAMS: usize = 16;
+    const DEFAULT_BUFFER: usize = 32 << 20;
+    let inv = Inventory::start("mux-buffer");
+    let order = inv.pki.leaf("order");
+    let config = client_config(&order, &[ALPN]);
+    let addr = inv.proxy.inbound();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let granted: usize = rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect("inventory.ward".try_into().unwrap(), tcp)
+            .await
+            .expect("the tunnel handshake");
+        // Our own send queue must not be what limits the grant.
+        let (mut send, conn) = h2::client::Builder::new()
+            .max_send_buffer_size(64 << 20)
+            .handshake::<_, bytes::Bytes>(tls)
+            .await
+            .expect("the h2 preface");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut streams = Vec::new();
+        for _ in 0..STREAMS {
+            send = send.ready().await.expect("room for a stream");
+            let req = http::Request::connect("inventory.default")
+                .body(())
+                .unwrap();
+            let (answer, mut up) = send.send_request(req, false).unwrap();
+            up.reserve_capacity(8 << 20);
+            streams.push((answer, up));
+        }
+        for (answer, _) in &mut streams {
+            let resp = tokio::time::timeout(TIMEOUT, answer)
+                .await
+                .expect("an answer within 10 s")
+                .expect("an answer");
+            assert_eq!(resp.status(), http::StatusCode::OK);
+        }
+        // Capacity arrives with the inbound's SETTINGS and WINDOW_UPDATE; wait until it stops
+        // growing (at most 5 s).
+        let total = |s: &Vec<(_, h2::SendStream<bytes::Bytes>)>| -> usize {
+            s.iter().map(|(_, up)| up.capacity()).sum()
+        };
+        let mut last = total(&streams);
+        let mut stable_since = std::time::Instant::now();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline
+            && stable_since.elapsed() < Duration::from_millis(500)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = total(&streams);
+            if now != last {
+                last = now;
+                stable_since = std::time::Instant::now();
+            }
+        }
+        last
+    });
+    eprintln!("{STREAMS} streams were granted {granted} bytes in all");
+    assert!(
+        granted >= 4 << 20,
+        "the streams were granted {granted} bytes, less than one stream's 4 MiB window"
+    );
+    assert!(
+        granted <= DEFAULT_BUFFER,
+        "{STREAMS} streams were granted {granted} bytes, more than the 32 MiB tunnel buffer"
+    );
+}

@@ -99,7 +99,15 @@ pub struct Limits {
     pub drain_timeout: std::time::Duration,
     pub max_pending_handshakes: usize,
     pub max_pending_handshakes_per_ip: usize,
+    /// What one `ward-mux/1` tunnel may buffer each way: the bytes its peer may send before
+    /// this side has handed them on (the HTTP/2 connection window), and the bytes queued for
+    /// the peer.
+    pub max_tunnel_buffer_bytes: usize,
 }
+
+/// The bounds of `limits.max_tunnel_buffer_bytes`: 1 MiB (a 10 KiB send queue for each of a
+/// tunnel's 100 streams), and HTTP/2's largest window.
+pub const TUNNEL_BUFFER_RANGE: std::ops::RangeInclusive<usize> = (1 << 20)..=(i32::MAX as usize);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -110,6 +118,9 @@ impl Default for Limits {
             drain_timeout: std::time::Duration::from_secs(30),
             max_pending_handshakes: 1024,
             max_pending_handshakes_per_ip: 64,
+            // Eight streams at the full 4 MiB stream window: one stream's throughput is what
+            // it was with a window for all 100, and a peer pins 32 MiB instead of 400.
+            max_tunnel_buffer_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -206,6 +217,7 @@ struct RawLimits {
     drain_timeout: Option<Duration>,
     max_pending_handshakes: Option<usize>,
     max_pending_handshakes_per_ip: Option<usize>,
+    max_tunnel_buffer_bytes: Option<usize>,
 }
 
 impl ProxyConfig {
@@ -405,6 +417,20 @@ impl ProxyConfig {
                     l.max_pending_handshakes_per_ip,
                     limits.max_pending_handshakes_per_ip,
                 )?,
+                max_tunnel_buffer_bytes: match l.max_tunnel_buffer_bytes {
+                    Some(v) if !TUNNEL_BUFFER_RANGE.contains(&v) => {
+                        return Err(invalid(
+                            "limits.max_tunnel_buffer_bytes",
+                            &format!(
+                                "{v} is outside {}..={} (1 MiB to HTTP/2's largest window)",
+                                TUNNEL_BUFFER_RANGE.start(),
+                                TUNNEL_BUFFER_RANGE.end()
+                            ),
+                        ))
+                    }
+                    Some(v) => v,
+                    None => limits.max_tunnel_buffer_bytes,
+                },
             };
         }
 
@@ -598,6 +624,31 @@ handshake_timeout = "2s"
         );
         let err = parse(&text).unwrap_err();
         assert!(err.contains("limits.max_pending_handshakes"), "{err}");
+    }
+
+    #[test]
+    fn tunnel_buffer_is_bounded_both_ways() {
+        let set = |v: &str| {
+            parse(&GOOD.replace(
+                "handshake_timeout = \"2s\"",
+                &format!("max_tunnel_buffer_bytes = {v}"),
+            ))
+        };
+        assert_eq!(
+            set("1048576").unwrap().limits.max_tunnel_buffer_bytes,
+            1 << 20
+        );
+        for bad in ["65536", "4294967296"] {
+            let err = set(bad).unwrap_err();
+            assert!(
+                err.contains("limits.max_tunnel_buffer_bytes") && err.contains(bad),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            parse(GOOD).unwrap().limits.max_tunnel_buffer_bytes,
+            32 << 20
+        );
     }
 
     #[test]

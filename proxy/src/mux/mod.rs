@@ -30,17 +30,18 @@ pub const MAX_STREAMS: u32 = 100;
 
 /// Flow-control windows. A stream may have `STREAM_WINDOW` unread bytes in flight, about what
 /// the kernel lets a plain connection's socket buffers hold, and enough that one stream is not
-/// held back waiting for window updates. The connection window covers every stream's at once,
-/// so streams whose readers stall cannot starve the others of a tunnel (a plain connection has
-/// no such coupling either); it is credit, not memory: bytes are buffered only when a sender
-/// sends and the reader does not read, at most `STREAM_WINDOW` per stream.
+/// held back waiting for window updates. The connection window is `[limits]
+/// max_tunnel_buffer_bytes` (security rule 15): bytes are buffered only when a sender sends and
+/// the reader does not read, so it bounds what a peer can make one tunnel hold, whatever its
+/// number of streams. Its default leaves room for eight streams at the full stream window; more
+/// streams whose readers stall share the rest, as they would share one TCP connection.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-const CONNECTION_WINDOW: u32 = MAX_STREAMS * STREAM_WINDOW;
 /// Frames as large as one read of the copy loop.
 const MAX_FRAME: u32 = 64 * 1024;
 /// A CONNECT carries a handful of short headers.
 const MAX_HEADER_LIST: u32 = 8 * 1024;
-/// Bytes queued for sending per stream before the writer waits.
+/// Bytes queued for sending per stream before the writer waits (less when the tunnel's buffer
+/// bound, shared by `MAX_STREAMS`, is smaller).
 const MAX_SEND_BUFFER: usize = 256 * 1024;
 /// Resets a peer may provoke before the connection is closed (rapid-reset bound): h2 counts
 /// those before a stream is accepted and those it sends for protocol errors; the server counts
@@ -54,27 +55,84 @@ pub fn authority(service: &Name, namespace: &Name) -> String {
     format!("{service}.{namespace}")
 }
 
-pub(crate) fn server_builder() -> h2::server::Builder {
+/// The smallest tunnel buffer the config takes.
+const MIN_BUFFER: usize = *ward_config::proxy::TUNNEL_BUFFER_RANGE.start();
+
+/// The windows and send queue of a tunnel that buffers at most `max_buffer` bytes each way:
+/// received (the connection window; a stream's window is never larger) and queued to send
+/// (`MAX_STREAMS` send queues).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Windows {
+    stream: u32,
+    connection: u32,
+    send_buffer: usize,
+}
+
+impl Windows {
+    fn for_buffer(max_buffer: usize) -> Self {
+        // The config keeps it within 1 MiB..=i32::MAX; clamp anyway so no value can panic.
+        let connection = u32::try_from(max_buffer.clamp(MIN_BUFFER, i32::MAX as usize))
+            .unwrap_or(i32::MAX as u32);
+        Self {
+            stream: STREAM_WINDOW.min(connection),
+            connection,
+            send_buffer: (connection as usize / MAX_STREAMS as usize).min(MAX_SEND_BUFFER),
+        }
+    }
+}
+
+pub(crate) fn server_builder(max_buffer: usize) -> h2::server::Builder {
+    let w = Windows::for_buffer(max_buffer);
     let mut b = h2::server::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+    b.initial_window_size(w.stream)
+        .initial_connection_window_size(w.connection)
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_concurrent_streams(MAX_STREAMS)
-        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_send_buffer_size(w.send_buffer)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
     b
 }
 
-pub(crate) fn client_builder() -> h2::client::Builder {
+pub(crate) fn client_builder(max_buffer: usize) -> h2::client::Builder {
+    let w = Windows::for_buffer(max_buffer);
     let mut b = h2::client::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+    b.initial_window_size(w.stream)
+        .initial_connection_window_size(w.connection)
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(MAX_HEADER_LIST)
-        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_send_buffer_size(w.send_buffer)
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
         .enable_push(false);
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tunnel_buffer_bounds_windows_and_send_queues() {
+        // The default: one stream as before (4 MiB window, 256 KiB queue), 32 MiB in all.
+        let w = Windows::for_buffer(ward_config::proxy::Limits::default().max_tunnel_buffer_bytes);
+        assert_eq!(
+            w,
+            Windows {
+                stream: STREAM_WINDOW,
+                connection: 32 << 20,
+                send_buffer: MAX_SEND_BUFFER
+            }
+        );
+        for max in [1 << 20, 8 << 20, 32 << 20, 1 << 30, i32::MAX as usize] {
+            let w = Windows::for_buffer(max);
+            assert_eq!(w.connection as usize, max);
+            assert!(w.stream <= w.connection && w.stream <= STREAM_WINDOW);
+            assert!(w.send_buffer * MAX_STREAMS as usize <= max, "{max}: {w:?}");
+            assert!(w.send_buffer >= 10 * 1024, "{max}: {w:?}");
+        }
+        // Out of range is clamped, never a panic.
+        assert_eq!(Windows::for_buffer(0).connection as usize, MIN_BUFFER);
+        assert_eq!(Windows::for_buffer(usize::MAX).connection, i32::MAX as u32);
+    }
 }

@@ -243,7 +243,9 @@ impl Pool {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (send, connection) = super::client_builder().handshake::<_, Bytes>(tls).await?;
+        let (send, connection) = super::client_builder(shared.limits.max_tunnel_buffer_bytes)
+            .handshake::<_, Bytes>(tls)
+            .await?;
         let state = Arc::new(ConnState {
             streams: AtomicU32::new(0),
             retired: AtomicBool::new(false),

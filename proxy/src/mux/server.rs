@@ -41,7 +41,7 @@ pub async fn serve<T>(
 {
     let handshake = tokio::time::timeout(
         shared.limits.handshake_timeout,
-        super::server_builder().handshake::<_, Bytes>(io),
+        super::server_builder(shared.limits.max_tunnel_buffer_bytes).handshake::<_, Bytes>(io),
     )
     .await;
     let mut conn = match handshake {
