@@ -124,7 +124,7 @@ pub struct RefusalCase {
     pub python_reason: &'static str,
 }
 
-/// The ten refusals of issue 2, against `pki` (the mesh `inventory` trusts).
+/// The refusals of issue 2 (and a leaf used as an issuer), against `pki` (the mesh `inventory` trusts).
 pub fn refusal_cases(pki: &Pki) -> Vec<RefusalCase> {
     let foreign = Pki::new(TRUST_DOMAIN);
     let case = |name, identity, alert, result, openssl_text, python_reason| RefusalCase {
@@ -200,6 +200,14 @@ pub fn refusal_cases(pki: &Pki) -> Vec<RefusalCase> {
             "bad_identity",
             "alert bad certificate",
             "SSLV3_ALERT_BAD_CERTIFICATE",
+        ),
+        case(
+            "order's certificate issued by a mesh leaf (inventory's)",
+            Some(pki.issued_by_leaf("order")),
+            A::UnknownCA,
+            "unknown_ca",
+            "alert unknown ca",
+            "TLSV1_ALERT_UNKNOWN_CA",
         ),
         case(
             "valid identity rogue with no intention (default deny)",

@@ -355,6 +355,26 @@ impl Pki {
         self.issue(&spec)
     }
 
+    /// A valid-looking leaf for `service` signed by another mesh leaf (`inventory`'s, cA=FALSE,
+    /// from our intermediate); the chain carries that leaf and the intermediate: a broken chain.
+    pub fn issued_by_leaf(&self, service: &str) -> Identity {
+        let signer_params = LeafSpec::new(&self.trust_domain, "inventory").params();
+        let signer_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("signer key");
+        let signer = signer_params
+            .signed_by(&signer_key, &self.intermediate.issuer)
+            .expect("signer leaf");
+        let signer_ca = Ca {
+            cert_pem: signer.pem(),
+            cert_der: signer.der().clone(),
+            issuer: Issuer::new(signer_params, signer_key),
+        };
+        let mut id = issue_by(&signer_ca, &LeafSpec::new(&self.trust_domain, service));
+        id.chain_pem.push_str(&self.intermediate.cert_pem);
+        id.extra_pem.push_str(&self.intermediate.cert_pem);
+        id.chain_der.push(self.intermediate.cert_der.clone());
+        id
+    }
+
     /// A CA certificate (cA=TRUE) carrying `service`'s SPIFFE ID, signed by our intermediate.
     pub fn ca_as_leaf(&self, service: &str) -> Identity {
         let mut spec = LeafSpec::new(&self.trust_domain, service);

@@ -20,7 +20,7 @@ use ward_config::{Name, SpiffeId};
 /// Why a peer certificate was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VerifyError {
-    /// Issuer not in our roots, self-signed, or chain broken.
+    /// Issuer not in our roots, self-signed, or chain broken (a leaf used as an issuer).
     UnknownCa,
     /// Expired or not yet valid.
     Expired,
@@ -58,7 +58,12 @@ impl From<VerifyError> for rustls::Error {
 fn from_webpki(e: webpki::Error) -> VerifyError {
     use webpki::Error as W;
     match e {
-        W::UnknownIssuer | W::InvalidSignatureForPublicKey => VerifyError::UnknownCa,
+        // No path to our roots: an unknown issuer, a signature that does not verify, or a
+        // broken chain (a leaf used as an issuer, a CA below what pathLen allows).
+        W::UnknownIssuer
+        | W::InvalidSignatureForPublicKey
+        | W::EndEntityUsedAsCa
+        | W::PathLenConstraintViolated => VerifyError::UnknownCa,
         W::CertExpired { .. } | W::CertNotValidYet { .. } | W::InvalidCertValidity => {
             VerifyError::Expired
         }
