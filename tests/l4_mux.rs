@@ -17,7 +17,9 @@
 //! - a tunnel whose peer stops answering (no reset, no FIN) is closed after an unanswered PING
 //!   by each side, and so are its streams;
 //! - a tunnel admits no stream once its peer's chain has expired, the intermediate's end
-//!   counting as the leaf's does.
+//!   counting as the leaf's does; a certificate the peer sends that is not on its verified
+//!   path (a second intermediate that ends sooner) ends neither its streams nor a pooled
+//!   tunnel.
 //!
 //! An intention turning to deny closes open tunnel streams and refuses new ones within 1 s:
 //! tests/control_plane.rs (`allow_to_deny_...`), whose order -> inventory path is a tunnel.
@@ -356,6 +358,84 @@ fn a_tunnel_admits_no_stream_once_the_peers_intermediate_has_expired() {
         admitted,
         "only the streams opened while the chain was valid reached the app"
     );
+}
+
+#[test]
+fn a_certificate_off_the_peers_verified_path_does_not_end_its_tunnel() {
+    let inv = Inventory::start("mux-off-path");
+    // order's path (leaf, intermediate) is valid for a day. It also sends a second intermediate
+    // of the same name valid for 5 s more, which is not on that path (as a cross-signed
+    // certificate of a CA rotation would not be): its end must not end order's streams.
+    let until = time::OffsetDateTime::now_utc() + time::Duration::seconds(5);
+    let order = inv
+        .pki
+        .leaf("order")
+        .with_extra(&inv.pki.intermediate_until(until));
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let counted = admitted.clone();
+    with_tunnel(inv.proxy.inbound(), &order, |mut send| async move {
+        let connect = || {
+            http::Request::connect("inventory.default")
+                .body(())
+                .unwrap()
+        };
+        // A stream every 200 ms on the same tunnel until 2 s past the extra certificate's end.
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            every.tick().await;
+            let status = request_status(&mut send, connect()).await;
+            let now = time::OffsetDateTime::now_utc();
+            assert_eq!(
+                status,
+                http::StatusCode::OK,
+                "a stream at {now}, the certificate off the path ended at {until}"
+            );
+            counted.fetch_add(1, Ordering::SeqCst);
+            if now > until + time::Duration::seconds(2) {
+                return Ok(());
+            }
+        }
+    })
+    .expect("the tunnel");
+    let admitted = admitted.load(Ordering::SeqCst);
+    wait_until(TIMEOUT, POLL, || {
+        (inv.app.accepted() >= admitted).then_some(())
+    });
+    assert_eq!(inv.app.accepted(), admitted, "every stream reached the app");
+}
+
+#[test]
+fn a_certificate_off_the_servers_verified_path_does_not_retire_the_pooled_tunnel() {
+    // inventory's path is valid for a day; it also sends a second intermediate of the same
+    // name, not on that path, valid for 8 s more.
+    let until = time::OffsetDateTime::now_utc() + time::Duration::seconds(8);
+    let inv = Inventory::start_as(
+        "mux-off-path-pool",
+        |pki| {
+            pki.leaf("inventory")
+                .with_extra(&pki.intermediate_until(until))
+        },
+        |c| c,
+    );
+    let order = order_proxy(&inv, &[]);
+    let up = order.upstream("inventory");
+    echo_once(up, b"before\n", TIMEOUT).expect("an echo through the tunnel");
+    assert!(
+        time::OffsetDateTime::now_utc() < until,
+        "the first tunnel opened before the extra certificate's end (a slow start voids the test)"
+    );
+    let past = wait_until(Duration::from_secs(15), POLL, || {
+        (time::OffsetDateTime::now_utc() > until + time::Duration::seconds(1)).then_some(())
+    });
+    assert!(past.is_some());
+    echo_once(up, b"after\n", TIMEOUT).expect("an echo after the extra certificate's end");
+    assert_eq!(
+        order.handshakes_total("outbound"),
+        1.0,
+        "both connections rode the tunnel opened first: it was not retired"
+    );
+    assert_eq!(inv.proxy.handshakes_total("inbound"), 1.0);
+    assert_eq!(inv.app.accepted(), 2);
 }
 
 #[test]

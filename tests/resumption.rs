@@ -1,6 +1,7 @@
 //! Issue 2, Build 5 / security rule 8: a resumed session is authorized as a full handshake is.
 //! A caller that resumed while allowed is refused, with `access_denied`, once an intention
-//! denies it; the app sees nothing of it.
+//! denies it; the app sees nothing of it. A session whose verified intermediate has expired
+//! since its ticket was issued is refused on resumption and counted as `expired`.
 
 mod common;
 
@@ -10,9 +11,10 @@ use std::time::Duration;
 
 use common::cp::{intentions_version, start_proxy, CpProxyConfig, DevServer};
 use common::net::EchoApp;
+use common::pki::Identity;
 use common::proc::TempDir;
 use common::tls::{provider, AcceptAny};
-use common::wait_until;
+use common::{wait_until, Inventory};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -130,4 +132,85 @@ fn a_resumed_caller_is_refused_once_an_intention_denies_it() {
         (denied() >= 1.0).then_some(())
     });
     assert_eq!(denied(), 1.0, "one denied handshake counted");
+}
+
+/// A client config that presents `id` and keeps its session tickets.
+fn resuming_client(id: &Identity) -> Arc<rustls::ClientConfig> {
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider())))
+            .with_client_auth_cert(id.chain_der.clone(), id.key_der())
+            .unwrap(),
+    )
+}
+
+#[test]
+fn a_resumption_whose_intermediate_expired_since_the_ticket_is_refused() {
+    let inv = Inventory::start("resume-chain-end");
+    // order's leaf is valid for a day, the intermediate it comes with for 6 s more.
+    let until = time::OffsetDateTime::now_utc() + time::Duration::seconds(6);
+    let order = inv.pki.leaf_from_intermediate_until("order", until);
+    let config = resuming_client(&order);
+    let inbound = inv.proxy.inbound();
+
+    let (kind, result) = attempt(&config, inbound);
+    assert_eq!(kind, Some(rustls::HandshakeKind::Full));
+    assert!(
+        result.is_ok(),
+        "order is served while its chain is valid: {result:?}"
+    );
+    let (kind, result) = attempt(&config, inbound);
+    assert_eq!(
+        kind,
+        Some(rustls::HandshakeKind::Resumed),
+        "the next connection resumes"
+    );
+    assert!(
+        result.is_ok(),
+        "a resumed valid session is served: {result:?}"
+    );
+    assert!(
+        time::OffsetDateTime::now_utc() < until,
+        "both connections ran before the intermediate's end (a slow start voids the test)"
+    );
+
+    let past = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+        (time::OffsetDateTime::now_utc() > until + time::Duration::seconds(1)).then_some(())
+    });
+    assert!(past.is_some());
+    let accepted = inv.app.accepted();
+    let expired_before = inv.proxy.handshakes("inbound", "expired");
+    let (kind, result) = attempt(&config, inbound);
+    assert_eq!(
+        kind,
+        Some(rustls::HandshakeKind::Resumed),
+        "the client resumed the session its ticket holds"
+    );
+    assert!(
+        result.is_err(),
+        "a resumption after the verified intermediate's end ({until}) is refused"
+    );
+    assert_eq!(
+        inv.app.accepted(),
+        accepted,
+        "the app saw nothing of the refused resumption"
+    );
+    let expired = || inv.proxy.handshakes("inbound", "expired") - expired_before;
+    wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        (expired() >= 1.0).then_some(())
+    });
+    assert_eq!(expired(), 1.0, "one expired handshake counted");
+
+    // A full handshake with the same chain is refused too, with certificate_expired.
+    let fresh = resuming_client(&order);
+    let (kind, result) = attempt(&fresh, inbound);
+    assert_ne!(kind, Some(rustls::HandshakeKind::Resumed));
+    let err = result.expect_err("an expired chain is refused");
+    assert!(
+        err.to_lowercase().contains("certificateexpired"),
+        "refused with certificate_expired: {err}"
+    );
 }

@@ -90,50 +90,43 @@ impl Inbound {
 
         let conn = tls.get_ref().1;
         let chain = conn.peer_certificates().unwrap_or_default();
-        let leaf = if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-            // Rule 8: a resumed session is authorized as a full handshake is: current roots,
-            // current time, current intentions, before any byte reaches local_app.
-            let checked = tls::verify::reverify_resumed(
-                &shared.credentials,
-                chain,
-                webpki::KeyUsage::client_auth(),
-            )
-            .map_err(|e| tls::verify::result_of(&e))
-            .and_then(|leaf| {
-                let allowed = shared.intentions.authorize(&leaf.id, &shared.service.name);
-                if allowed {
-                    Ok(leaf)
-                } else {
-                    Err(HandshakeResult::Denied)
-                }
-            });
-            match checked {
-                Ok(leaf) => leaf,
-                Err(result) => {
-                    m::handshake(Direction::Inbound, result, elapsed);
-                    // The handshake is over, so no alert can carry the reason; close cleanly.
-                    let mut tls = tls;
-                    tls.get_mut().1.send_close_notify();
-                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
-                    return;
-                }
-            }
-        } else {
-            // The verifier accepted this leaf in this handshake; read its identity back for the
-            // registry and labels.
-            match chain
-                .first()
-                .and_then(|leaf| tls::check_leaf(leaf, None).ok())
-            {
-                Some(leaf) => leaf,
-                None => {
-                    m::handshake(Direction::Inbound, HandshakeResult::Error, elapsed);
-                    return;
-                }
+        let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+        // The path the verifier built for this chain (under the current roots, valid now), or
+        // for a resumed session (rule 8) a full verification when it has none: current roots,
+        // current time. A resumed session then asks the current intentions too, before any
+        // byte reaches local_app.
+        let checked =
+            tls::verify::session_peer(&shared.credentials, chain, webpki::KeyUsage::client_auth())
+                .map_err(|e| tls::verify::result_of(&e))
+                .and_then(|session| {
+                    if !resumed
+                        || shared
+                            .intentions
+                            .authorize(&session.leaf.id, &shared.service.name)
+                    {
+                        Ok(session)
+                    } else {
+                        Err(HandshakeResult::Denied)
+                    }
+                });
+        let session = match checked {
+            Ok(session) => session,
+            Err(result) => {
+                m::handshake(Direction::Inbound, result, elapsed);
+                tracing::debug!(
+                    result = result.as_str(),
+                    resumed,
+                    "inbound session refused after its handshake"
+                );
+                // The handshake is over, so no alert can carry the reason; close cleanly.
+                let mut tls = tls;
+                tls.get_mut().1.send_close_notify();
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+                return;
             }
         };
         m::handshake(Direction::Inbound, HandshakeResult::Ok, elapsed);
-        let peer_id = leaf.id;
+        let peer_id = session.leaf.id;
         let registration = shared.connections.register(
             peer_id.clone(),
             shared.force_close.child_token(),
@@ -147,7 +140,7 @@ impl Inbound {
             tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), "inbound tunnel admitted");
             let peer = crate::mux::server::TunnelPeer {
                 id: peer_id,
-                not_after: tls::chain_not_after(leaf.not_after, chain, crate::now_unix()),
+                not_after: session.not_after,
             };
             let close = registration.close.clone();
             crate::mux::server::serve(shared.clone(), self.local_app, tls, peer, close).await;

@@ -167,12 +167,10 @@ impl Upstream {
                 self.pool.note_plain(ep, true);
                 Err(Attempt::Open(Carrier::Plain(Box::new(tls))))
             }
-            Ok((tls, leaf_not_after)) => {
+            Ok((tls, not_after)) => {
                 self.pool.note_plain(ep, false);
                 // Only a tunnel outlives this client connection: it is retired when any
-                // certificate of the server's chain expires, not only the leaf.
-                let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
-                let not_after = tls::chain_not_after(leaf_not_after, chain, crate::now_unix());
+                // certificate on the server's verified path expires, not only the leaf.
                 self.pool
                     .add(&self.shared, ep, tls, not_after, generation)
                     .await
@@ -187,7 +185,7 @@ impl Upstream {
         result
     }
 
-    /// TCP connect and mutual TLS handshake to `ep`; the server leaf's not_after.
+    /// TCP connect and mutual TLS handshake to `ep`; the end of the server's verified path.
     async fn handshake(&self, ep: SocketAddr) -> Result<(MeshStream, i64), Attempt> {
         let shared = &self.shared;
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep)).await {
@@ -226,36 +224,23 @@ impl Upstream {
             }
             Ok(Ok(s)) => s,
         };
-        let conn = tls.get_ref().1;
-        let chain = conn.peer_certificates().unwrap_or_default();
-        let checked = if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-            // The server's identity was verified when the ticket was issued; check its time
-            // and its chain against our current roots again now.
-            tls::verify::reverify_resumed(
-                &shared.credentials,
-                chain,
-                webpki::KeyUsage::server_auth(),
-            )
-            .and_then(|leaf| {
-                if self.verifier.expects(&leaf.id) {
-                    Ok(leaf)
-                } else {
-                    Err(tls::verify::VerifyError::WrongService)
-                }
-            })
-        } else {
-            // The verifier accepted this leaf; read its validity back for the pool.
-            chain
-                .first()
-                .ok_or(tls::verify::VerifyError::BadCertificate)
-                .and_then(|leaf| {
-                    tls::check_leaf(leaf, None).map_err(tls::verify::VerifyError::BadIdentity)
-                })
-        };
+        let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+        // The path the verifier built for the server's chain if it is valid now, else (a
+        // resumed session, say) a full verification against our current roots at the current
+        // time; and the upstream's identity, which the verifier checked only in a full one.
+        let checked =
+            tls::verify::session_peer(&shared.credentials, chain, webpki::KeyUsage::server_auth())
+                .and_then(|peer| {
+                    if self.verifier.expects(&peer.leaf.id) {
+                        Ok(peer)
+                    } else {
+                        Err(tls::verify::VerifyError::WrongService)
+                    }
+                });
         match checked {
-            Ok(leaf) => {
+            Ok(peer) => {
                 m::handshake(Direction::Outbound, HandshakeResult::Ok, elapsed);
-                Ok((tls, leaf.not_after))
+                Ok((tls, peer.not_after))
             }
             Err(e) => {
                 m::handshake(Direction::Outbound, tls::verify::result_of(&e), elapsed);

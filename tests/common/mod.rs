@@ -75,9 +75,18 @@ impl Inventory {
 
     /// As [`Inventory::start`], with `edit` applied to the config before it is written.
     pub fn start_with(prefix: &str, edit: impl FnOnce(ProxyConfig) -> ProxyConfig) -> Self {
+        Self::start_as(prefix, |pki| pki.leaf("inventory"), edit)
+    }
+
+    /// As [`Inventory::start_with`], presenting the identity `issue` makes from the mesh's PKI.
+    pub fn start_as(
+        prefix: &str,
+        issue: impl FnOnce(&Pki) -> Identity,
+        edit: impl FnOnce(ProxyConfig) -> ProxyConfig,
+    ) -> Self {
         let dir = TempDir::new(prefix);
         let pki = Pki::new(TRUST_DOMAIN);
-        let identity = pki.leaf("inventory");
+        let identity = issue(&pki);
         let files = write_tls_files(&dir, "inventory", &pki, &identity);
         let app = EchoApp::start();
         let config = dir.join("inventory.toml");

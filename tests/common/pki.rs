@@ -180,6 +180,14 @@ impl Identity {
         &self.chain_der[0]
     }
 
+    /// The same identity with `extra` appended to the chain it presents (not on its path).
+    pub fn with_extra(mut self, extra: &Ca) -> Self {
+        self.chain_pem.push_str(&extra.cert_pem);
+        self.extra_pem.push_str(&extra.cert_pem);
+        self.chain_der.push(extra.cert_der.clone());
+        self
+    }
+
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone()))
     }
@@ -318,6 +326,12 @@ impl Pki {
     ) -> Identity {
         let short = intermediate(&self.root, &self.trust_domain, not_after);
         issue_by(&short, &LeafSpec::new(&self.trust_domain, service))
+    }
+
+    /// A second intermediate under the same root (same subject name, its own key) valid until
+    /// `not_after`, for chains that carry a certificate off their verified path.
+    pub fn intermediate_until(&self, not_after: OffsetDateTime) -> Ca {
+        intermediate(&self.root, &self.trust_domain, not_after)
     }
 
     /// A valid mesh identity for `service`.

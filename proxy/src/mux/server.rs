@@ -23,7 +23,7 @@ use ward_config::SpiffeId;
 pub struct TunnelPeer {
     pub id: SpiffeId,
     /// When the peer's chain stops being valid (Unix seconds; the earliest not_after of its
-    /// leaf and intermediates): no stream is admitted after it.
+    /// leaf and the intermediates on its verified path): no stream is admitted after it.
     pub not_after: i64,
 }
 

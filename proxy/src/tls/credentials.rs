@@ -3,7 +3,7 @@
 //! New handshakes read the current snapshot through a lock-free load; a rotation swaps it and
 //! leaves established connections untouched.
 
-use super::svid::{check_leaf, LeafInfo, SvidError};
+use super::svid::{check_leaf, LeafInfo, PathValidity, SvidError};
 use arc_swap::ArcSwapOption;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
@@ -58,13 +58,30 @@ pub struct Credentials {
     pub roots: Vec<TrustAnchor<'static>>,
     pub root_ders: Vec<CertificateDer<'static>>,
     pub leaf: LeafInfo,
-    /// Issuing certificates already verified to chain to these roots, so re-checking a
-    /// resumed session against the current roots rarely costs a signature check.
-    verified_issuers: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    /// Peer chains (by [`chain_key`]) verified to these roots, with the validity of the path
+    /// the verifier built: what a full handshake established, for the session's later uses
+    /// (its resumptions, its tunnel streams) without another signature check.
+    verified_paths: std::sync::Mutex<std::collections::HashMap<ChainKey, PathValidity>>,
 }
 
-/// At most this many issuers are remembered per set of credentials.
-const MAX_VERIFIED_ISSUERS: usize = 64;
+/// At most this many verified chains are remembered per set of credentials.
+const MAX_VERIFIED_PATHS: usize = 4096;
+
+/// SHA-256 over a presented chain (leaf first), each certificate length-prefixed.
+pub type ChainKey = [u8; 32];
+
+/// The key of the chain `end_entity` + `intermediates`, exactly as the peer presented it (and
+/// as rustls keeps it with the session).
+pub fn chain_key(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> ChainKey {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for der in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
+        ctx.update(&(der.len() as u64).to_be_bytes());
+        ctx.update(der);
+    }
+    let mut key = [0u8; 32];
+    key.copy_from_slice(ctx.finish().as_ref());
+    key
+}
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,28 +151,28 @@ impl Credentials {
             roots,
             root_ders,
             leaf,
-            verified_issuers: Default::default(),
+            verified_paths: Default::default(),
         })
     }
 }
 
 impl Credentials {
-    /// Remembers that a chain whose top certificate is `issuer` verified to these roots.
-    pub fn remember_issuer(&self, issuer: &[u8]) {
-        if let Ok(mut set) = self.verified_issuers.lock() {
-            if set.len() >= MAX_VERIFIED_ISSUERS {
-                set.clear();
+    /// Remembers that the chain `key` verified to these roots along a path valid for `validity`.
+    pub fn remember_path(&self, key: ChainKey, validity: PathValidity) {
+        if let Ok(mut paths) = self.verified_paths.lock() {
+            if paths.len() >= MAX_VERIFIED_PATHS {
+                paths.clear();
             }
-            set.insert(issuer.to_vec());
+            paths.insert(key, validity);
         }
     }
 
-    /// Whether a chain topped by `issuer` was verified to these roots.
-    pub fn knows_issuer(&self, issuer: &[u8]) -> bool {
-        self.verified_issuers
+    /// The validity of the path the chain `key` verified along under these roots, if it did.
+    pub fn verified_path(&self, key: &ChainKey) -> Option<PathValidity> {
+        self.verified_paths
             .lock()
-            .map(|s| s.contains(issuer))
-            .unwrap_or(false)
+            .ok()
+            .and_then(|paths| paths.get(key).copied())
     }
 }
 

@@ -7,5 +7,5 @@ pub mod tickets;
 pub mod verify;
 
 pub use credentials::{CredentialError, CredentialStore, Credentials};
-pub use svid::{chain_not_after, check_leaf, LeafInfo, SvidError};
+pub use svid::{check_leaf, path_validity, LeafInfo, PathValidity, SvidError};
 pub use verify::{classify, InboundVerifier, OutboundVerifier};

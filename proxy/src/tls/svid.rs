@@ -1,7 +1,6 @@
 //! X.509-SVID rules on a leaf certificate: one URI SAN that is a ward SPIFFE ID, not a CA,
 //! serverAuth and clientAuth usage.
 
-use rustls_pki_types::CertificateDer;
 use ward_config::{SpiffeId, TrustDomain};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -91,24 +90,41 @@ pub fn check_leaf(der: &[u8], trust_domain: Option<&TrustDomain>) -> Result<Leaf
     })
 }
 
-/// When the peer's presented chain stops being valid: the earliest of the leaf's not_after and
-/// those of the certificates sent with it that are valid at `now` (the handshake's time). A
-/// tunnel admits streams only until then, so an intermediate that expires before its leaf ends
-/// the tunnel's use too. Certificates that do not parse or are not valid at `now` cannot be on
-/// the path the verifier built, and are left out.
-pub fn chain_not_after(leaf_not_after: i64, chain: &[CertificateDer<'_>], now: i64) -> i64 {
-    chain
-        .iter()
-        .skip(1)
-        .filter_map(|der| X509Certificate::from_der(der).ok())
-        .map(|(_, cert)| {
-            let v = cert.validity();
-            (v.not_before.timestamp(), v.not_after.timestamp())
-        })
-        .filter(|&(not_before, not_after)| not_before <= now && now <= not_after)
-        .fold(leaf_not_after, |earliest, (_, not_after)| {
-            earliest.min(not_after)
-        })
+/// When a verified path is valid (Unix seconds): from the latest not_before to the earliest
+/// not_after of its leaf and of the intermediates on it. A tunnel admits streams only until
+/// then, so an intermediate that expires before its leaf ends the tunnel's use too; a
+/// certificate the peer sent that is not on the path (a cross-signed intermediate of a CA
+/// rotation, say) does not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathValidity {
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl PathValidity {
+    /// Whether `now` (Unix seconds) is inside the validity period.
+    pub fn valid_at(&self, now: i64) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
+}
+
+/// The validity of the path made of `leaf` and `intermediates` (DER, the ones the verifier put
+/// on the path); an intermediate that does not parse refuses the path.
+pub fn path_validity(
+    leaf: &LeafInfo,
+    intermediates: impl IntoIterator<Item = impl AsRef<[u8]>>,
+) -> Result<PathValidity, SvidError> {
+    let mut v = PathValidity {
+        not_before: leaf.not_before,
+        not_after: leaf.not_after,
+    };
+    for der in intermediates {
+        let (_, cert) =
+            X509Certificate::from_der(der.as_ref()).map_err(|_| SvidError::Malformed)?;
+        v.not_before = v.not_before.max(cert.validity().not_before.timestamp());
+        v.not_after = v.not_after.min(cert.validity().not_after.timestamp());
+    }
+    Ok(v)
 }
 
 fn hex_lower(bytes: &[u8]) -> String {
@@ -124,6 +140,7 @@ fn hex_lower(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    use rustls_pki_types::CertificateDer;
     use time::{Duration, OffsetDateTime};
 
     /// root -> intermediate (valid `int_days` more days) -> leaf (valid 2 more days).
@@ -165,11 +182,11 @@ mod tests {
     }
 
     #[test]
-    fn an_intermediate_that_expires_first_ends_the_chain() {
+    fn an_intermediate_that_expires_first_ends_the_path() {
         let now = crate::now_unix();
         let short = chain(1);
         let leaf = info(&short[0]);
-        let end = chain_not_after(leaf.not_after, &short, now);
+        let end = path_validity(&leaf, [&short[1]]).unwrap().not_after;
         assert!(
             end < leaf.not_after,
             "the intermediate's end, not the leaf's"
@@ -181,25 +198,19 @@ mod tests {
 
         let long = chain(30);
         let leaf = info(&long[0]);
-        assert_eq!(chain_not_after(leaf.not_after, &long, now), leaf.not_after);
+        let v = path_validity(&leaf, [&long[1]]).unwrap();
+        assert_eq!(v.not_after, leaf.not_after);
+        assert!(v.not_before >= leaf.not_before && v.valid_at(now));
     }
 
     #[test]
-    fn certificates_off_the_path_do_not_count() {
-        let now = crate::now_unix();
+    fn an_intermediate_that_does_not_parse_refuses_the_path() {
         let good = chain(30);
         let leaf = info(&good[0]);
-        // An intermediate that expired a day ago cannot be on a path verified now.
-        let expired = chain(-1).remove(1);
-        let with_extras = vec![
-            good[0].clone(),
-            good[1].clone(),
-            expired,
-            CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]),
-        ];
+        let garbage = [0x30u8, 0x03, 0x02, 0x01, 0x00];
         assert_eq!(
-            chain_not_after(leaf.not_after, &with_extras, now),
-            leaf.not_after
+            path_validity(&leaf, [good[1].as_ref(), &garbage[..]]),
+            Err(SvidError::Malformed)
         );
     }
 }

@@ -5,8 +5,9 @@
 //! an epoch keeps that safe: every ticket that still decrypts was issued under the roots and
 //! intentions in force now, after a full verification. After any change, a returning client
 //! falls back to a full handshake, so a now-denied caller gets `access_denied` in the
-//! handshake as usual. The inbound still re-checks a resumed peer's validity period and its
-//! intention before forwarding a byte (see `inbound.rs`).
+//! handshake as usual. The inbound still re-checks a resumed peer before forwarding a byte
+//! (see `inbound.rs`): the path its full handshake verified must be valid now (else its chain
+//! is verified again, at the current time), and its intention must allow it.
 
 use arc_swap::ArcSwap;
 use rustls::server::ProducesTickets;

@@ -5,8 +5,8 @@
 //! Each fault maps to one rustls error whose alert PRODUCT.md names, and [`classify`] maps that
 //! error back to exactly one handshake result label.
 
-use super::credentials::CredentialStore;
-use super::svid::{check_leaf, LeafInfo, SvidError};
+use super::credentials::{chain_key, CredentialStore, Credentials};
+use super::svid::{check_leaf, path_validity, LeafInfo, PathValidity, SvidError};
 use crate::intentions::IntentionStore;
 use crate::metrics::HandshakeResult;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -113,59 +113,90 @@ pub fn signature_algorithms(
     provider_algorithms().all
 }
 
-/// Verifies `end_entity` + `intermediates` against the current roots and the SVID rules.
+/// Verifies `end_entity` + `intermediates` against `creds`' roots and the SVID rules, and
+/// remembers the chain with the validity of the path it verified along.
 fn verify_peer(
-    store: &CredentialStore,
+    creds: &Credentials,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
     usage: webpki::KeyUsage,
-) -> Result<(LeafInfo, Arc<super::credentials::Credentials>), VerifyError> {
-    let creds = store.load().ok_or(VerifyError::NotReady)?;
+) -> Result<(LeafInfo, PathValidity), VerifyError> {
     let ee =
         webpki::EndEntityCert::try_from(end_entity).map_err(|_| VerifyError::BadCertificate)?;
-    ee.verify_for_usage(
-        signature_algorithms(),
-        &creds.roots,
-        intermediates,
-        now,
-        usage,
-        None,
-        None,
-    )
-    .map_err(from_webpki)?;
+    let path = ee
+        .verify_for_usage(
+            signature_algorithms(),
+            &creds.roots,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(from_webpki)?;
     let leaf = check_leaf(end_entity, Some(&creds.leaf.id.trust_domain))
         .map_err(VerifyError::BadIdentity)?;
-    creds.remember_issuer(intermediates.last().unwrap_or(end_entity));
-    Ok((leaf, creds))
+    // Only the intermediates on the path: the peer may send others (cross-signed ones during a
+    // CA rotation), and their validity says nothing about this chain.
+    let validity = path_validity(&leaf, path.intermediate_certificates().map(|c| c.der()))
+        .map_err(|_| VerifyError::BadCertificate)?;
+    creds.remember_path(chain_key(end_entity, intermediates), validity);
+    Ok((leaf, validity))
 }
 
-/// Authorizes a resumed session's peer chain as a full handshake would (rule 8): its validity
-/// period now, and its chain against the current roots (a signature check only the first time
-/// an issuer is seen under these roots). The caller still decides the intention.
-pub fn reverify_resumed(
+/// The peer of an established session: who it is, and until when its chain is valid.
+#[derive(Debug, Clone)]
+pub struct SessionPeer {
+    pub leaf: LeafInfo,
+    /// The end of the verified path (Unix seconds): the leaf's or an intermediate's on it.
+    pub not_after: i64,
+}
+
+/// Authorizes the peer chain of an established session, full or resumed, as a full handshake
+/// would (rule 8): the path the handshake verified under the current credentials, if it is
+/// still valid now; otherwise (a ticket issued under earlier credentials, a path that has
+/// expired since) the chain is verified again against the current roots at the current time,
+/// so an expired intermediate refuses it unless another valid path exists. The caller still
+/// decides the intention.
+pub fn session_peer(
     store: &CredentialStore,
     chain: &[CertificateDer<'_>],
     usage: webpki::KeyUsage,
-) -> Result<LeafInfo, VerifyError> {
-    let creds = store.load().ok_or(VerifyError::NotReady)?;
-    let end_entity = chain.first().ok_or(VerifyError::BadCertificate)?;
-    let leaf = check_leaf(end_entity, Some(&creds.leaf.id.trust_domain))
-        .map_err(VerifyError::BadIdentity)?;
-    if !leaf.valid_at(crate::now_unix()) {
-        return Err(VerifyError::Expired);
-    }
-    let top = chain.last().unwrap_or(end_entity);
-    if creds.knows_issuer(top) {
-        return Ok(leaf);
-    }
-    tracing::debug!(
-        "a resumed session's issuer is new under the current roots; verifying the chain"
-    );
-    verify_peer(store, end_entity, &chain[1..], UnixTime::now(), usage).map(|(l, _)| l)
+) -> Result<SessionPeer, VerifyError> {
+    session_peer_at(store, chain, usage, UnixTime::now())
 }
 
-/// The metric label for a refusal found outside rustls (resumed sessions).
+fn session_peer_at(
+    store: &CredentialStore,
+    chain: &[CertificateDer<'_>],
+    usage: webpki::KeyUsage,
+    now: UnixTime,
+) -> Result<SessionPeer, VerifyError> {
+    let creds = store.load().ok_or(VerifyError::NotReady)?;
+    let (end_entity, intermediates) = chain.split_first().ok_or(VerifyError::BadCertificate)?;
+    let verified = creds
+        .verified_path(&chain_key(end_entity, intermediates))
+        .filter(|v| v.valid_at(now.as_secs() as i64));
+    let (leaf, validity) = match verified {
+        Some(validity) => {
+            let leaf = check_leaf(end_entity, Some(&creds.leaf.id.trust_domain))
+                .map_err(VerifyError::BadIdentity)?;
+            (leaf, validity)
+        }
+        None => {
+            tracing::debug!("no verified path of this chain is valid now; verifying it again");
+            verify_peer(&creds, end_entity, intermediates, now, usage)?
+        }
+    };
+    Ok(SessionPeer {
+        leaf,
+        not_after: validity.not_after,
+    })
+}
+
+/// The metric label for a refusal found outside rustls (by [`session_peer`] or an intention
+/// asked after a resumption).
 pub fn result_of(e: &VerifyError) -> HandshakeResult {
     match e {
         VerifyError::UnknownCa => HandshakeResult::UnknownCa,
@@ -215,8 +246,9 @@ impl ClientCertVerifier for InboundVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        let creds = self.credentials.load().ok_or(VerifyError::NotReady)?;
         let (leaf, _) = verify_peer(
-            &self.credentials,
+            &creds,
             end_entity,
             intermediates,
             now,
@@ -289,8 +321,9 @@ impl ServerCertVerifier for OutboundVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let creds = self.credentials.load().ok_or(VerifyError::NotReady)?;
         let (leaf, _) = verify_peer(
-            &self.credentials,
+            &creds,
             end_entity,
             intermediates,
             now,
@@ -324,5 +357,194 @@ impl ServerCertVerifier for OutboundVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         provider_algorithms().supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    use rustls_pki_types::PrivateKeyDer;
+    use time::{Duration, OffsetDateTime};
+
+    /// A certificate, and the issuer it makes for the next one.
+    struct Signer {
+        der: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+        not_after: i64,
+    }
+
+    fn unix(t: i64) -> UnixTime {
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(t as u64))
+    }
+
+    /// A CA named `name` (pathLen 0 unless it is a root), signed by `by` (a root if `None`),
+    /// valid until `days` from now, with `key` (a new one if `None`).
+    fn ca(name: &str, by: Option<&Signer>, days: i64, key: Option<&KeyPair>) -> Signer {
+        let now = OffsetDateTime::now_utc();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(match by {
+            Some(_) => BasicConstraints::Constrained(0),
+            None => BasicConstraints::Unconstrained,
+        });
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.not_before = now - Duration::days(3);
+        p.not_after = now + Duration::days(days);
+        let key = match key {
+            Some(k) => KeyPair::from_pem(&k.serialize_pem()).unwrap(),
+            None => KeyPair::generate().unwrap(),
+        };
+        let cert = match by {
+            Some(by) => p.signed_by(&key, &by.issuer),
+            None => p.self_signed(&key),
+        }
+        .unwrap();
+        Signer {
+            der: cert.der().clone(),
+            not_after: p.not_after.unix_timestamp(),
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    /// An X.509-SVID for `service`, valid for two more days, signed by `by`.
+    fn leaf(service: &str, by: &Signer) -> (Signer, KeyPair) {
+        let now = OffsetDateTime::now_utc();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, service);
+        p.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://mesh.test/ns/default/svc/{service}")
+                .try_into()
+                .unwrap(),
+        )];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = now - Duration::hours(1);
+        p.not_after = now + Duration::days(2);
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &by.issuer).unwrap();
+        let copy = KeyPair::from_pem(&key.serialize_pem()).unwrap();
+        let signer = Signer {
+            der: cert.der().clone(),
+            not_after: p.not_after.unix_timestamp(),
+            issuer: Issuer::new(p, key),
+        };
+        (signer, copy)
+    }
+
+    /// A store holding `inventory`'s credentials under `root`, through `int`.
+    fn store(root: &Signer, int: &Signer) -> CredentialStore {
+        let (own, key) = leaf("inventory", int);
+        let store = CredentialStore::default();
+        store.store(
+            Credentials::from_der(
+                vec![own.der, int.der.clone()],
+                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+                vec![root.der.clone()],
+            )
+            .unwrap(),
+        );
+        store
+    }
+
+    fn client_auth() -> webpki::KeyUsage {
+        webpki::KeyUsage::client_auth()
+    }
+
+    #[test]
+    fn a_certificate_off_the_verified_path_does_not_end_the_chain() {
+        let now = crate::now_unix();
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 30, None);
+        // Same name, another key, valid one day: the leaf's signature does not verify under it.
+        let extra = ca("intermediate", Some(&root), 1, None);
+        let store = store(&root, &int);
+        let (order, _) = leaf("order", &int);
+        for chain in [
+            vec![order.der.clone(), int.der.clone(), extra.der.clone()],
+            vec![order.der.clone(), extra.der.clone(), int.der.clone()],
+        ] {
+            let peer = session_peer_at(&store, &chain, client_auth(), unix(now)).unwrap();
+            assert_eq!(
+                peer.not_after, order.not_after,
+                "the leaf's end, not that of the certificate off the path ({})",
+                extra.not_after
+            );
+        }
+    }
+
+    #[test]
+    fn an_intermediate_on_the_path_that_expires_first_ends_the_chain() {
+        let now = crate::now_unix();
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 1, None);
+        let store = store(&root, &int);
+        let (order, _) = leaf("order", &int);
+        let chain = [order.der.clone(), int.der.clone()];
+        let peer = session_peer_at(&store, &chain, client_auth(), unix(now)).unwrap();
+        assert!(int.not_after < order.not_after);
+        assert_eq!(peer.not_after, int.not_after);
+    }
+
+    #[test]
+    fn a_session_whose_verified_intermediate_has_expired_is_refused() {
+        let now = crate::now_unix();
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 1, None);
+        let store = store(&root, &int);
+        let (order, _) = leaf("order", &int);
+        let chain = [order.der.clone(), int.der.clone()];
+        // The full handshake verified it; a day later (the leaf still valid) it is refused.
+        assert!(session_peer_at(&store, &chain, client_auth(), unix(now)).is_ok());
+        let later = unix(int.not_after + 1);
+        assert_eq!(
+            session_peer_at(&store, &chain, client_auth(), later).map(|p| p.not_after),
+            Err(VerifyError::Expired)
+        );
+    }
+
+    #[test]
+    fn a_session_whose_path_expired_keeps_another_path_valid_now() {
+        let now = crate::now_unix();
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 30, None);
+        let store = store(&root, &int);
+        // The leaf's issuer reissued for one day (same name and key): the path taken first.
+        let short = ca("intermediate", Some(&root), 1, Some(int.issuer.key()));
+        let (order, _) = leaf("order", &short);
+        let chain = [order.der.clone(), short.der.clone(), int.der.clone()];
+        let first = session_peer_at(&store, &chain, client_auth(), unix(now)).unwrap();
+        assert_eq!(first.not_after, short.not_after);
+        let later = session_peer_at(&store, &chain, client_auth(), unix(short.not_after + 1));
+        assert_eq!(later.map(|p| p.not_after), Ok(order.not_after));
+    }
+
+    #[test]
+    fn a_leaf_or_a_ca_below_the_paths_length_as_an_issuer_is_an_unknown_ca() {
+        let now = crate::now_unix();
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 30, None);
+        let store = store(&root, &int);
+        let (mesh_leaf, _) = leaf("payments", &int);
+        let (order, _) = leaf("order", &mesh_leaf);
+        let chain = [order.der.clone(), mesh_leaf.der.clone(), int.der.clone()];
+        let got = session_peer_at(&store, &chain, client_auth(), unix(now)).map(|p| p.not_after);
+        assert_eq!(got, Err(VerifyError::UnknownCa));
+        // The intermediate has pathLen 0: a CA it signed cannot issue.
+        let sub = ca("sub", Some(&int), 30, None);
+        let (order, _) = leaf("order", &sub);
+        let chain = [order.der.clone(), sub.der.clone(), int.der.clone()];
+        let got = session_peer_at(&store, &chain, client_auth(), unix(now)).map(|p| p.not_after);
+        assert_eq!(got, Err(VerifyError::UnknownCa));
+        // Both are counted as unknown_ca, the alert rustls sends for UnknownIssuer.
+        let err = std::io::Error::other(rustls::Error::from(VerifyError::UnknownCa));
+        assert_eq!(classify(&err), HandshakeResult::UnknownCa);
     }
 }
