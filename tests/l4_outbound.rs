@@ -9,12 +9,18 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::sync::{mpsc, Arc};
+use std::thread;
 use std::time::Duration;
 
+use common::cp::echo_once;
 use common::net::EchoApp;
-use common::pki::{Pki, TRUST_DOMAIN};
+use common::pki::{Identity, Pki, TRUST_DOMAIN};
 use common::proc::{ProxyConfig, TempDir, WardProcess};
+use common::tls::provider;
 use common::{wait_until, write_tls_files};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 #[test]
 fn outbound_refuses_a_valid_mesh_certificate_of_another_service() {
@@ -112,4 +118,134 @@ fn outbound_refuses_a_valid_mesh_certificate_of_another_service() {
     .unwrap_or_else(|| order.handshakes("outbound", "ok"));
     assert_eq!(ok_after, ok_before + 1.0, "outbound ok went up by one");
     assert_eq!(payments_app.accepted(), 1);
+}
+
+/// A TLS 1.3 server config with `id`'s certificate, no client certificate asked.
+fn server_config(id: &Identity) -> Arc<rustls::ServerConfig> {
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(id.chain_der.clone(), id.key_der())
+            .unwrap(),
+    )
+}
+
+/// Reads until the far side closes; what arrived.
+fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("the connection was not closed within {TIMEOUT:?}")
+            }
+            Err(_) => return got, // reset: closed
+        }
+    }
+}
+
+/// An upstream with one endpoint: the first connection meets an impostor there (a valid mesh
+/// certificate of another service), then the genuine inbound takes over the port. The next
+/// connection works at once: an endpoint that failed lately is skipped only while another is
+/// left to try.
+#[test]
+fn after_an_impostor_the_genuine_inbound_on_the_same_port_is_used_at_once() {
+    let dir = TempDir::new("outbound-takeover");
+    let pki = Pki::new(TRUST_DOMAIN);
+
+    // The impostor accepts one connection and frees the port, then answers that handshake only
+    // once the genuine inbound listens there, so its refusal is fresh when the next comes.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = listener.local_addr().unwrap();
+    let (accepted_tx, accepted_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let impostor_config = server_config(&pki.leaf("payments"));
+    let impostor = thread::spawn(move || {
+        let (mut tcp, _) = listener.accept().unwrap();
+        drop(listener);
+        accepted_tx.send(()).unwrap();
+        go_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut tls = rustls::ServerConnection::new(impostor_config).unwrap();
+        // Ends with the caller's alert when it refuses the certificate.
+        while tls.is_handshaking() && tls.complete_io(&mut tcp).is_ok() {}
+    });
+
+    let order_files = write_tls_files(&dir, "order", &pki, &pki.leaf("order"));
+    let order_cfg = dir.join("order.toml");
+    let mut order_config = ProxyConfig::new(
+        "order",
+        &order_files.cert,
+        &order_files.key,
+        &order_files.ca,
+    )
+    .upstream("inventory", &[endpoint]);
+    // Room for the genuine inbound to start while the impostor holds the handshake.
+    order_config.handshake_timeout = Some("30s".to_string());
+    order_config.write(&order_cfg);
+    let order = WardProcess::start("order", &order_cfg, &["upstream.inventory"]);
+    let up = order.upstream("inventory");
+    let bad_before = order.handshakes("outbound", "bad_identity");
+
+    let first = thread::spawn(move || {
+        let mut s = TcpStream::connect_timeout(&up, TIMEOUT).expect("connect order's upstream");
+        s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+        let _ = s.write_all(b"to the impostor\n");
+        read_to_close(&mut s)
+    });
+    accepted_rx
+        .recv_timeout(TIMEOUT)
+        .expect("order's outbound reached the impostor");
+
+    let app = EchoApp::start();
+    let inventory_files = write_tls_files(&dir, "inventory", &pki, &pki.leaf("inventory"));
+    let inventory_cfg = dir.join("inventory.toml");
+    ProxyConfig::new(
+        "inventory",
+        &inventory_files.cert,
+        &inventory_files.key,
+        &inventory_files.ca,
+    )
+    .inbound(&endpoint.to_string(), app.addr)
+    .rule("order", "allow")
+    .write(&inventory_cfg);
+    let inventory = WardProcess::start("inventory", &inventory_cfg, &["inbound"]);
+    assert_eq!(
+        inventory.inbound(),
+        endpoint,
+        "the genuine inbound took the port"
+    );
+
+    go_tx.send(()).unwrap();
+    let got = first.join().unwrap();
+    assert!(
+        got.is_empty(),
+        "the impostor's answer reached order's app: {got:?}"
+    );
+    impostor.join().unwrap();
+
+    // The next connection, right after the refusal, reaches the genuine inbound.
+    let lines_before = order.stderr_len();
+    echo_once(up, b"to the genuine inbound\n", TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "the connection right after the impostor's refusal failed: {e}\norder's stderr:\n{}",
+            order.stderr_text()
+        )
+    });
+    assert_eq!(app.accepted(), 1);
+    assert_eq!(
+        order.handshakes("outbound", "bad_identity"),
+        bad_before + 1.0,
+        "the impostor was refused as bad_identity"
+    );
+    let unreachable = order
+        .stderr_lines()
+        .iter()
+        .skip(lines_before)
+        .any(|l| l.contains("no endpoint of the upstream is reachable"));
+    assert!(!unreachable, "order logged the upstream as unreachable");
 }

@@ -89,7 +89,7 @@ impl Upstream {
     }
 
     /// Round robin over the endpoints; a stream on a pooled tunnel to the chosen one, or a
-    /// new connection to it; the next endpoint when one cannot be reached.
+    /// new connection to it; the next endpoint when one cannot be reached or failed lately.
     async fn open(&self) -> Option<Carrier> {
         let endpoints = self.endpoints.load_full();
         let n = endpoints.len();
@@ -97,19 +97,34 @@ impl Upstream {
             tracing::warn!(upstream = %self.service, "the upstream has no endpoints");
             return None;
         }
+        let started = Instant::now();
         let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut skipped = Vec::new();
         for i in 0..n {
-            match self.open_via(endpoints[(first + i) % n]).await {
+            let ep = endpoints[(first + i) % n];
+            match self.open_via(ep, None).await {
                 Attempt::Open(carrier) => return Some(carrier),
                 Attempt::Failed => return None,
                 Attempt::Unreachable => {}
+                Attempt::Skipped => skipped.push(ep),
+            }
+        }
+        // Skipping endpoints that failed lately must never leave the upstream with nothing to
+        // try (Envoy's panic threshold): every endpoint is marked bad, so try those anyway,
+        // except one whose failure this connection saw itself (it queued behind that attempt).
+        for ep in skipped {
+            match self.open_via(ep, Some(started)).await {
+                Attempt::Open(carrier) => return Some(carrier),
+                Attempt::Failed => return None,
+                Attempt::Unreachable | Attempt::Skipped => {}
             }
         }
         tracing::warn!(upstream = %self.service, endpoints = n, "no endpoint of the upstream is reachable");
         None
     }
 
-    async fn open_via(&self, ep: SocketAddr) -> Attempt {
+    /// `retry_failed_before`: see [`mux::pool::Pool::opening`].
+    async fn open_via(&self, ep: SocketAddr, retry_failed_before: Option<Instant>) -> Attempt {
         if self.pool.prefers_plain(ep) {
             // No tunnel there lately: a connection per client connection, not serialized.
             return match self.open_tunnel(ep).await {
@@ -123,8 +138,8 @@ impl Upstream {
             let slot = match self.pool.reserve(ep) {
                 Some(slot) => slot,
                 None => {
-                    let Some(_opening) = self.pool.opening(ep).await else {
-                        return Attempt::Unreachable;
+                    let Some(_opening) = self.pool.opening(ep, retry_failed_before).await else {
+                        return Attempt::Skipped;
                     };
                     match self.pool.reserve(ep) {
                         Some(slot) => slot,
@@ -290,6 +305,8 @@ enum Attempt {
     Unreachable,
     /// The endpoint answered but the connection failed (handshake refused, tunnel refused).
     Failed,
+    /// Not tried: an attempt to reach the endpoint failed lately.
+    Skipped,
 }
 
 /// A name unique to `endpoint`, to key the client's session ticket cache.

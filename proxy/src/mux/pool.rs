@@ -27,7 +27,8 @@ use tokio::time::Instant;
 
 /// A tunnel connection with no stream for this long is closed.
 pub const POOL_IDLE: Duration = Duration::from_secs(60);
-/// How long a failed attempt to reach an endpoint sends the callers queued behind it on.
+/// How long a failed attempt to reach an endpoint sends the callers queued behind it, and new
+/// ones, on to the next endpoint (while there is one that did not fail too).
 pub const FAILURE_MEMORY: Duration = Duration::from_secs(1);
 /// How long an endpoint that did not select the tunnel gets plain connections without asking.
 pub const PLAIN_MEMORY: Duration = Duration::from_secs(30);
@@ -197,16 +198,23 @@ impl Pool {
     }
 
     /// Held while opening a connection to `ep`; `None` when an attempt failed within
-    /// [`FAILURE_MEMORY`] (move on to the next endpoint).
-    pub async fn opening(&self, ep: SocketAddr) -> Option<OwnedMutexGuard<()>> {
+    /// [`FAILURE_MEMORY`] (move on to the next endpoint). With `retry_failed_before` (every
+    /// endpoint failed lately: try anyway), `None` only for a failure at or after that instant,
+    /// one the caller saw itself or queued behind, so a burst shares one retry.
+    pub async fn opening(
+        &self,
+        ep: SocketAddr,
+        retry_failed_before: Option<Instant>,
+    ) -> Option<OwnedMutexGuard<()>> {
         self.forget_unused();
         let endpoint = self.endpoint(ep);
         let guard = endpoint.opening.clone().lock_owned().await;
         let failed = *endpoint.failed_at.lock().unwrap_or_else(|e| e.into_inner());
-        match failed {
-            Some(at) if at.elapsed() < FAILURE_MEMORY => None,
-            _ => Some(guard),
-        }
+        let skip = failed.is_some_and(|at| match retry_failed_before {
+            None => at.elapsed() < FAILURE_MEMORY,
+            Some(before) => at >= before,
+        });
+        (!skip).then_some(guard)
     }
 
     /// Whether `ep` recently answered without selecting the tunnel.
@@ -346,12 +354,30 @@ mod tests {
 
         tokio::time::advance(PLAIN_MEMORY).await;
         let guard = pool
-            .opening(addr(5))
+            .opening(addr(5), None)
             .await
             .expect("no failure remembered for it");
         assert!(!pool.prefers_plain(addr(2)));
         let left: Vec<u16> = pool.endpoints.iter().map(|e| e.key().port()).collect();
         assert_eq!(left, vec![5], "the endpoint being opened stays");
         drop(guard);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_endpoint_is_tried_anyway_unless_the_failure_came_after_the_caller() {
+        let pool = Pool::default();
+        let before = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        pool.attempted(addr(1), false);
+        assert!(pool.opening(addr(1), None).await.is_none(), "skipped");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(
+            pool.opening(addr(1), Some(Instant::now())).await.is_some(),
+            "a failure older than the caller: tried anyway"
+        );
+        assert!(
+            pool.opening(addr(1), Some(before)).await.is_none(),
+            "a failure the caller queued behind: not tried again"
+        );
     }
 }
