@@ -4,6 +4,9 @@
 //! `payments`' proxy (allowing `order`) serves an echo app. `order`'s proxy has two upstreams
 //! pointing at that same endpoint: `payments` (right identity: works) and `inventory` (the
 //! endpoint says payments: must be refused, counted as `bad_identity`).
+//!
+//! Also: an endpoint that failed lately is tried anyway when it is the only one, and a caller
+//! that the inbound refuses counts and logs the refusal on its own side.
 
 mod common;
 
@@ -14,11 +17,12 @@ use std::thread;
 use std::time::Duration;
 
 use common::cp::echo_once;
-use common::net::EchoApp;
+use common::net::{metric_sum, EchoApp};
 use common::pki::{Identity, Pki, TRUST_DOMAIN};
 use common::proc::{ProxyConfig, TempDir, WardProcess};
 use common::tls::provider;
-use common::{wait_until, write_tls_files};
+use common::{wait_until, write_tls_files, Inventory};
+use rustls::pki_types::{CertificateDer, UnixTime};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -248,4 +252,180 @@ fn after_an_impostor_the_genuine_inbound_on_the_same_port_is_used_at_once() {
         .skip(lines_before)
         .any(|l| l.contains("no endpoint of the upstream is reachable"));
     assert!(!unreachable, "order logged the upstream as unreachable");
+}
+
+/// `service`'s proxy with `inventory` as its upstream at `endpoint`, with `inv`'s mesh.
+fn caller(inv: &Inventory, service: &str, endpoint: std::net::SocketAddr) -> WardProcess {
+    let files = write_tls_files(&inv.dir, service, &inv.pki, &inv.pki.leaf(service));
+    let cfg = inv.dir.join(&format!("{service}.toml"));
+    ProxyConfig::new(service, &files.cert, &files.key, &files.ca)
+        .upstream("inventory", &[endpoint])
+        .write(&cfg);
+    WardProcess::start(service, &cfg, &["upstream.inventory"])
+}
+
+fn outbound_sum(p: &WardProcess, name: &str, extra: &[(&str, &str)]) -> f64 {
+    let mut labels = vec![("direction", "outbound")];
+    labels.extend_from_slice(extra);
+    metric_sum(&p.metrics(), name, &labels)
+}
+
+/// One connection through `caller`'s upstream `inventory` at `endpoint`, which refuses it with
+/// access_denied: the app gets nothing, the caller counts `denied` (not `ok`) and logs one
+/// WARN line naming the upstream, the endpoint and the alert.
+fn refusal_is_seen_by_the_caller(caller: &WardProcess, endpoint: std::net::SocketAddr) {
+    let denied_before = caller.handshakes("outbound", "denied");
+    let ok_before = caller.handshakes("outbound", "ok");
+    let total_before = caller.handshakes_total("outbound");
+    let lines_before = caller.stderr_len();
+
+    let mut s = TcpStream::connect_timeout(&caller.upstream("inventory"), TIMEOUT)
+        .expect("connect the caller's upstream listener");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let got = read_to_close(&mut s);
+    assert!(
+        got.is_empty(),
+        "the app got {got:?} from a refusing inbound"
+    );
+
+    let denied = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        let v = caller.handshakes("outbound", "denied");
+        (v >= denied_before + 1.0).then_some(v)
+    })
+    .unwrap_or_else(|| caller.handshakes("outbound", "denied"));
+    let metrics = caller.metrics();
+    assert_eq!(
+        denied,
+        denied_before + 1.0,
+        "ward_tls_handshakes_total{{direction=\"outbound\",result=\"denied\"}} must go up by one\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("ward_tls_handshakes_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        caller.handshakes("outbound", "ok"),
+        ok_before,
+        "a refused handshake is not ok"
+    );
+    assert_eq!(
+        caller.handshakes_total("outbound"),
+        total_before + 1.0,
+        "exactly one outbound series moved"
+    );
+
+    let is_refusal_line = |l: &str| {
+        l.contains("WARN")
+            && l.contains("upstream=inventory")
+            && l.contains(&format!("endpoint={endpoint}"))
+            && l.contains("alert=access_denied")
+    };
+    let line = caller.wait_for_stderr(lines_before, Duration::from_secs(5), is_refusal_line);
+    assert!(
+        line.is_some(),
+        "no WARN line names upstream, endpoint and alert:\n{}",
+        caller.stderr_text()
+    );
+    let lines = caller.stderr_lines();
+    let logged = lines
+        .iter()
+        .skip(lines_before)
+        .map(|l| common::proc::strip_ansi(l))
+        .filter(|l| is_refusal_line(l))
+        .count();
+    assert_eq!(logged, 1, "the refusal is logged once");
+}
+
+/// The inbound denies the caller (no intention) on a `ward-mux/1` tunnel: in TLS 1.3 the alert
+/// comes after the caller's Finished, so the caller waits for the tunnel's first frame before
+/// it counts the handshake, and opens no connection or tunnel stream for a refused one.
+#[test]
+fn a_caller_the_inbound_denies_counts_and_logs_the_refusal_on_a_tunnel() {
+    let inv = Inventory::start("outbound-denied-tunnel");
+    let rogue = caller(&inv, "rogue", inv.proxy.inbound());
+    refusal_is_seen_by_the_caller(&rogue, inv.proxy.inbound());
+    assert_eq!(
+        outbound_sum(&rogue, "ward_mux_streams_total", &[("result", "ok")]),
+        0.0,
+        "no tunnel stream opened"
+    );
+    assert_eq!(
+        outbound_sum(&rogue, "ward_connections_opened_total", &[]),
+        0.0,
+        "no connection opened"
+    );
+    assert_eq!(inv.app.accepted(), 0);
+    assert_eq!(inv.proxy.handshakes("inbound", "denied"), 1.0);
+}
+
+/// Refuses every client certificate as an intention deny does (access_denied).
+#[derive(Debug)]
+struct DenyEveryone(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::server::danger::ClientCertVerifier for DenyEveryone {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::ApplicationVerificationFailure,
+        ))
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The same on a plain connection: a TLS inbound that is not ward (it selects no ALPN) and
+/// refuses the caller's certificate. The caller counts at the server's first record or alert.
+#[test]
+fn a_caller_the_inbound_denies_counts_and_logs_the_refusal_on_a_plain_connection() {
+    let inv = Inventory::start("outbound-denied-plain");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = listener.local_addr().unwrap();
+    let id = inv.pki.leaf("inventory");
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(Arc::new(DenyEveryone(provider())))
+            .with_single_cert(id.chain_der.clone(), id.key_der())
+            .unwrap(),
+    );
+    thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(mut tcp) = tcp else { continue };
+            let config = config.clone();
+            thread::spawn(move || {
+                tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+                let mut tls = rustls::ServerConnection::new(config).unwrap();
+                // Ends after sending access_denied for the caller's certificate.
+                while tls.is_handshaking() && tls.complete_io(&mut tcp).is_ok() {}
+            });
+        }
+    });
+    let order = caller(&inv, "order", endpoint);
+    refusal_is_seen_by_the_caller(&order, endpoint);
 }

@@ -7,10 +7,14 @@ use crate::shared::Shared;
 use crate::tls;
 use arc_swap::ArcSwap;
 use rustls_pki_types::ServerName;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -19,6 +23,12 @@ use ward_config::Name;
 
 /// How long one TCP connect to an endpoint may take before the next is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// At most one failed-handshake line per upstream this often; the next says how many were left
+/// out.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
+/// What the tunnel reads ahead while it waits for the server's first frame; h2's own reads are
+/// larger and bypass it.
+const FIRST_FRAME_READ: usize = 64;
 
 pub struct Upstream {
     shared: Arc<Shared>,
@@ -34,6 +44,7 @@ pub struct Upstream {
     pool: mux::pool::Pool,
     /// The `:authority` of our tunnel streams.
     authority: String,
+    failure_log: Arc<FailureLog>,
 }
 
 impl Upstream {
@@ -60,6 +71,7 @@ impl Upstream {
             next: AtomicUsize::new(0),
             pool: mux::pool::Pool::default(),
             authority,
+            failure_log: Arc::default(),
         }
     }
 
@@ -178,21 +190,31 @@ impl Upstream {
         let generation = self.pool.generation();
         let result = match self.handshake(ep).await {
             Err(attempt) => Err(attempt),
-            Ok((tls, _)) if tls.get_ref().1.alpn_protocol() != Some(mux::ALPN) => {
+            Ok((tls, accepted)) if tls.get_ref().1.alpn_protocol() != Some(mux::ALPN) => {
                 self.pool.note_plain(ep, true);
+                // Counted at the server's first record or alert, while the bytes flow.
+                let tls = Answered {
+                    tls: Box::new(tls),
+                    unanswered: Some(accepted.unanswered),
+                };
                 Err(Attempt::Open(Carrier::Plain(Box::new(tls))))
             }
-            Ok((tls, not_after)) => {
+            Ok((tls, accepted)) => {
                 self.pool.note_plain(ep, false);
                 // Only a tunnel outlives this client connection: it is retired when any
                 // certificate on the server's verified path expires, not only the leaf.
-                self.pool
-                    .add(&self.shared, ep, tls, not_after, generation)
-                    .await
-                    .map_err(|e| {
-                        tracing::warn!(upstream = %self.service, endpoint = %ep, error = %e, "tunnel setup failed");
-                        Attempt::Failed
-                    })
+                let not_after = accepted.not_after;
+                match first_frame(tls, accepted.unanswered, accepted.deadline).await {
+                    None => Err(Attempt::Failed),
+                    Some(tls) => self
+                        .pool
+                        .add(&self.shared, ep, tls, not_after, generation)
+                        .await
+                        .map_err(|e| {
+                            tracing::warn!(upstream = %self.service, endpoint = %ep, error = %e, "tunnel setup failed");
+                            Attempt::Failed
+                        }),
+                }
             }
         };
         let ok = !matches!(result, Err(Attempt::Failed | Attempt::Unreachable));
@@ -200,8 +222,9 @@ impl Upstream {
         result
     }
 
-    /// TCP connect and mutual TLS handshake to `ep`; the end of the server's verified path.
-    async fn handshake(&self, ep: SocketAddr) -> Result<(MeshStream, i64), Attempt> {
+    /// TCP connect and mutual TLS handshake to `ep`, accepted on our side; counted once the
+    /// server has answered it (see [`Unanswered`]). A failure on our side is counted here.
+    async fn handshake(&self, ep: SocketAddr) -> Result<(MeshStream, Accepted), Attempt> {
         let shared = &self.shared;
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep)).await {
             Ok(Ok(s)) => s,
@@ -216,6 +239,13 @@ impl Upstream {
         };
         let _ = tcp.set_nodelay(true);
         let started = Instant::now();
+        let mut unanswered = Unanswered {
+            upstream: self.service.clone(),
+            endpoint: ep,
+            started,
+            finished: None,
+            log: self.failure_log.clone(),
+        };
         // SNI is off and the verifier checks the SPIFFE ID, so the name only keys the session
         // ticket cache: one entry per endpoint.
         let name = endpoint_name(ep);
@@ -225,20 +255,20 @@ impl Upstream {
             connector.connect(name, crate::bigreads::BigReads::new(tcp)),
         )
         .await;
-        let elapsed = started.elapsed().as_secs_f64();
         let tls = match handshake {
             Err(_) => {
-                m::handshake(Direction::Outbound, HandshakeResult::Timeout, elapsed);
+                let why = "no handshake within handshake_timeout";
+                unanswered.settle(HandshakeResult::Timeout, None, &why);
                 return Err(Attempt::Failed);
             }
             Ok(Err(e)) => {
-                let result = tls::classify(&e);
-                m::handshake(Direction::Outbound, result, elapsed);
-                tracing::warn!(upstream = %self.service, endpoint = %ep, result = result.as_str(), error = %e, "outbound handshake failed");
+                let alert = tls::verify::received_alert(&e);
+                unanswered.settle(tls::verify::classify_refusal(&e), alert, &e);
                 return Err(Attempt::Failed);
             }
             Ok(Ok(s)) => s,
         };
+        unanswered.finished = Some(Instant::now());
         let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
         // The path the verifier built for the server's chain if it is valid now, else (a
         // resumed session, say) a full verification against our current roots at the current
@@ -253,12 +283,17 @@ impl Upstream {
                     }
                 });
         match checked {
-            Ok(peer) => {
-                m::handshake(Direction::Outbound, HandshakeResult::Ok, elapsed);
-                Ok((tls, peer.not_after))
-            }
+            Ok(peer) => Ok((
+                tls,
+                Accepted {
+                    not_after: peer.not_after,
+                    deadline: started + shared.limits.handshake_timeout,
+                    unanswered,
+                },
+            )),
             Err(e) => {
-                m::handshake(Direction::Outbound, tls::verify::result_of(&e), elapsed);
+                let result = tls::verify::result_of(&e);
+                unanswered.settle(result, None, &format_args!("{e:?}"));
                 Err(Attempt::Failed)
             }
         }
@@ -296,7 +331,7 @@ enum Carrier {
     /// A stream on a pooled tunnel.
     Stream(mux::io::StreamIo),
     /// A connection of its own (the peer did not select `ward-mux/1`).
-    Plain(Box<MeshStream>),
+    Plain(Box<Answered>),
 }
 
 enum Attempt {
@@ -314,4 +349,200 @@ fn endpoint_name(endpoint: SocketAddr) -> ServerName<'static> {
     let ip = endpoint.ip().to_string().replace([':', '.'], "-");
     ServerName::try_from(format!("ep-{ip}-{}.ward", endpoint.port()))
         .unwrap_or_else(|_| ServerName::IpAddress(endpoint.ip().into()))
+}
+
+/// Our side of a handshake is done and accepted the server.
+struct Accepted {
+    /// The end of the server's verified path (Unix seconds).
+    not_after: i64,
+    /// When the handshake timeout (counted from the TCP connect) runs out.
+    deadline: Instant,
+    unanswered: Unanswered,
+}
+
+/// A handshake not counted yet: in TLS 1.3 the server judges our certificate after our
+/// Finished, so its refusal (an alert) arrives after our side of the handshake is done. A tunnel
+/// waits for the server's first frame or that alert; a plain connection counts at the server's
+/// first record or alert without holding the client's bytes back.
+struct Unanswered {
+    upstream: Name,
+    endpoint: SocketAddr,
+    /// From the TCP connect to the end of our side of the handshake: the duration recorded.
+    started: Instant,
+    finished: Option<Instant>,
+    log: Arc<FailureLog>,
+}
+
+impl Unanswered {
+    /// Counts the handshake as `result` on `direction="outbound"`; any other result than ok is
+    /// logged at warn, naming the alert the server sent, if it sent one.
+    fn settle(
+        self,
+        result: HandshakeResult,
+        alert: Option<rustls::AlertDescription>,
+        error: &dyn std::fmt::Display,
+    ) {
+        let finished = self.finished.unwrap_or_else(Instant::now);
+        let seconds = finished.duration_since(self.started).as_secs_f64();
+        m::handshake(Direction::Outbound, result, seconds);
+        if result == HandshakeResult::Ok {
+            return;
+        }
+        let Some(left_out) = self.log.admit() else {
+            return;
+        };
+        let (upstream, endpoint, result) = (&self.upstream, self.endpoint, result.as_str());
+        match alert {
+            Some(alert) => tracing::warn!(
+                %upstream, %endpoint, alert = %tls::verify::alert_name(alert), result, left_out,
+                "the upstream refused our handshake"
+            ),
+            None => tracing::warn!(
+                %upstream, %endpoint, result, %error, left_out, "outbound handshake failed"
+            ),
+        }
+    }
+}
+
+/// Rate limit of an upstream's failed-handshake lines.
+#[derive(Default)]
+struct FailureLog {
+    next: std::sync::Mutex<Option<Instant>>,
+    left_out: AtomicU64,
+}
+
+impl FailureLog {
+    /// `Some(lines left out since the last one)` when a line may be written now.
+    fn admit(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        if next.is_some_and(|at| now < at) {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *next = Some(now + FAILURE_LOG_EVERY);
+        Some(self.left_out.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// Waits for the tunnel's first frame (the server's SETTINGS, which it sends without waiting
+/// for ours) or the server's refusal, and counts the handshake. The tunnel needs SETTINGS
+/// before its first stream anyway, so this costs no round trip.
+async fn first_frame(
+    tls: MeshStream,
+    unanswered: Unanswered,
+    deadline: Instant,
+) -> Option<BufReader<MeshStream>> {
+    let mut tls = BufReader::with_capacity(FIRST_FRAME_READ, tls);
+    let answer = async { tls.fill_buf().await.map(|first| !first.is_empty()) };
+    match tokio::time::timeout_at(deadline, answer).await {
+        Ok(Ok(true)) => {
+            unanswered.settle(HandshakeResult::Ok, None, &"");
+            Some(tls)
+        }
+        Ok(Ok(false)) => {
+            let why = "closed the connection before the tunnel's first frame";
+            unanswered.settle(HandshakeResult::Error, None, &why);
+            None
+        }
+        Ok(Err(e)) => {
+            let alert = tls::verify::received_alert(&e);
+            unanswered.settle(tls::verify::classify_refusal(&e), alert, &e);
+            None
+        }
+        Err(_) => {
+            let why = "no tunnel frame within handshake_timeout";
+            unanswered.settle(HandshakeResult::Timeout, None, &why);
+            None
+        }
+    }
+}
+
+/// A plain connection whose handshake is counted at the server's first record: a session
+/// ticket or data (it took our certificate), its clean close, or an alert (it refused it).
+struct Answered {
+    tls: Box<MeshStream>,
+    unanswered: Option<Unanswered>,
+}
+
+impl Answered {
+    fn settle(&mut self, result: HandshakeResult, error: Option<&io::Error>) {
+        if let Some(unanswered) = self.unanswered.take() {
+            let alert = error.and_then(tls::verify::received_alert);
+            unanswered.settle(
+                result,
+                alert,
+                &error.map_or(String::new(), |e| e.to_string()),
+            );
+        }
+    }
+
+    fn settle_on_error<T>(&mut self, polled: &Poll<io::Result<T>>) {
+        if let Poll::Ready(Err(e)) = polled {
+            self.settle(tls::verify::classify_refusal(e), Some(e));
+        }
+    }
+}
+
+impl Drop for Answered {
+    /// The connection ended before the server said anything: it never refused us.
+    fn drop(&mut self) {
+        self.settle(HandshakeResult::Ok, None);
+    }
+}
+
+impl AsyncRead for Answered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut *self.tls).poll_read(cx, buf);
+        if self.unanswered.is_some() {
+            match &polled {
+                Poll::Ready(Ok(())) => self.settle(HandshakeResult::Ok, None),
+                Poll::Pending if self.tls.get_ref().1.tls13_tickets_received() > 0 => {
+                    self.settle(HandshakeResult::Ok, None)
+                }
+                _ => self.settle_on_error(&polled),
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Answered {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut *self.tls).poll_write(cx, buf);
+        self.settle_on_error(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut *self.tls).poll_write_vectored(cx, bufs);
+        self.settle_on_error(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut *self.tls).poll_flush(cx);
+        self.settle_on_error(&polled);
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.tls).poll_shutdown(cx)
+    }
 }

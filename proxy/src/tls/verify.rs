@@ -12,7 +12,9 @@ use crate::metrics::HandshakeResult;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{
+    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme,
+};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use std::sync::{Arc, OnceLock};
 use ward_config::{Name, SpiffeId};
@@ -99,6 +101,51 @@ pub fn classify(err: &std::io::Error) -> HandshakeResult {
             _ => HandshakeResult::Error,
         },
         _ => HandshakeResult::Error,
+    }
+}
+
+/// Maps an error on the caller's side of a handshake to its metric label: an alert the server
+/// sent is counted as the refusal it stands for (the alerts PRODUCT.md names for each fault,
+/// read backwards), anything else as [`classify`] does. Only for the caller: on the inbound an
+/// alert from the client says nothing about the client's own certificate.
+pub fn classify_refusal(err: &std::io::Error) -> HandshakeResult {
+    match received_alert(err) {
+        Some(alert) => result_of_alert(alert),
+        None => classify(err),
+    }
+}
+
+/// The result a refusal alert means. `bad_certificate` stands for an identity fault (the
+/// inbound's other certificate faults are rare enough not to blur it).
+pub fn result_of_alert(alert: AlertDescription) -> HandshakeResult {
+    match alert {
+        AlertDescription::AccessDenied => HandshakeResult::Denied,
+        AlertDescription::CertificateRequired => HandshakeResult::NoClientCert,
+        AlertDescription::UnknownCA => HandshakeResult::UnknownCa,
+        AlertDescription::CertificateExpired => HandshakeResult::Expired,
+        AlertDescription::BadCertificate => HandshakeResult::BadIdentity,
+        _ => HandshakeResult::Error,
+    }
+}
+
+/// The alert's name as TLS spells it (`access_denied`), for logs.
+pub fn alert_name(alert: AlertDescription) -> std::borrow::Cow<'static, str> {
+    match alert {
+        AlertDescription::AccessDenied => "access_denied".into(),
+        AlertDescription::CertificateRequired => "certificate_required".into(),
+        AlertDescription::UnknownCA => "unknown_ca".into(),
+        AlertDescription::CertificateExpired => "certificate_expired".into(),
+        AlertDescription::BadCertificate => "bad_certificate".into(),
+        AlertDescription::CloseNotify => "close_notify".into(),
+        other => format!("{other:?}").into(),
+    }
+}
+
+/// The alert the server sent, if `err` is one.
+pub fn received_alert(err: &std::io::Error) -> Option<AlertDescription> {
+    match err.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(alert) => Some(*alert),
+        _ => None,
     }
 }
 
@@ -546,5 +593,41 @@ mod tests {
         // Both are counted as unknown_ca, the alert rustls sends for UnknownIssuer.
         let err = std::io::Error::other(rustls::Error::from(VerifyError::UnknownCa));
         assert_eq!(classify(&err), HandshakeResult::UnknownCa);
+    }
+
+    /// The caller reads each refusal's alert back as the result the inbound counted for it.
+    #[test]
+    fn each_refusal_alert_reads_back_as_the_inbound_result() {
+        let refusals = [
+            VerifyError::UnknownCa,
+            VerifyError::Expired,
+            VerifyError::BadIdentity(SvidError::CaAsLeaf),
+            VerifyError::WrongService,
+            VerifyError::Denied,
+        ];
+        for e in refusals {
+            let rustls::Error::InvalidCertificate(c) = rustls::Error::from(e.clone()) else {
+                panic!("{e:?} is a certificate error");
+            };
+            assert_eq!(
+                result_of_alert(AlertDescription::from(c)),
+                result_of(&e),
+                "{e:?}"
+            );
+        }
+        assert_eq!(
+            result_of_alert(AlertDescription::CertificateRequired),
+            HandshakeResult::NoClientCert
+        );
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(AlertDescription::AccessDenied),
+        );
+        assert_eq!(classify_refusal(&alert), HandshakeResult::Denied);
+        assert_eq!(
+            classify(&alert),
+            HandshakeResult::Error,
+            "not on the inbound"
+        );
     }
 }
