@@ -830,14 +830,15 @@ fn a_peer_that_resets_too_many_streams_before_their_answer_loses_its_tunnel() {
 }
 
 /// Security rule 15: what one tunnel may make the inbound buffer is bounded in total, not per
-/// stream. Sixteen CONNECT streams whose data nobody has read yet are granted the inbound's
-/// flow-control window: before the bound, 4 MiB each (64 MiB, and 400 MiB with 100 streams);
-/// now `[limits] max_tunnel_buffer_bytes` (32 MiB by default) in all. No data is sent, so
-/// nothing is released and the granted capacity is exactly what the inbound advertised.
+/// stream. 32 CONNECT streams whose data nobody has read yet are granted the inbound's
+/// flow-control windows: before the bound, 4 MiB each (128 MiB, and 400 MiB with 100 streams);
+/// now a share of `[limits] max_tunnel_buffer_bytes` (64 MiB by default) each, the same for
+/// every stream (none can use up the others' window). No data is sent, so nothing is released
+/// and the granted capacity is exactly what the inbound advertised.
 #[test]
-fn sixteen_streams_are_granted_at_most_the_tunnel_buffer_in_all() {
-    const STREAMS: usize = 16;
-    const DEFAULT_BUFFER: usize = 32 << 20;
+fn thirty_two_streams_are_granted_equal_shares_of_the_tunnel_buffer() {
+    const STREAMS: usize = 32;
+    const DEFAULT_BUFFER: usize = 64 << 20;
     let inv = Inventory::start("mux-buffer");
     let order = inv.pki.leaf("order");
     let config = client_config(&order, &[ALPN]);
@@ -846,7 +847,7 @@ fn sixteen_streams_are_granted_at_most_the_tunnel_buffer_in_all() {
         .enable_all()
         .build()
         .unwrap();
-    let granted: usize = rt.block_on(async move {
+    let granted: Vec<usize> = rt.block_on(async move {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let tls = tokio_rustls::TlsConnector::from(config)
             .connect("inventory.ward".try_into().unwrap(), tcp)
@@ -880,17 +881,17 @@ fn sixteen_streams_are_granted_at_most_the_tunnel_buffer_in_all() {
         }
         // Capacity arrives with the inbound's SETTINGS and WINDOW_UPDATE; wait until it stops
         // growing (at most 5 s).
-        let total = |s: &Vec<(_, h2::SendStream<bytes::Bytes>)>| -> usize {
-            s.iter().map(|(_, up)| up.capacity()).sum()
+        let grants = |s: &Vec<(_, h2::SendStream<bytes::Bytes>)>| -> Vec<usize> {
+            s.iter().map(|(_, up)| up.capacity()).collect()
         };
-        let mut last = total(&streams);
+        let mut last = grants(&streams);
         let mut stable_since = std::time::Instant::now();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::time::Instant::now() < deadline
             && stable_since.elapsed() < Duration::from_millis(500)
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let now = total(&streams);
+            let now = grants(&streams);
             if now != last {
                 last = now;
                 stable_since = std::time::Instant::now();
@@ -898,13 +899,15 @@ fn sixteen_streams_are_granted_at_most_the_tunnel_buffer_in_all() {
         }
         last
     });
-    eprintln!("{STREAMS} streams were granted {granted} bytes in all");
+    let total: usize = granted.iter().sum();
+    let (least, most) = (granted.iter().min(), granted.iter().max());
+    eprintln!("{STREAMS} streams were granted {total} bytes in all, {least:?} to {most:?} each");
     assert!(
-        granted >= 4 << 20,
-        "the streams were granted {granted} bytes, less than one stream's 4 MiB window"
+        total <= DEFAULT_BUFFER,
+        "{STREAMS} streams were granted {total} bytes, more than the 64 MiB tunnel buffer"
     );
     assert!(
-        granted <= DEFAULT_BUFFER,
-        "{STREAMS} streams were granted {granted} bytes, more than the 32 MiB tunnel buffer"
+        least == most && least >= Some(&(64 * 1024)),
+        "the streams were granted unequal or tiny windows: {granted:?}"
     );
 }

@@ -100,14 +100,15 @@ pub struct Limits {
     pub max_pending_handshakes: usize,
     pub max_pending_handshakes_per_ip: usize,
     /// What one `ward-mux/1` tunnel may buffer each way: the bytes its peer may send before
-    /// this side has handed them on (the HTTP/2 connection window), and the bytes queued for
-    /// the peer.
+    /// this side has handed them on (the HTTP/2 connection window, shared out as the windows
+    /// of its 100 streams), and the bytes queued for the peer.
     pub max_tunnel_buffer_bytes: usize,
 }
 
-/// The bounds of `limits.max_tunnel_buffer_bytes`: 1 MiB (a 10 KiB send queue for each of a
-/// tunnel's 100 streams), and HTTP/2's largest window.
-pub const TUNNEL_BUFFER_RANGE: std::ops::RangeInclusive<usize> = (1 << 20)..=(i32::MAX as usize);
+/// The bounds of `limits.max_tunnel_buffer_bytes`: a 64 KiB window (one tunnel frame) for each
+/// of a tunnel's 100 streams, and HTTP/2's largest window.
+pub const TUNNEL_BUFFER_RANGE: std::ops::RangeInclusive<usize> =
+    (100 * 65_536)..=(i32::MAX as usize);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -118,9 +119,9 @@ impl Default for Limits {
             drain_timeout: std::time::Duration::from_secs(30),
             max_pending_handshakes: 1024,
             max_pending_handshakes_per_ip: 64,
-            // Eight streams at the full 4 MiB stream window: one stream's throughput is what
-            // it was with a window for all 100, and a peer pins 32 MiB instead of 400.
-            max_tunnel_buffer_bytes: 32 * 1024 * 1024,
+            // 640 KiB per stream: several times a bulk stream's bandwidth-delay product within
+            // a datacentre, and a peer pins 64 MiB per tunnel instead of 400.
+            max_tunnel_buffer_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -422,7 +423,7 @@ impl ProxyConfig {
                         return Err(invalid(
                             "limits.max_tunnel_buffer_bytes",
                             &format!(
-                                "{v} is outside {}..={} (1 MiB to HTTP/2's largest window)",
+                                "{v} is outside {}..={} (a 64 KiB window for each of 100 streams, to HTTP/2's largest window)",
                                 TUNNEL_BUFFER_RANGE.start(),
                                 TUNNEL_BUFFER_RANGE.end()
                             ),
@@ -635,10 +636,10 @@ handshake_timeout = "2s"
             ))
         };
         assert_eq!(
-            set("1048576").unwrap().limits.max_tunnel_buffer_bytes,
-            1 << 20
+            set("8388608").unwrap().limits.max_tunnel_buffer_bytes,
+            8 << 20
         );
-        for bad in ["65536", "4294967296"] {
+        for bad in ["1048576", "4294967296"] {
             let err = set(bad).unwrap_err();
             assert!(
                 err.contains("limits.max_tunnel_buffer_bytes") && err.contains(bad),
@@ -647,7 +648,7 @@ handshake_timeout = "2s"
         }
         assert_eq!(
             parse(GOOD).unwrap().limits.max_tunnel_buffer_bytes,
-            32 << 20
+            64 << 20
         );
     }
 

@@ -28,13 +28,12 @@ pub const ALPN: &[u8] = b"ward-mux/1";
 /// Streams one tunnel connection carries at once; the pool opens another connection beyond.
 pub const MAX_STREAMS: u32 = 100;
 
-/// Flow-control windows. A stream may have `STREAM_WINDOW` unread bytes in flight, about what
-/// the kernel lets a plain connection's socket buffers hold, and enough that one stream is not
-/// held back waiting for window updates. The connection window is `[limits]
-/// max_tunnel_buffer_bytes` (security rule 15): bytes are buffered only when a sender sends and
-/// the reader does not read, so it bounds what a peer can make one tunnel hold, whatever its
-/// number of streams. Its default leaves room for eight streams at the full stream window; more
-/// streams whose readers stall share the rest, as they would share one TCP connection.
+/// Flow-control windows. A tunnel buffers at most `[limits] max_tunnel_buffer_bytes` of what its
+/// peer sent (security rule 15): that is its connection window, and each stream's window is an
+/// equal share of it for `MAX_STREAMS`, at most `STREAM_WINDOW`, so streams whose readers stall
+/// can never use up the window of the others (each is as independent as a plain connection).
+/// Bytes are buffered only when a sender sends and the reader does not read.
+/// `STREAM_WINDOW` is about what the kernel lets a plain connection's socket buffers hold.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// Frames as large as one read of the copy loop.
 const MAX_FRAME: u32 = 64 * 1024;
@@ -59,7 +58,7 @@ pub fn authority(service: &Name, namespace: &Name) -> String {
 const MIN_BUFFER: usize = *ward_config::proxy::TUNNEL_BUFFER_RANGE.start();
 
 /// The windows and send queue of a tunnel that buffers at most `max_buffer` bytes each way:
-/// received (the connection window; a stream's window is never larger) and queued to send
+/// received (the connection window, of which each stream has an equal share) and queued to send
 /// (`MAX_STREAMS` send queues).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Windows {
@@ -70,11 +69,11 @@ struct Windows {
 
 impl Windows {
     fn for_buffer(max_buffer: usize) -> Self {
-        // The config keeps it within 1 MiB..=i32::MAX; clamp anyway so no value can panic.
+        // The config keeps it within range; clamp anyway so no value can panic.
         let connection = u32::try_from(max_buffer.clamp(MIN_BUFFER, i32::MAX as usize))
             .unwrap_or(i32::MAX as u32);
         Self {
-            stream: STREAM_WINDOW.min(connection),
+            stream: (connection / MAX_STREAMS).min(STREAM_WINDOW),
             connection,
             send_buffer: (connection as usize / MAX_STREAMS as usize).min(MAX_SEND_BUFFER),
         }
@@ -114,23 +113,37 @@ mod tests {
 
     #[test]
     fn the_tunnel_buffer_bounds_windows_and_send_queues() {
-        // The default: one stream as before (4 MiB window, 256 KiB queue), 32 MiB in all.
         let w = Windows::for_buffer(ward_config::proxy::Limits::default().max_tunnel_buffer_bytes);
         assert_eq!(
             w,
             Windows {
-                stream: STREAM_WINDOW,
-                connection: 32 << 20,
+                stream: (64 << 20) / MAX_STREAMS,
+                connection: 64 << 20,
                 send_buffer: MAX_SEND_BUFFER
             }
         );
-        for max in [1 << 20, 8 << 20, 32 << 20, 1 << 30, i32::MAX as usize] {
+        for max in [
+            MIN_BUFFER,
+            8 << 20,
+            64 << 20,
+            400 << 20,
+            1 << 30,
+            i32::MAX as usize,
+        ] {
             let w = Windows::for_buffer(max);
             assert_eq!(w.connection as usize, max);
-            assert!(w.stream <= w.connection && w.stream <= STREAM_WINDOW);
+            // Every stream's full window fits at once: none can starve the others.
+            assert!(
+                w.stream as usize * MAX_STREAMS as usize <= max,
+                "{max}: {w:?}"
+            );
+            assert!(
+                w.stream >= MAX_FRAME && w.stream <= STREAM_WINDOW,
+                "{max}: {w:?}"
+            );
             assert!(w.send_buffer * MAX_STREAMS as usize <= max, "{max}: {w:?}");
-            assert!(w.send_buffer >= 10 * 1024, "{max}: {w:?}");
         }
+        assert_eq!(Windows::for_buffer(400 << 20).stream, STREAM_WINDOW);
         // Out of range is clamped, never a panic.
         assert_eq!(Windows::for_buffer(0).connection as usize, MIN_BUFFER);
         assert_eq!(Windows::for_buffer(usize::MAX).connection, i32::MAX as u32);
