@@ -56,9 +56,14 @@ impl DevServer {
     fn start() -> Self {
         let dir = TempDir::new("server");
         let data = dir.0.join("data");
+        Self::start_in(dir, &data)
+    }
+
+    /// As [`DevServer::start`], keeping state in `data` (which `dir` holds or outlives).
+    fn start_in(dir: TempDir, data: &Path) -> Self {
         let mut child = Command::new(ward_bin())
             .args(["server", "--dev", "--data-dir"])
-            .arg(&data)
+            .arg(data)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .env("WARD_LOG", "info")
             .stdin(Stdio::null())
@@ -727,4 +732,59 @@ fn errors_before_any_network_call() {
     );
     let e = r.one_line_error();
     assert!(e.contains("--source") && e.contains("Order_1"), "{e}");
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Security rule 11: a wrong `--data-dir` (here a shared, /tmp-like directory holding someone
+/// else's file) is refused with its mode and the reason, and left as it was; an empty
+/// directory of the running user's is tightened to 0700.
+#[test]
+fn a_data_dir_not_of_its_own_is_refused_and_left_unchanged() {
+    let dir = TempDir::new("shared-data");
+    let shared = dir.0.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("someone-else.txt"), "x").unwrap();
+    set_mode(&shared, 0o1777);
+    let r = run(
+        &[
+            "server",
+            "--dev",
+            "--data-dir",
+            shared.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(
+        format!("{:04o}", mode(&shared)),
+        "1777",
+        "the directory was changed: {}",
+        r.stderr
+    );
+    let e = r.one_line_error();
+    assert!(
+        e.contains(shared.to_str().unwrap()) && e.contains("1777") && e.contains("world-writable"),
+        "{e}"
+    );
+    assert!(shared.join("someone-else.txt").is_file());
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 1, "{e}");
+
+    let own = dir.0.join("own");
+    std::fs::create_dir(&own).unwrap();
+    set_mode(&own, 0o755);
+    let s = DevServer::start_in(dir, &own);
+    assert_eq!(format!("{:04o}", mode(&own)), "0700");
+    drop(s);
 }

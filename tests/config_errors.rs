@@ -5,12 +5,12 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::net::{free_port, is_listening, EchoApp};
 use common::pki::{Pki, TRUST_DOMAIN};
-use common::proc::{run_proxy_to_exit, strip_ansi, toml_path, TempDir};
+use common::proc::{run_proxy_to_exit, strip_ansi, toml_path, TempDir, WardProcess};
 use common::write_tls_files;
 
 /// A valid config, split in sections so that each case breaks exactly one thing.
@@ -292,4 +292,70 @@ fn inbound_port_already_in_use() {
         false,
     );
     drop(holder);
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `[control_plane]` in place of `[tls]`, keeping state in `state_dir`. The server address has
+/// nothing behind it: the state_dir is checked before anything is dialled.
+fn control_plane_parts(fx: &mut Fixture, state_dir: &Path) {
+    let token = fx.dir.join("order.token");
+    std::fs::write(&token, "not-a-real-token\n").unwrap();
+    fx.parts.tls = format!(
+        "[control_plane]\naddress = \"https://127.0.0.1:{}\"\nca_file = {}\ntoken_file = {}\nstate_dir = {}\n",
+        free_port(),
+        toml_path(&fx.dir.join("order-roots.pem")),
+        toml_path(&token),
+        toml_path(state_dir)
+    );
+    fx.parts.intentions = String::new();
+}
+
+/// Security rule 11: a `state_dir` that is not the proxy's own (here shared and sticky, holding
+/// someone else's file) is refused with its mode and the reason, and never chmod-ed.
+#[test]
+fn state_dir_not_of_its_own_is_refused_and_left_unchanged() {
+    let shared = TempDir::new("shared-state");
+    std::fs::write(shared.join("someone-else.txt"), "x").unwrap();
+    set_mode(shared.path(), 0o1777);
+    expect_config_error(
+        "shared-state-dir",
+        |fx| control_plane_parts(fx, shared.path()),
+        &["control_plane.state_dir", "1777", "world-writable"],
+        true,
+    );
+    assert_eq!(
+        format!("{:04o}", mode(shared.path())),
+        "1777",
+        "the state_dir was changed"
+    );
+    assert_eq!(std::fs::read_dir(shared.path()).unwrap().count(), 1);
+}
+
+/// An empty `state_dir` of the running user's is tightened to 0700 before the proxy listens.
+#[test]
+fn an_empty_state_dir_of_its_own_is_tightened_to_0700() {
+    let mut fx = fixture("own-state-dir");
+    let state = fx.dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    set_mode(&state, 0o755);
+    control_plane_parts(&mut fx, &state);
+    let config = fx.dir.join("own-state.toml");
+    std::fs::write(&config, fx.parts.render()).unwrap();
+    let proxy = WardProcess::spawn("own-state", &config, &[]);
+    assert_eq!(
+        format!("{:04o}", mode(&state)),
+        "0700",
+        "{}",
+        proxy.stderr_text()
+    );
+    drop(proxy);
 }

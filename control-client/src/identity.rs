@@ -366,11 +366,19 @@ pub(crate) fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// What ward writes in `state_dir` (with the temporary names of [`write_atomic`]): a directory
+/// holding only these may be tightened to 0700 (security rule 11).
+const OWN_FILES: &[&str] = &[
+    KEY_FILE,
+    CERT_FILE,
+    ROOTS_FILE,
+    "key.tmp",
+    "cert.tmp",
+    "roots.tmp",
+];
+
 fn ensure_private_dir(dir: &Path) -> Result<(), ClientError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| state_err(dir, format!("cannot create: {e}")))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| state_err(dir, format!("cannot set mode 0700: {e}")))
+    ward_config::private_dir::prepare(dir, OWN_FILES).map_err(|e| state_err(dir, e.to_string()))
 }
 
 /// A valid certificate + roots for our key and service in `dir`, if there is one.

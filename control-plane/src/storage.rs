@@ -12,7 +12,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// The state file in `data_dir`.
@@ -155,28 +155,24 @@ pub trait Storage: Send + Sync + 'static {
     fn purge_expired(&self, now: i64) -> Result<(), StorageError>;
 }
 
-/// Creates `data_dir` (0700) if needed and tightens an existing one to 0700.
+/// The names ward writes in `data_dir` (with the temporary ones of its atomic writes): a
+/// directory holding only these may be tightened to 0700.
+const OWN_FILES: &[&str] = &[
+    STATE_FILE,
+    STATE_TMP,
+    crate::admin_token::ADMIN_TOKEN_FILE,
+    "admin.tmp",
+    crate::server::CA_FILE,
+    "ca.tmp",
+];
+
+/// Creates `data_dir` (0700) if needed; checks an existing one and tightens it to 0700 only
+/// when it is the running user's and holds nothing but ward's files (security rule 11).
 pub fn prepare_data_dir(dir: &Path) -> Result<(), StorageError> {
-    let err = |reason: String| StorageError::File {
+    ward_config::private_dir::prepare(dir, OWN_FILES).map_err(|e| StorageError::File {
         path: dir.to_owned(),
-        reason,
-    };
-    if !dir.exists() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| err(format!("cannot create data_dir: {e}")))?;
-    }
-    let meta = fs::metadata(dir).map_err(|e| err(format!("cannot read data_dir: {e}")))?;
-    if !meta.is_dir() {
-        return Err(err("data_dir is not a directory".into()));
-    }
-    if meta.permissions().mode() & 0o777 != 0o700 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| err(format!("cannot set data_dir to mode 0700: {e}")))?;
-    }
-    Ok(())
+        reason: format!("data_dir {e}"),
+    })
 }
 
 /// Writes `contents` to `path` with mode 0600 through a temporary file, fsynced and renamed,
