@@ -359,3 +359,39 @@ fn an_empty_state_dir_of_its_own_is_tightened_to_0700() {
     );
     drop(proxy);
 }
+
+/// One caller written two ways (`legacy` is in the proxy's own namespace, `default`): two
+/// rules for it would leave the decision to their order, so the config is refused.
+const SAME_CALLER_TWICE: &str = "[intentions]\ndefault = \"deny\"\nrules = [{ source = \"default/legacy\", action = \"allow\" }, { source = \"legacy\", action = \"deny\" }]\n";
+
+#[test]
+fn one_caller_in_two_rules() {
+    expect_config_error(
+        "same-caller-twice",
+        |fx| fx.parts.intentions = SAME_CALLER_TWICE.into(),
+        &["intentions.rules[1].source", "legacy"],
+        true,
+    );
+}
+
+#[test]
+fn check_refuses_one_caller_in_two_rules() {
+    let mut fx = fixture("check-same-caller");
+    fx.parts.intentions = SAME_CALLER_TWICE.into();
+    let config = fx.dir.join("same-caller.toml");
+    std::fs::write(&config, fx.parts.render()).unwrap();
+    let out = std::process::Command::new(common::proc::ward_bin())
+        .args(["proxy", "--check", "--config"])
+        .arg(&config)
+        .env_remove("WARD_LOG")
+        .output()
+        .unwrap();
+    let stderr = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "--check passed:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("intentions.rules[1].source") && lines[0].contains("same-caller.toml"),
+        "{stderr}"
+    );
+}

@@ -57,6 +57,22 @@ impl Source {
             }),
         }
     }
+
+    /// This source with its namespace written out: a bare `svc` is in `dest_namespace`, the
+    /// destination's. Two rules name the same caller exactly when these are equal, so
+    /// `default/legacy` and `legacy` are one source for a destination in `default`.
+    pub fn qualified(&self, dest_namespace: &Name) -> Source {
+        match self {
+            Source::Service {
+                namespace: None,
+                name,
+            } => Source::Service {
+                namespace: Some(dest_namespace.clone()),
+                name: name.clone(),
+            },
+            other => other.clone(),
+        }
+    }
 }
 
 impl fmt::Display for Source {
@@ -94,5 +110,19 @@ mod tests {
         for bad in ["", "Web", "a/b/c", "/web", "web/", "*/web", "a b"] {
             assert!(Source::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_bare_source_is_in_the_destination_namespace() {
+        let default = Name::new("default").unwrap();
+        let q = |s: &str| Source::parse(s).unwrap().qualified(&default);
+        assert_eq!(q("legacy"), q("default/legacy"));
+        assert_ne!(q("legacy"), q("prod/legacy"));
+        assert_eq!(q("*"), Source::Any);
+        let prod = Name::new("prod").unwrap();
+        assert_eq!(
+            Source::parse("legacy").unwrap().qualified(&prod),
+            q("prod/legacy")
+        );
     }
 }

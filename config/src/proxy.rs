@@ -332,7 +332,7 @@ impl ProxyConfig {
                     },
                     Some(i) => StaticIntentions {
                         default: i.default.unwrap_or(Action::Deny),
-                        rules: static_rules(path, i.rules)?,
+                        rules: static_rules(path, i.rules, &service.namespace)?,
                     },
                 };
                 for (n, u) in upstreams.iter().enumerate() {
@@ -473,7 +473,12 @@ impl ProxyConfig {
     }
 }
 
-fn static_rules(path: &Path, raw: Vec<RawRule>) -> Result<Vec<Rule>, ConfigError> {
+/// The `[intentions]` rules for this proxy's own service, whose namespace is `namespace`.
+fn static_rules(
+    path: &Path,
+    raw: Vec<RawRule>,
+    namespace: &Name,
+) -> Result<Vec<Rule>, ConfigError> {
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.len());
     for (n, r) in raw.into_iter().enumerate() {
         let key = |k: &str| format!("intentions.rules[{n}].{k}");
@@ -490,11 +495,20 @@ fn static_rules(path: &Path, raw: Vec<RawRule>) -> Result<Vec<Rule>, ConfigError
         let action = r.action.ok_or_else(|| {
             ConfigError::invalid(path, key("action"), "is required (\"allow\" or \"deny\")")
         })?;
-        if rules.iter().any(|o| o.source == source) {
+        // Compared with namespaces written out: `legacy` and `default/legacy` are one caller
+        // here, and two rules for it would leave the decision to their order.
+        let same = source.qualified(namespace);
+        if let Some(m) = rules
+            .iter()
+            .position(|o| o.source.qualified(namespace) == same)
+        {
             return Err(ConfigError::invalid(
                 path,
                 key("source"),
-                format!("a rule for source {:?} is already written", r.source),
+                format!(
+                    "{:?} names the same caller as intentions.rules[{m}].source ({}); write one rule per caller",
+                    r.source, rules[m].source
+                ),
             ));
         }
         rules.push(Rule { source, action });
@@ -585,6 +599,11 @@ handshake_timeout = "2s"
             (
                 "{ source = \"legacy\", action = \"deny\" }",
                 "{ source = \"order\", action = \"deny\" }",
+                "intentions.rules[1].source",
+            ),
+            (
+                "{ source = \"order\", action = \"allow\" }",
+                "{ source = \"default/legacy\", action = \"allow\" }",
                 "intentions.rules[1].source",
             ),
             ("[tls]", "[tlsx]", "tlsx"),

@@ -56,7 +56,12 @@ pub fn intentions_for(
             index,
             written: i.source.clone(),
         })?;
-        if rules.iter().any(|r| r.source == source) {
+        // `svc` is in this (the destination's) namespace: `default/svc` and `svc` are one.
+        let same = source.qualified(local_namespace);
+        if rules
+            .iter()
+            .any(|r| r.source.qualified(local_namespace) == same)
+        {
             return Err(SnapshotError::Duplicate {
                 index,
                 written: i.source.clone(),
@@ -138,5 +143,29 @@ mod tests {
             ..snap
         };
         assert!(intentions(&bad, &ns).is_err());
+    }
+
+    #[test]
+    fn one_caller_written_two_ways_is_a_duplicate() {
+        let ns = Name::new("default").unwrap();
+        let snap = v1::IntentionsSnapshot {
+            version: 4,
+            destination: None,
+            default_action: v1::Action::Deny as i32,
+            intentions: vec![
+                intention("default/legacy", v1::Action::Allow, false),
+                intention("legacy", v1::Action::Deny, false),
+            ],
+        };
+        let Err(err) = intentions(&snap, &ns) else {
+            panic!("a duplicate is refused")
+        };
+        assert!(
+            matches!(&err, SnapshotError::Duplicate { index: 1, written } if written == "legacy"),
+            "{err}"
+        );
+        // In another namespace, `legacy` and `default/legacy` are two callers.
+        let prod = Name::new("prod").unwrap();
+        assert!(intentions(&snap, &prod).is_ok());
     }
 }
