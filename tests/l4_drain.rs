@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::net::{is_listening, EchoApp};
+use common::net::{http_request, is_listening, EchoApp};
 use common::pki::{Pki, TRUST_DOMAIN};
 use common::proc::{ProxyConfig, TempDir, WardProcess};
 use common::tls::tls_connect;
@@ -161,4 +161,41 @@ fn resumed_sessions_are_counted_and_served() {
     );
     assert_eq!(s.proxy.handshakes("inbound", "ok") - before_ok, 4.0);
     assert_eq!(s.app.accepted(), 4);
+}
+
+/// Security rule 13: a browser page on this host cannot drain the proxy with a cross-site
+/// (no-cors) POST, which always carries `Origin`; a POST without it (curl) still drains.
+#[test]
+fn post_drain_from_a_web_page_is_refused() {
+    let mut s = start("1s");
+    let admin = s.proxy.admin();
+    let r = http_request(
+        admin,
+        "POST",
+        "/drain",
+        &[
+            ("Origin", "http://evil.example"),
+            ("Content-Type", "text/plain"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(s.proxy.ready_status(), Some(200), "the proxy did not drain");
+    assert!(is_listening(s.proxy.inbound()));
+
+    let r = http_request(admin, "POST", "/drain", &[]).unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Draining: /ready answers 503, or (no connection being open) the proxy already exited 0.
+    let drained = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        if s.proxy.ready_status() == Some(503) {
+            return Some(true);
+        }
+        s.proxy.try_wait().map(|st| st.success())
+    });
+    assert_eq!(
+        drained,
+        Some(true),
+        "POST /drain without Origin drains\n{}",
+        s.proxy.stderr_text()
+    );
 }

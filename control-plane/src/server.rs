@@ -599,7 +599,13 @@ async fn serve_admin(
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let ready = ready.load(Ordering::Relaxed) && !*stop.borrow();
+                    // Security rule 13: a browser sends `Origin` with every cross-site POST;
+                    // a page open on this host must not reach an admin write through
+                    // loopback. Only reads (GET, HEAD) may carry it.
+                    let from_a_web_page = !matches!(*req.method(), Method::GET | Method::HEAD)
+                        && req.headers().contains_key(hyper::header::ORIGIN);
                     let (status, body) = match (req.method(), req.uri().path()) {
+                        _ if from_a_web_page => (StatusCode::FORBIDDEN, "forbidden\n".to_owned()),
                         (&Method::GET, "/live") => (StatusCode::OK, "live\n".to_owned()),
                         (&Method::GET, "/ready") if ready => (StatusCode::OK, "ready\n".to_owned()),
                         (&Method::GET, "/ready") => {

@@ -665,6 +665,39 @@ async fn admin_http_endpoints() {
     h.stop().await.unwrap();
 }
 
+/// Security rule 13: an admin POST that carries `Origin` (every cross-site browser POST does)
+/// is refused with 403; without it the answer is what it always was.
+#[tokio::test]
+async fn admin_posts_from_a_web_page_are_forbidden() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    for (method, origin, want) in [
+        ("POST", Some("http://evil.example"), "403"),
+        ("POST", Some("null"), "403"),
+        ("POST", None, "405"),
+        ("GET", Some("http://evil.example"), "200"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(h.admin_addr).await.unwrap();
+        let origin_line = origin.map_or(String::new(), |o| format!("origin: {o}\r\n"));
+        s.write_all(
+            format!(
+                "{method} /metrics HTTP/1.1\r\nhost: x\r\n{origin_line}content-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {want}")),
+            "{method} with origin {origin:?}: {out}"
+        );
+    }
+    h.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn oversized_messages_and_sign_floods_are_resource_exhausted() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,7 @@
 //! The admin listener: /live, /ready, /metrics, /config, POST /drain (PRODUCT.md "Admin
 //! endpoints"). /config and /drain answer loopback peers only; on a non-loopback listen address
-//! only GET /metrics, /ready and /live are served (security rule 13).
+//! only GET /metrics, /ready and /live are served, and a POST that carries `Origin` (sent by a
+//! browser page) is refused (security rule 13).
 
 use crate::shared::Shared;
 use bytes::Bytes;
@@ -62,7 +63,8 @@ impl Admin {
     }
 
     fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        if !allowed(req.method(), req.uri().path(), self.local_only, peer) {
+        if !allowed(req.method(), req.uri().path(), self.local_only, peer) || from_a_web_page(&req)
+        {
             return reply(StatusCode::FORBIDDEN, "text/plain", "forbidden\n");
         }
         match (req.method(), req.uri().path()) {
@@ -106,6 +108,14 @@ fn allowed(method: &Method, path: &str, local_only: bool, peer: SocketAddr) -> b
     public || (local_only && peer.ip().is_loopback())
 }
 
+/// Security rule 13: a browser sends `Origin` with every cross-site POST, so a page open on
+/// this host could drain the proxy through loopback with a no-cors request; curl and the
+/// orchestrator send none. Only reads (GET, HEAD) may carry it.
+fn from_a_web_page<B>(req: &Request<B>) -> bool {
+    !matches!(*req.method(), Method::GET | Method::HEAD)
+        && req.headers().contains_key(http::header::ORIGIN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +136,26 @@ mod tests {
         assert!(!allowed(&Method::GET, "/config", false, lo));
         assert!(!allowed(&Method::POST, "/drain", false, lo));
         assert!(!allowed(&Method::POST, "/metrics", false, remote));
+    }
+
+    #[test]
+    fn writes_from_a_web_page_are_refused() {
+        let req = |method: Method, origin: Option<&str>| {
+            let mut b = Request::builder().method(method).uri("/drain");
+            if let Some(o) = origin {
+                b = b.header("origin", o);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(from_a_web_page(&req(
+            Method::POST,
+            Some("http://evil.example")
+        )));
+        assert!(from_a_web_page(&req(Method::POST, Some("null"))));
+        assert!(!from_a_web_page(&req(Method::POST, None)));
+        assert!(!from_a_web_page(&req(
+            Method::GET,
+            Some("http://evil.example")
+        )));
     }
 }

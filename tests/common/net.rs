@@ -35,13 +35,29 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
 
 /// `GET path` over HTTP/1.1 with `Connection: close`; 5 s timeouts.
 pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<HttpResponse> {
+    http_request(addr, "GET", path, &[])
+}
+
+/// `METHOD path` with the extra `headers` and no body, as [`http_get`].
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> io::Result<HttpResponse> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
-    )?;
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n");
+    if method != "GET" {
+        head.push_str("Content-Length: 0\r\n");
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let split = raw
