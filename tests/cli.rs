@@ -788,3 +788,53 @@ fn a_data_dir_not_of_its_own_is_refused_and_left_unchanged() {
     assert_eq!(format!("{:04o}", mode(&own)), "0700");
     drop(s);
 }
+
+/// `--token-file` keeps the admin token off the command line (where `ps` and /proc show it to
+/// every local user): it works against a dev server, and a missing or empty file is a
+/// one-line error naming the path.
+#[test]
+fn the_admin_token_from_a_file() {
+    let s = DevServer::start();
+    let dir = TempDir::new("token-file");
+    let file = dir.0.join("admin.token");
+    std::fs::write(&file, format!("{}\n", s.token)).unwrap();
+    let file_s = file.to_str().unwrap();
+    let vars = [
+        ("WARD_ADDR", s.addr.as_str()),
+        ("WARD_CACERT", s.cacert.as_str()),
+    ];
+    let args = [
+        "intention",
+        "list",
+        "--token-file",
+        file_s,
+        "--output",
+        "json",
+    ];
+    let r = run(&args, &vars).success();
+    assert!(r.json().is_array() || r.json().is_object(), "{}", r.stdout);
+    assert!(!r.stdout.contains(&s.token) && !r.stderr.contains(&s.token));
+    // The file is used in place of WARD_TOKEN.
+    let with_wrong_env = [vars[0], vars[1], ("WARD_TOKEN", "not-the-admin-token")];
+    run(&args, &with_wrong_env).success();
+
+    let missing = dir.0.join("no-such.token");
+    let missing_s = missing.to_str().unwrap();
+    let r = run(&["intention", "list", "--token-file", missing_s], &vars);
+    let e = r.one_line_error();
+    assert!(e.contains(missing_s) && e.contains("--token-file"), "{e}");
+
+    let empty = dir.0.join("empty.token");
+    std::fs::write(&empty, "\n").unwrap();
+    let empty_s = empty.to_str().unwrap();
+    let r = run(&["intention", "list", "--token-file", empty_s], &vars);
+    let e = r.one_line_error();
+    assert!(e.contains(empty_s) && e.contains("empty"), "{e}");
+
+    // --help says why --token is discouraged.
+    let help = run(&["intention", "list", "--help"], &[]).success().stdout;
+    assert!(
+        help.contains("--token-file") && help.contains("/proc"),
+        "{help}"
+    );
+}

@@ -32,13 +32,7 @@ pub async fn connect(args: &ServerArgs) -> anyhow::Result<Admin> {
             "WARD_CACERT (or --ca-cert) is not set; it names the PEM file of the server's CA"
         )
     })?;
-    let token = args
-        .token
-        .as_deref()
-        .filter(|t| !t.trim().is_empty())
-        .ok_or_else(|| {
-            anyhow::anyhow!("WARD_TOKEN (or --token) is not set; it holds the admin token")
-        })?;
+    let token = admin_token(args)?;
     let target = ServerTarget::parse(address, ca, None).map_err(|e| match e {
         TargetError::Address(m) => anyhow::anyhow!("WARD_ADDR: {m}"),
         TargetError::CaFile(m) => anyhow::anyhow!("WARD_CACERT: {}: {m}", ca.display()),
@@ -51,9 +45,29 @@ pub async fn connect(args: &ServerArgs) -> anyhow::Result<Admin> {
     })?;
     let bearer = format!("Bearer {}", token.trim())
         .parse()
-        .map_err(|_| anyhow::anyhow!("WARD_TOKEN holds characters a header cannot carry"))?;
+        .map_err(|_| anyhow::anyhow!("the admin token holds characters a header cannot carry"))?;
     Ok(AdminClient::with_interceptor(channel, Bearer(bearer))
         .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE))
+}
+
+/// The admin token: from `--token-file` when given, else `--token` / `WARD_TOKEN`. Checked
+/// before any network call.
+fn admin_token(args: &ServerArgs) -> anyhow::Result<String> {
+    if let Some(path) = &args.token_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--token-file {}: cannot read: {e}", path.display()))?;
+        let token = text.trim_end_matches(['\n', '\r']);
+        if token.trim().is_empty() {
+            anyhow::bail!("--token-file {}: is empty", path.display());
+        }
+        return Ok(token.to_owned());
+    }
+    args.token
+        .clone()
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!("WARD_TOKEN (or --token-file) is not set; it holds the admin token")
+        })
 }
 
 /// A gRPC failure as one sentence.

@@ -1,7 +1,7 @@
 //! The operator CLI: `ward server`, `ward token`, `ward intention`, `ward ca`, `ward catalog`.
 //!
-//! Admin commands read `WARD_ADDR` (https:// only), `WARD_TOKEN` and `WARD_CACERT` (or the
-//! matching flags) and talk to the server's `Admin` gRPC service.
+//! Admin commands read `WARD_ADDR` (https:// only), `WARD_TOKEN` (or `--token-file`) and
+//! `WARD_CACERT` (or the matching flags) and talk to the server's `Admin` gRPC service.
 
 pub mod admin;
 pub mod ca;
@@ -29,7 +29,8 @@ pub struct ServerArgs {
     /// The server's address, `https://host:port`.
     #[arg(long = "address", env = "WARD_ADDR", value_name = "URL")]
     pub address: Option<String>,
-    /// The admin token.
+    /// The admin token. Discouraged on the command line: any local user can read a process's
+    /// arguments (ps, /proc); prefer WARD_TOKEN or --token-file.
     #[arg(
         long = "token",
         env = "WARD_TOKEN",
@@ -37,6 +38,10 @@ pub struct ServerArgs {
         hide_env_values = true
     )]
     pub token: Option<String>,
+    /// Read the admin token from FILE (one line; e.g. the server's admin.token). Takes the
+    /// place of --token / WARD_TOKEN.
+    #[arg(long = "token-file", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// PEM file of the CA that signs the server's certificate.
     #[arg(long = "ca-cert", env = "WARD_CACERT", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,

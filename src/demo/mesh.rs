@@ -35,6 +35,7 @@ impl Mesh {
         let args = ServerArgs {
             address: Some(address.clone()),
             token: Some(token),
+            token_file: None,
             ca_cert: Some(ca_file.clone()),
             output: Output::Table,
         };
