@@ -333,8 +333,23 @@ pub async fn build(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     // Every start publishes a new intentions version, with the configured default stored
     // beside the rules: a proxy that reconnects takes the policy of this run even when only the
     // default changed, or the state was restored from an older copy (intentions::next_version).
+    // The stored rules are read first, so state this build cannot read is never written over.
     let policy_version = intentions::next_version(state.intentions_version);
-    let (st, default) = (storage.clone(), cfg.default_intention);
+    let default = cfg.default_intention;
+    let dyn_storage: Arc<dyn Storage> = storage.clone();
+    let intentions = Arc::new(
+        Intentions::new(
+            dyn_storage.clone(),
+            policy_version,
+            &state.intentions,
+            default,
+        )
+        .map_err(|reason| ServerError::Intentions {
+            path: storage.path().to_owned(),
+            reason,
+        })?,
+    );
+    let st = storage.clone();
     tokio::task::spawn_blocking(move || {
         st.put_intentions_default(default.as_str(), policy_version)
     })
@@ -349,20 +364,6 @@ pub async fn build(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
             );
         }
     }
-
-    let dyn_storage: Arc<dyn Storage> = storage.clone();
-    let intentions = Arc::new(
-        Intentions::new(
-            dyn_storage.clone(),
-            policy_version,
-            &state.intentions,
-            cfg.default_intention,
-        )
-        .map_err(|reason| ServerError::Intentions {
-            path: storage.path().to_owned(),
-            reason,
-        })?,
-    );
     let catalog = Arc::new(Catalog::new(
         dyn_storage.clone(),
         &state.instances,

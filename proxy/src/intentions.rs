@@ -145,13 +145,18 @@ impl IntentionStore {
     /// it was taken.
     pub fn publish(&self, snapshot: IntentionSnapshot) -> bool {
         let version = snapshot.version;
-        if self
-            .current
-            .load()
-            .as_ref()
-            .is_some_and(|s| s.version >= version)
-        {
+        let current = self.current.load();
+        if current.as_ref().is_some_and(|s| s.version >= version) {
             return false;
+        }
+        if current
+            .as_ref()
+            .is_some_and(|s| s.default == snapshot.default && s.rules == snapshot.rules)
+        {
+            // The same policy under a new version (every server start publishes one): take the
+            // version, and keep the tickets and connections, which it would admit again.
+            self.current.store(Some(Arc::new(snapshot)));
+            return true;
         }
         // Forget every session ticket first, so no session admitted under the old rules can be
         // resumed once the new ones are in force.
@@ -224,6 +229,26 @@ mod tests {
         assert!(!store.publish(IntentionSnapshot::new(1, Action::Deny, vec![], &ns)));
         assert!(store
             .decide(&id("default", "order"), &local)
+            .unwrap()
+            .is_allow());
+    }
+
+    #[test]
+    fn a_new_version_of_the_same_policy_is_taken_without_a_change() {
+        let ns = Name::new("default").unwrap();
+        let store = IntentionStore::default();
+        let local = Name::new("inventory").unwrap();
+        let rules = || vec![rule("order", Action::Allow)];
+        assert!(store.publish(IntentionSnapshot::new(2, Action::Deny, rules(), &ns)));
+        let mut changes = store.subscribe();
+        changes.mark_unchanged();
+        assert!(store.publish(IntentionSnapshot::new(3, Action::Deny, rules(), &ns)));
+        assert!(!changes.has_changed().unwrap(), "same rules and default");
+        assert!(!store.publish(IntentionSnapshot::new(3, Action::Allow, vec![], &ns)));
+        assert!(store.publish(IntentionSnapshot::new(4, Action::Allow, rules(), &ns)));
+        assert!(changes.has_changed().unwrap(), "another default");
+        assert!(store
+            .decide(&id("default", "rogue"), &local)
             .unwrap()
             .is_allow());
     }
