@@ -71,6 +71,10 @@ pub struct TokensConfig {
 pub struct CatalogConfig {
     /// An instance whose proxy stream is gone this long is removed.
     pub deregister_after: std::time::Duration,
+    /// Live instances one identity (one service) may hold.
+    pub max_instances_per_identity: usize,
+    /// `Mesh.Register` keeps the IP the caller sends instead of its connection's source IP.
+    pub trust_registered_address: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +146,8 @@ impl Default for CatalogConfig {
     fn default() -> Self {
         Self {
             deregister_after: std::time::Duration::from_secs(30),
+            max_instances_per_identity: 10_000,
+            trust_registered_address: false,
         }
     }
 }
@@ -193,6 +199,8 @@ struct RawTokens {
 #[serde(deny_unknown_fields)]
 struct RawCatalog {
     deregister_after: Option<Duration>,
+    max_instances_per_identity: Option<usize>,
+    trust_registered_address: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -329,11 +337,25 @@ impl ServerConfig {
             return Err(invalid("tokens.max_uses", "must be at least 1".into()));
         }
 
-        let deregister_after = raw
-            .catalog
-            .and_then(|c| c.deregister_after)
-            .map(|d| d.0)
-            .unwrap_or(CatalogConfig::default().deregister_after);
+        let rc = raw.catalog.unwrap_or_default();
+        let dc = CatalogConfig::default();
+        let max_instances_per_identity = match rc.max_instances_per_identity {
+            Some(0) => {
+                return Err(invalid(
+                    "catalog.max_instances_per_identity",
+                    "must be at least 1".into(),
+                ))
+            }
+            Some(n) => n,
+            None => dc.max_instances_per_identity,
+        };
+        let catalog = CatalogConfig {
+            deregister_after: rc.deregister_after.map_or(dc.deregister_after, |d| d.0),
+            max_instances_per_identity,
+            trust_registered_address: rc
+                .trust_registered_address
+                .unwrap_or(dc.trust_registered_address),
+        };
 
         let rs = raw.storage.unwrap_or_default();
         let storage = match rs.backend.as_deref() {
@@ -392,7 +414,7 @@ impl ServerConfig {
                 max_ttl,
                 max_uses,
             },
-            catalog: CatalogConfig { deregister_after },
+            catalog,
             storage,
             admin,
             default_intention: raw
@@ -474,6 +496,8 @@ max_ttl = "24h"
 max_uses = 100
 [catalog]
 deregister_after = "30s"
+max_instances_per_identity = 500
+trust_registered_address = true
 [storage]
 backend = "embedded"
 [admin]
@@ -498,6 +522,8 @@ listen = "127.0.0.1:8501"
             ]
         );
         assert_eq!(c.storage, StorageConfig::Embedded);
+        assert_eq!(c.catalog.max_instances_per_identity, 500);
+        assert!(c.catalog.trust_registered_address);
         assert!(!c.dev);
     }
 
@@ -516,6 +542,8 @@ listen = "127.0.0.1:8501"
             c.catalog.deregister_after,
             std::time::Duration::from_secs(30)
         );
+        assert_eq!(c.catalog.max_instances_per_identity, 10_000);
+        assert!(!c.catalog.trust_registered_address);
         assert_eq!(c.default_intention, Action::Deny);
     }
 
@@ -570,6 +598,16 @@ listen = "127.0.0.1:8501"
                 "deregister_after = \"30s\"",
                 "deregister_after = 30",
                 "catalog.deregister_after",
+            ),
+            (
+                "max_instances_per_identity = 500",
+                "max_instances_per_identity = 0",
+                "catalog.max_instances_per_identity",
+            ),
+            (
+                "trust_registered_address = true",
+                "trust_registered_address = \"yes\"",
+                "catalog.trust_registered_address",
             ),
             (
                 "backend = \"embedded\"",

@@ -1,10 +1,12 @@
 //! The catalog: sidecar instances registered by `Mesh.Register` streams.
 //!
 //! An instance's identity (service, namespace) comes from its mesh certificate, never from the
-//! request. An address:port held by an instance of another service is refused; an instance
-//! whose stream is gone is removed `deregister_after` later. Instances are persisted, and after
-//! a restart they count as disconnected from the moment of the start, so none is removed before
-//! the server has been up for `deregister_after` (security rule 11).
+//! request. An instance is live while its stream is open and for `deregister_after` after it
+//! closed; then it is removed. An address:port held by a live instance of another service is
+//! refused (security rule 3), and one identity holds at most `max_instances_per_identity` live
+//! instances. Instances are persisted, and after a restart they count as disconnected from the
+//! moment of the start, so none is removed before the server has been up for
+//! `deregister_after` (security rule 11).
 
 use crate::intentions::{blocking, ServiceRef};
 use crate::storage::{InstanceRecord, Storage, StorageError};
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use ward_config::identity::SpiffeId;
+use ward_config::server::CatalogConfig;
 use ward_proto::v1;
 
 /// The protocol of a sidecar's inbound listener.
@@ -97,6 +100,9 @@ pub enum CatalogError {
     /// ALREADY_EXISTS.
     #[error("{address} is registered by an instance of {holder}")]
     AddressTaken { address: SocketAddr, holder: String },
+    /// RESOURCE_EXHAUSTED.
+    #[error("{identity} already has {max} live instances, the most `[catalog] max_instances_per_identity` allows")]
+    TooManyInstances { identity: String, max: usize },
     /// INVALID_ARGUMENT.
     #[error("address {0:?} is not an ip:port with a non-zero port")]
     BadAddress(String),
@@ -110,6 +116,7 @@ pub struct Catalog {
     tx: watch::Sender<Arc<Snapshot>>,
     write: tokio::sync::Mutex<()>,
     deregister_after: Duration,
+    max_per_identity: usize,
     generation: AtomicU64,
 }
 
@@ -126,7 +133,7 @@ impl Catalog {
     pub fn new(
         storage: Arc<dyn Storage>,
         records: &[InstanceRecord],
-        deregister_after: Duration,
+        cfg: &CatalogConfig,
         started: Instant,
     ) -> Self {
         let mut instances = BTreeMap::new();
@@ -166,7 +173,8 @@ impl Catalog {
             storage,
             tx,
             write: tokio::sync::Mutex::new(()),
-            deregister_after,
+            deregister_after: cfg.deregister_after,
+            max_per_identity: cfg.max_instances_per_identity,
             generation: AtomicU64::new(1),
         }
     }
@@ -177,6 +185,12 @@ impl Catalog {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.tx.subscribe()
+    }
+
+    /// Whether `i`'s stream is open, or closed less than `deregister_after` before `now`.
+    fn is_live(&self, i: &Instance, now: Instant) -> bool {
+        i.disconnected_at
+            .is_none_or(|t| now.saturating_duration_since(t) < self.deregister_after)
     }
 
     /// Whether any instance of `service` is registered with an http inbound.
@@ -206,19 +220,33 @@ impl Catalog {
         };
         let _w = self.write.lock().await;
         let cur = self.snapshot();
+        let now = Instant::now();
         let mut replaced = Vec::new();
+        let mut held = 0;
         for other in cur.instances.values() {
-            if other.id == id || other.address != address {
+            if other.id == id {
                 continue;
             }
-            if other.service != service {
-                return Err(CatalogError::AddressTaken {
-                    address,
-                    holder: other.service.display_short(),
-                });
+            let live = self.is_live(other, now);
+            if other.address == address {
+                if live && other.service != service {
+                    return Err(CatalogError::AddressTaken {
+                        address,
+                        holder: other.service.display_short(),
+                    });
+                }
+                // The same service at the same address (a restarted sidecar with a new key),
+                // or a holder gone for deregister_after that the next reap would remove.
+                replaced.push(other.id.clone());
+            } else if live && other.spiffe_id == spiffe_id {
+                held += 1;
             }
-            // The same service at the same address: a restarted sidecar with a new key.
-            replaced.push(other.id.clone());
+        }
+        if held >= self.max_per_identity {
+            return Err(CatalogError::TooManyInstances {
+                identity: spiffe_id.to_string(),
+                max: self.max_per_identity,
+            });
         }
         let rec = InstanceRecord {
             instance_id: id.clone(),
@@ -287,10 +315,7 @@ impl Catalog {
     /// Removes instances disconnected for `deregister_after`; returns how many.
     pub async fn reap(&self, now: Instant) -> Result<usize, CatalogError> {
         let _w = self.write.lock().await;
-        let due = |i: &Instance| {
-            i.disconnected_at
-                .is_some_and(|t| now.saturating_duration_since(t) >= self.deregister_after)
-        };
+        let due = |i: &Instance| !self.is_live(i, now);
         let expired: Vec<String> = self
             .snapshot()
             .instances
@@ -360,6 +385,13 @@ mod tests {
         )
     }
 
+    fn cfg(deregister_after: Duration) -> CatalogConfig {
+        CatalogConfig {
+            deregister_after,
+            ..CatalogConfig::default()
+        }
+    }
+
     fn id(svc: &str) -> SpiffeId {
         SpiffeId::parse(&format!("spiffe://ward.local/ns/default/svc/{svc}")).unwrap()
     }
@@ -372,7 +404,7 @@ mod tests {
         let c = Arc::new(Catalog::new(
             st.clone(),
             &[],
-            Duration::from_secs(30),
+            &cfg(Duration::from_secs(30)),
             start,
         ));
         let addr: SocketAddr = "10.0.0.5:21000".parse().unwrap();
@@ -405,13 +437,101 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_address_is_refused_only_while_its_holder_is_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = storage(dir.path());
+        let c = Arc::new(Catalog::new(
+            st.clone(),
+            &[],
+            &cfg(Duration::from_secs(1)),
+            Instant::now(),
+        ));
+        let addr: SocketAddr = "10.0.0.5:21000".parse().unwrap();
+        let (reg, _) = c
+            .register("a".into(), id("inventory"), addr, Protocol::Tcp)
+            .await
+            .unwrap();
+        drop(reg);
+        // Closed less than deregister_after ago: still live.
+        let err = c
+            .register("b".into(), id("rogue"), addr, Protocol::Tcp)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CatalogError::AddressTaken { .. }), "{err}");
+        // No reap runs here: the register call itself sees the holder is gone.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (_reg, inst) = c
+            .register("b".into(), id("rogue"), addr, Protocol::Tcp)
+            .await
+            .expect("the address of an instance gone for deregister_after is free");
+        assert_eq!(inst.service.name.as_str(), "rogue");
+        let ids: Vec<String> = c.snapshot().instances.keys().cloned().collect();
+        assert_eq!(ids, ["b"]);
+        let stored: Vec<String> = st
+            .load()
+            .unwrap()
+            .instances
+            .into_iter()
+            .map(|r| r.instance_id)
+            .collect();
+        assert_eq!(stored, ["b"]);
+    }
+
+    #[tokio::test]
+    async fn live_instances_per_identity_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Arc::new(Catalog::new(
+            storage(dir.path()),
+            &[],
+            &CatalogConfig {
+                // A closed stream is no longer live at once.
+                deregister_after: Duration::ZERO,
+                max_instances_per_identity: 2,
+                trust_registered_address: false,
+            },
+            Instant::now(),
+        ));
+        let at = |port: u16| SocketAddr::from(([10, 0, 0, 5], port));
+        let (a, _) = c
+            .register("a".into(), id("inventory"), at(1), Protocol::Tcp)
+            .await
+            .unwrap();
+        let (_b, _) = c
+            .register("b".into(), id("inventory"), at(2), Protocol::Tcp)
+            .await
+            .unwrap();
+        let err = c
+            .register("c".into(), id("inventory"), at(3), Protocol::Tcp)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, CatalogError::TooManyInstances { max: 2, .. }),
+            "{err}"
+        );
+        // Another identity has its own count; an instance re-registering is not a new one.
+        c.register("x".into(), id("order"), at(4), Protocol::Tcp)
+            .await
+            .unwrap();
+        drop(a);
+        let (a, _) = c
+            .register("a".into(), id("inventory"), at(1), Protocol::Tcp)
+            .await
+            .unwrap();
+        // A closed one no longer counts.
+        drop(a);
+        c.register("c".into(), id("inventory"), at(3), Protocol::Tcp)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn after_restart_nothing_is_reaped_before_deregister_after() {
         let dir = tempfile::tempdir().unwrap();
         let st = storage(dir.path());
         let c = Arc::new(Catalog::new(
             st.clone(),
             &[],
-            Duration::from_secs(30),
+            &cfg(Duration::from_secs(30)),
             Instant::now(),
         ));
         let (reg, _) = c
@@ -427,7 +547,7 @@ mod tests {
         let records = st.load().unwrap().instances;
         assert_eq!(records.len(), 1);
         let start = Instant::now();
-        let c2 = Catalog::new(st, &records, Duration::from_secs(30), start);
+        let c2 = Catalog::new(st, &records, &cfg(Duration::from_secs(30)), start);
         assert_eq!(c2.reap(start + Duration::from_secs(29)).await.unwrap(), 0);
         assert_eq!(c2.reap(start + Duration::from_secs(30)).await.unwrap(), 1);
     }

@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub storage: Arc<dyn Storage>,
     pub intentions: Arc<Intentions>,
     pub catalog: Arc<Catalog>,
+    /// `[catalog] trust_registered_address`.
+    pub trust_registered_address: bool,
     pub admin: AdminToken,
     pub tokens: TokensConfig,
     pub limiter: RateLimiter,
@@ -588,8 +590,10 @@ impl v1::mesh_server::Mesh for MeshService {
         let mut address: SocketAddr = r.address.parse().map_err(|_| {
             Status::invalid_argument(format!("address {:?} is not ip:port", r.address))
         })?;
-        if address.ip().is_unspecified() {
-            address.set_ip(p.remote.ip());
+        // The IP is the connection's source unless the operator trusts callers to name it:
+        // otherwise any identity could claim another host's address ahead of its owner.
+        if !s.trust_registered_address || address.ip().is_unspecified() {
+            address.set_ip(p.remote.ip().to_canonical());
         }
         let slot = s
             .streams
@@ -605,6 +609,7 @@ impl v1::mesh_server::Mesh for MeshService {
             .await
             .map_err(|e| match e {
                 CatalogError::AddressTaken { .. } => Status::already_exists(e.to_string()),
+                CatalogError::TooManyInstances { .. } => Status::resource_exhausted(e.to_string()),
                 CatalogError::BadAddress(_) => Status::invalid_argument(e.to_string()),
                 CatalogError::Storage(e) => storage_status(&e),
             })?;

@@ -367,7 +367,7 @@ pub async fn build(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     let catalog = Arc::new(Catalog::new(
         dyn_storage.clone(),
         &state.instances,
-        cfg.catalog.deregister_after,
+        &cfg.catalog,
         started,
     ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -377,6 +377,7 @@ pub async fn build(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         storage: dyn_storage.clone(),
         intentions: intentions.clone(),
         catalog: catalog.clone(),
+        trust_registered_address: cfg.catalog.trust_registered_address,
         admin: AdminToken::from_sha256(state.admin_token_sha256.clone()),
         tokens: cfg.tokens.clone(),
         limiter: RateLimiter::new(&cfg.limits),

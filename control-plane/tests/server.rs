@@ -783,3 +783,119 @@ async fn the_server_speaks_tls13_only_as_spiffe_ward_server() {
     drop(tls);
     h.stop().await.unwrap();
 }
+
+/// Opens a `Mesh.Register` stream for `cert` at `address`.
+async fn register(
+    h: &ServerHandle,
+    cert: &MeshCert,
+    address: &str,
+) -> Result<tonic::Streaming<v1::RegisterResponse>, tonic::Status> {
+    MeshClient::new(channel(h, Some(cert)).await)
+        .register(v1::RegisterRequest {
+            address: address.into(),
+            protocol: v1::Protocol::Tcp as i32,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn register_takes_the_ip_from_the_connection_and_caps_instances_per_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.catalog.max_instances_per_identity = 2;
+    let h = build(cfg).await.unwrap();
+    let mut ctl = Ctl::new(&h).await;
+    let token = ctl.join_token("inventory", 3).await;
+    let mut certs = Vec::new();
+    for _ in 0..3 {
+        certs.push(enroll(&h, &token, INVENTORY).await.0);
+    }
+
+    // An address on another host is stored with the caller's own source IP, and the port
+    // from the request.
+    let mut first = register(&h, &certs[0], "10.9.9.9:21000").await.unwrap();
+    let r = first.message().await.unwrap().unwrap();
+    assert_eq!(r.address, "127.0.0.1:21000");
+    let listed = ctl
+        .admin
+        .list_endpoints(bearer(
+            v1::ListEndpointsRequest {
+                service: "inventory".into(),
+            },
+            &ctl.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let addrs: Vec<&str> = listed
+        .endpoints
+        .iter()
+        .map(|e| e.address.as_str())
+        .collect();
+    assert_eq!(addrs, ["127.0.0.1:21000"]);
+
+    // The identity's second instance fits; a third is over the cap.
+    let mut second = register(&h, &certs[1], "127.0.0.1:21001").await.unwrap();
+    second.message().await.unwrap().unwrap();
+    let err = register(&h, &certs[2], "127.0.0.1:21002")
+        .await
+        .expect_err("a third instance of one identity is over max_instances_per_identity = 2");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("max_instances_per_identity"),
+        "{}",
+        err.message()
+    );
+    drop((first, second));
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_registered_address_is_kept_when_the_config_trusts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.catalog.trust_registered_address = true;
+    let h = build(cfg).await.unwrap();
+    let mut ctl = Ctl::new(&h).await;
+    let (inv, _) = enroll(&h, &ctl.join_token("inventory", 1).await, INVENTORY).await;
+    let mut reg = register(&h, &inv, "10.9.9.9:21000").await.unwrap();
+    let r = reg.message().await.unwrap().unwrap();
+    assert_eq!(r.address, "10.9.9.9:21000");
+    drop(reg);
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_address_is_free_once_its_holder_has_been_gone_for_deregister_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.catalog.deregister_after = Duration::from_secs(2);
+    let h = build(cfg).await.unwrap();
+    let mut ctl = Ctl::new(&h).await;
+    let (inv, _) = enroll(&h, &ctl.join_token("inventory", 1).await, INVENTORY).await;
+    let (rogue, _) = enroll(
+        &h,
+        &ctl.join_token("rogue", 1).await,
+        "spiffe://ward.local/ns/default/svc/rogue",
+    )
+    .await;
+    let mut held = register(&h, &inv, "127.0.0.1:21000").await.unwrap();
+    held.message().await.unwrap().unwrap();
+    let err = register(&h, &rogue, "127.0.0.1:21000").await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    // The holder's stream closes; it stays live for deregister_after.
+    drop(held);
+    let closed = std::time::Instant::now();
+    let err = register(&h, &rogue, "127.0.0.1:21000").await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let wait = Duration::from_millis(2300).saturating_sub(closed.elapsed());
+    tokio::time::sleep(wait).await;
+    let mut taken = register(&h, &rogue, "127.0.0.1:21000")
+        .await
+        .expect("the address of an instance gone for deregister_after is free");
+    let r = taken.message().await.unwrap().unwrap();
+    assert_eq!(r.service.unwrap().name, "rogue");
+    h.stop().await.unwrap();
+}
