@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub catalog: CatalogConfig,
     pub storage: StorageConfig,
     pub admin: ServerAdminConfig,
+    /// Bounds of the gRPC listener (`[server] max_connections` and the handshake caps).
+    pub connections: ConnectionLimits,
     /// The policy when no intention matches (`[intentions] default`, `deny` unless set).
     pub default_intention: Action,
     /// `--dev`: the admin token is handed back to the caller (for the export lines) instead of
@@ -89,6 +91,30 @@ pub struct ServerAdminConfig {
     pub listen: SocketAddr,
 }
 
+/// The gRPC listener's bounds (security rule 15), as the proxy's `[limits]`; keys of `[server]`.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Connections open at once, handshaking or established.
+    pub max_connections: usize,
+    /// TLS handshakes in progress.
+    pub max_pending_handshakes: usize,
+    /// TLS handshakes in progress from one source IP.
+    pub max_pending_handshakes_per_ip: usize,
+    /// How long a TLS handshake may take, counted from TCP accept.
+    pub handshake_timeout: std::time::Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            max_pending_handshakes: 1024,
+            max_pending_handshakes_per_ip: 64,
+            handshake_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
 /// Bounds without a config key (security rule 15); tests and embedders may change them.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
@@ -98,10 +124,6 @@ pub struct ServerLimits {
     pub sign_per_second: f64,
     /// Largest gRPC message accepted.
     pub max_message_size: usize,
-    /// TLS handshakes in progress on the gRPC listener.
-    pub max_pending_handshakes: usize,
-    /// How long a TLS handshake on the gRPC listener may take.
-    pub handshake_timeout: std::time::Duration,
 }
 
 impl Default for ServerLimits {
@@ -110,8 +132,6 @@ impl Default for ServerLimits {
             sign_burst: 50,
             sign_per_second: 5.0,
             max_message_size: 4 * 1024 * 1024,
-            max_pending_handshakes: 256,
-            handshake_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -174,6 +194,10 @@ struct RawServer {
     advertise: Vec<String>,
     data_dir: Option<PathBuf>,
     trust_domain: Option<TrustDomain>,
+    max_connections: Option<usize>,
+    max_pending_handshakes: Option<usize>,
+    max_pending_handshakes_per_ip: Option<usize>,
+    handshake_timeout: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -255,6 +279,42 @@ impl ServerConfig {
         if data_dir.as_os_str().is_empty() {
             return Err(invalid("server.data_dir", "must not be empty".into()));
         }
+        // Upper bound: far above any real need, and within what a semaphore can hold.
+        const MAX_COUNT: usize = 1 << 24;
+        let count = |key: &str, v: Option<usize>, dflt: usize| match v {
+            Some(0) => Err(invalid(key, "must be at least 1".into())),
+            Some(v) if v > MAX_COUNT => Err(invalid(key, format!("must be at most {MAX_COUNT}"))),
+            Some(v) => Ok(v),
+            None => Ok(dflt),
+        };
+        let dl = ConnectionLimits::default();
+        let connections = ConnectionLimits {
+            max_connections: count(
+                "server.max_connections",
+                server.max_connections,
+                dl.max_connections,
+            )?,
+            max_pending_handshakes: count(
+                "server.max_pending_handshakes",
+                server.max_pending_handshakes,
+                dl.max_pending_handshakes,
+            )?,
+            max_pending_handshakes_per_ip: count(
+                "server.max_pending_handshakes_per_ip",
+                server.max_pending_handshakes_per_ip,
+                dl.max_pending_handshakes_per_ip,
+            )?,
+            handshake_timeout: match server.handshake_timeout {
+                Some(d) if d.0.is_zero() => {
+                    return Err(invalid(
+                        "server.handshake_timeout",
+                        "must be longer than zero".into(),
+                    ))
+                }
+                Some(d) => d.0,
+                None => dl.handshake_timeout,
+            },
+        };
 
         let rca = raw.ca.unwrap_or_default();
         let dflt = CaConfig::default();
@@ -417,6 +477,7 @@ impl ServerConfig {
             catalog,
             storage,
             admin,
+            connections,
             default_intention: raw
                 .intentions
                 .and_then(|i| i.default)
@@ -449,6 +510,7 @@ impl ServerConfig {
             admin: ServerAdminConfig {
                 listen: SocketAddr::from(DEFAULT_ADMIN),
             },
+            connections: ConnectionLimits::default(),
             default_intention: Action::Deny,
             dev: true,
             limits: ServerLimits::default(),
@@ -486,6 +548,10 @@ listen = "127.0.0.1:8502"
 advertise = ["ward.internal", "10.0.0.1"]
 data_dir = "state"
 trust_domain = "example.org"
+max_connections = 5000
+max_pending_handshakes = 512
+max_pending_handshakes_per_ip = 16
+handshake_timeout = "5s"
 [ca]
 leaf_ttl = "1h"
 intermediate_ttl = "8760h"
@@ -523,6 +589,13 @@ listen = "127.0.0.1:8501"
         );
         assert_eq!(c.storage, StorageConfig::Embedded);
         assert_eq!(c.catalog.max_instances_per_identity, 500);
+        assert_eq!(c.connections.max_connections, 5000);
+        assert_eq!(c.connections.max_pending_handshakes, 512);
+        assert_eq!(c.connections.max_pending_handshakes_per_ip, 16);
+        assert_eq!(
+            c.connections.handshake_timeout,
+            std::time::Duration::from_secs(5)
+        );
         assert!(c.catalog.trust_registered_address);
         assert!(!c.dev);
     }
@@ -544,6 +617,9 @@ listen = "127.0.0.1:8501"
         );
         assert_eq!(c.catalog.max_instances_per_identity, 10_000);
         assert!(!c.catalog.trust_registered_address);
+        // Security rule 15's handshake caps, as the proxy's.
+        assert_eq!(c.connections.max_pending_handshakes, 1024);
+        assert_eq!(c.connections.max_pending_handshakes_per_ip, 64);
         assert_eq!(c.default_intention, Action::Deny);
     }
 
@@ -574,6 +650,26 @@ listen = "127.0.0.1:8501"
                 "server.trust_domain",
             ),
             ("\"ward.internal\"", "\"bad_name!\"", "server.advertise[0]"),
+            (
+                "max_connections = 5000",
+                "max_connections = 0",
+                "server.max_connections",
+            ),
+            (
+                "max_pending_handshakes = 512",
+                "max_pending_handshakes = 4000000000000000000",
+                "server.max_pending_handshakes",
+            ),
+            (
+                "max_pending_handshakes_per_ip = 16",
+                "max_pending_handshakes_per_ip = 0",
+                "server.max_pending_handshakes_per_ip",
+            ),
+            (
+                "handshake_timeout = \"5s\"",
+                "handshake_timeout = \"0s\"",
+                "server.handshake_timeout",
+            ),
             ("leaf_ttl = \"1h\"", "leaf_ttl = \"soon\"", "ca.leaf_ttl"),
             ("leaf_ttl = \"1h\"", "leaf_ttl = \"0s\"", "ca.leaf_ttl"),
             ("leaf_ttl = \"1h\"", "leaf_ttl = \"9000h\"", "ca.leaf_ttl"),

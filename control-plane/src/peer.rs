@@ -82,6 +82,8 @@ pub fn mesh_peer(leaf: &CertificateDer<'_>, ca: &Ca) -> Option<MeshPeer> {
 pub struct MeshConn {
     pub(crate) inner: tokio_rustls::server::TlsStream<TcpStream>,
     pub(crate) info: PeerInfo,
+    /// Its `max_connections` slot, held until tonic drops the connection.
+    pub(crate) _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl tonic::transport::server::Connected for MeshConn {

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use ward_config::server::{AdvertiseName, ServerConfig, StorageConfig};
+use ward_config::server::{AdvertiseName, ConnectionLimits, ServerConfig, StorageConfig};
 use ward_proto::v1;
+use ward_proxy::handshakes::HandshakeSlots;
 
 /// The roots bundle written on every start, for `WARD_CACERT` and `control_plane.ca_file`.
 pub const CA_FILE: &str = "ca.pem";
@@ -396,7 +397,8 @@ pub async fn build(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         tls,
         ca.clone(),
         shared.clone(),
-        cfg.limits.clone(),
+        cfg.connections.clone(),
+        cfg.limits.max_message_size,
         shutdown_rx.clone(),
     )));
     let ready = Arc::new(AtomicBool::new(true));
@@ -433,19 +435,29 @@ pub async fn build(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_grpc(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     ca: Arc<Ca>,
     shared: Arc<Shared>,
-    limits: ward_config::server::ServerLimits,
+    limits: ConnectionLimits,
+    max_message_size: usize,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let (conn_tx, conn_rx) = mpsc::channel::<Result<MeshConn, std::io::Error>>(64);
-    let pending = Arc::new(tokio::sync::Semaphore::new(
-        limits.max_pending_handshakes.max(1),
+    // Security rule 15: a connection cap, and handshake caps per source IP as well as in all,
+    // so silent connections from one address cannot lock out enrollment, renewal and the CLI.
+    let conn_slots = Arc::new(tokio::sync::Semaphore::new(
+        limits
+            .max_connections
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
     ));
+    let handshakes = HandshakeSlots::new(
+        limits.max_pending_handshakes,
+        limits.max_pending_handshakes_per_ip,
+    );
     let hs_timeout = limits.handshake_timeout;
     let mut accept_shutdown = shutdown.clone();
     let accept = tokio::spawn(async move {
@@ -461,8 +473,13 @@ async fn serve_grpc(
                     }
                 },
             };
-            let Ok(permit) = pending.clone().try_acquire_owned() else {
-                tracing::warn!("too many TLS handshakes in progress; closing a new connection");
+            let deadline = tokio::time::Instant::now() + hs_timeout;
+            let Ok(slot) = conn_slots.clone().try_acquire_owned() else {
+                tracing::debug!(%remote, "max_connections reached; connection closed");
+                continue;
+            };
+            let Some(pending) = handshakes.begin(remote.ip()) else {
+                tracing::debug!(%remote, "too many TLS handshakes in progress; connection closed");
                 continue;
             };
             let acceptor = acceptor.clone();
@@ -470,7 +487,7 @@ async fn serve_grpc(
             let conn_tx = conn_tx.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                let tls = match tokio::time::timeout(hs_timeout, acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::debug!(%remote, error = %e, "TLS handshake refused");
@@ -481,7 +498,7 @@ async fn serve_grpc(
                         return;
                     }
                 };
-                drop(permit);
+                drop(pending);
                 let leaf = tls
                     .get_ref()
                     .1
@@ -494,12 +511,17 @@ async fn serve_grpc(
                     non_workload_cert: leaf.is_some() && mesh.is_none(),
                     mesh,
                 };
-                let _ = conn_tx.send(Ok(MeshConn { inner: tls, info })).await;
+                let conn = MeshConn {
+                    inner: tls,
+                    info,
+                    _slot: slot,
+                };
+                let _ = conn_tx.send(Ok(conn)).await;
             });
         }
     });
 
-    let max = limits.max_message_size;
+    let max = max_message_size;
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))

@@ -36,6 +36,17 @@ struct MeshCert {
 }
 
 async fn channel(h: &ServerHandle, id: Option<&MeshCert>) -> Channel {
+    try_channel(h, id, None)
+        .await
+        .expect("TLS connection to the server")
+}
+
+/// A connected channel, from the loopback address `local` when given.
+async fn try_channel(
+    h: &ServerHandle,
+    id: Option<&MeshCert>,
+    local: Option<std::net::IpAddr>,
+) -> Result<Channel, tonic::transport::Error> {
     let ca = std::fs::read_to_string(&h.ca_file).unwrap();
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
@@ -45,11 +56,12 @@ async fn channel(h: &ServerHandle, id: Option<&MeshCert>) -> Channel {
     }
     Endpoint::from_shared(h.address())
         .unwrap()
+        .local_address(local)
+        .connect_timeout(Duration::from_secs(5))
         .tls_config(tls)
         .unwrap()
         .connect()
         .await
-        .expect("TLS connection to the server")
 }
 
 fn bearer<T>(msg: T, token: &str) -> Request<T> {
@@ -781,6 +793,101 @@ async fn the_server_speaks_tls13_only_as_spiffe_ward_server() {
     assert!(lines.contains(&format!("export WARD_TOKEN={}\n", h.admin_token().unwrap())));
     assert!(lines.contains(&format!("export WARD_CACERT={}\n", h.ca_file.display())));
     drop(tls);
+    h.stop().await.unwrap();
+}
+
+/// Connects `n` TCP connections to the gRPC listener from 127.0.0.1 that never send a byte.
+async fn silent_connections(h: &ServerHandle, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap());
+    }
+    out
+}
+
+/// Whether the server closed `s`, waiting at most `within`.
+async fn closed_by_server(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn silent_connections_from_one_ip_do_not_block_another_and_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.connections.max_pending_handshakes = 8;
+    cfg.connections.max_pending_handshakes_per_ip = 2;
+    cfg.connections.handshake_timeout = Duration::from_secs(3);
+    let h = build(cfg).await.unwrap();
+    let token = h.admin_token().unwrap().to_owned();
+
+    // As many silent connections from 127.0.0.1 as the global cap allows.
+    let opened = std::time::Instant::now();
+    let mut silent = silent_connections(&h, 8).await;
+    // A real client from another address still gets its call answered.
+    let ch = try_channel(&h, None, Some("127.0.0.2".parse().unwrap()))
+        .await
+        .expect("a client from 127.0.0.2 connects while 127.0.0.1 holds silent connections");
+    AdminClient::new(ch)
+        .list_roots(bearer(v1::ListRootsRequest {}, &token))
+        .await
+        .expect("the call from 127.0.0.2 is answered");
+
+    // Those over the per-IP cap were closed at once; the two it admitted are cut off at the
+    // handshake deadline (3 s), not left open.
+    for s in &mut silent {
+        assert!(
+            closed_by_server(s, Duration::from_secs(20)).await,
+            "a silent connection is closed by the server"
+        );
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_secs(2),
+        "the admitted ones were held until the deadline"
+    );
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.connections.max_connections = 3;
+    let h = build(cfg).await.unwrap();
+    let token = h.admin_token().unwrap().to_owned();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let ch = channel(&h, None).await;
+        AdminClient::new(ch.clone())
+            .list_roots(bearer(v1::ListRootsRequest {}, &token))
+            .await
+            .unwrap();
+        held.push(ch);
+    }
+    let refused = try_channel(&h, None, Some("127.0.0.2".parse().unwrap())).await;
+    assert!(
+        refused.is_err(),
+        "a fourth connection is refused while three are open"
+    );
+    // A slot is free again once a connection ends.
+    held.pop();
+    let mut again = None;
+    for _ in 0..100 {
+        if let Ok(ch) = try_channel(&h, None, None).await {
+            again = Some(ch);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    AdminClient::new(again.expect("a slot frees up when a connection closes"))
+        .list_roots(bearer(v1::ListRootsRequest {}, &token))
+        .await
+        .unwrap();
+    drop(held);
     h.stop().await.unwrap();
 }
 

@@ -66,7 +66,7 @@ impl Inbound {
     async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, _slot: OwnedSemaphorePermit) {
         let shared = &self.shared;
         let started = Instant::now();
-        let Some(pending) = shared.begin_handshake(peer.ip()) else {
+        let Some(pending) = shared.handshakes.begin(peer.ip()) else {
             tracing::debug!("pending handshake cap reached; connection refused");
             return;
         };

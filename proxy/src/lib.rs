@@ -6,6 +6,8 @@
 //! - [`inbound`] / [`outbound`]: the two sides of the sidecar; [`copy`] moves the bytes;
 //!   [`mux`] carries many connections between two sidecars over one (`ward-mux/1`).
 //! - [`connections`]: open connections by peer, closed when intentions turn to deny.
+//! - [`handshakes`]: handshakes in progress, capped globally and per source IP (also used by
+//!   `ward server`).
 //! - [`files`]: `[tls]` files, polled and hot-swapped.
 //! - [`admin`]: /live /ready /metrics /config /drain.
 //! - [`app`]: binds everything and returns a handle; [`app::ProxyHandle::wait`] drains.
@@ -18,6 +20,7 @@ pub mod connections;
 pub mod copy;
 pub mod files;
 pub mod footprint;
+pub mod handshakes;
 pub mod inbound;
 pub mod intentions;
 mod listener;

@@ -1,13 +1,13 @@
 //! State shared by the listeners, the admin API and the drain logic.
 
 use crate::connections::ConnectionRegistry;
+use crate::handshakes::HandshakeSlots;
 use crate::intentions::IntentionStore;
 use crate::tls::CredentialStore;
-use dashmap::DashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use ward_config::proxy::{Limits, ServiceConfig};
@@ -21,8 +21,7 @@ pub struct Shared {
     /// One permit per forwarded or handshaking connection (`max_connections`).
     pub conn_slots: Arc<Semaphore>,
     /// Handshakes in progress, globally and per source IP (security rule 15).
-    pending: Arc<Semaphore>,
-    pending_per_ip: DashMap<IpAddr, usize>,
+    pub handshakes: Arc<HandshakeSlots>,
     /// Every connection task, so a drain can wait for them.
     pub tracker: TaskTracker,
     /// Fires when the drain starts: listeners stop accepting.
@@ -32,24 +31,6 @@ pub struct Shared {
     draining: AtomicBool,
     /// The bound listener addresses, by role, for /config.
     pub listeners: std::sync::Mutex<Vec<(String, SocketAddr)>>,
-}
-
-/// A handshake slot; released when dropped.
-pub struct PendingHandshake {
-    shared: Arc<Shared>,
-    ip: IpAddr,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Drop for PendingHandshake {
-    fn drop(&mut self) {
-        if let dashmap::Entry::Occupied(mut e) = self.shared.pending_per_ip.entry(self.ip) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
 }
 
 impl Shared {
@@ -65,8 +46,10 @@ impl Shared {
             intentions,
             connections: Arc::default(),
             conn_slots: Arc::new(Semaphore::new(limits.max_connections)),
-            pending: Arc::new(Semaphore::new(limits.max_pending_handshakes)),
-            pending_per_ip: DashMap::new(),
+            handshakes: HandshakeSlots::new(
+                limits.max_pending_handshakes,
+                limits.max_pending_handshakes_per_ip,
+            ),
             limits,
             tracker: TaskTracker::new(),
             stop_accepting: CancellationToken::new(),
@@ -74,22 +57,6 @@ impl Shared {
             draining: AtomicBool::new(false),
             listeners: std::sync::Mutex::new(Vec::new()),
         }
-    }
-
-    /// Takes a handshake slot for `ip`, or `None` when a cap is reached.
-    pub fn begin_handshake(self: &Arc<Self>, ip: IpAddr) -> Option<PendingHandshake> {
-        let permit = self.pending.clone().try_acquire_owned().ok()?;
-        let mut n = self.pending_per_ip.entry(ip).or_insert(0);
-        if *n >= self.limits.max_pending_handshakes_per_ip {
-            return None;
-        }
-        *n += 1;
-        drop(n);
-        Some(PendingHandshake {
-            shared: self.clone(),
-            ip,
-            _permit: permit,
-        })
     }
 
     /// Ready once a certificate and an intentions snapshot are loaded, until a drain starts.
