@@ -82,11 +82,26 @@ fn service_of(id: &SpiffeId) -> ServiceRef {
     }
 }
 
+/// Refuses a mesh certificate past its notAfter. The TLS handshake checked it, but a
+/// connection opened while it was valid may stay open long after.
+fn unexpired(m: &MeshPeer) -> Result<(), Status> {
+    let past = crate::now_unix().saturating_sub(m.not_after);
+    if past <= 0 {
+        return Ok(());
+    }
+    Err(unauth(format!(
+        "the client certificate expired {past} s ago; reconnect with a valid one, or enroll again with a join token"
+    )))
+}
+
 /// The caller's mesh identity, required by every `Mesh.*` call.
 fn mesh_caller<T>(req: &Request<T>) -> Result<(PeerInfo, MeshPeer), Status> {
     let p = peer(req)?;
     match p.mesh.clone() {
-        Some(m) => Ok((p, m)),
+        Some(m) => {
+            unexpired(&m)?;
+            Ok((p, m))
+        }
         None if p.non_workload_cert => Err(unauth(
             "Mesh calls need a mesh workload certificate; the client certificate names no workload SPIFFE ID",
         )),
@@ -374,6 +389,7 @@ impl IdentityService {
     }
 
     async fn renew(&self, mesh: &MeshPeer, csr: &[u8]) -> Result<v1::SignResponse, Status> {
+        unexpired(mesh)?;
         let s = &self.0;
         let id = &mesh.spiffe_id;
         if !s.limiter.allow(&id.to_string()) {

@@ -43,7 +43,8 @@
 //!   certificate, never both on one call; a `Mesh.*` stream is refused with RESOURCE_EXHAUSTED
 //!   while the same instance (same leaf key) holds one of that kind, and ends with
 //!   UNAUTHENTICATED when the caller's certificate expires, so a client reconnects with its
-//!   renewed certificate after closing the old stream.
+//!   renewed certificate after closing the old stream. A call made with a certificate past its
+//!   notAfter (on a connection opened while it was valid) is refused with UNAUTHENTICATED too.
 //!
 //! # Modules
 //! [`ca`] (root, intermediate, CSR checks, leaf template), [`storage`] (the `Storage` trait and

@@ -384,6 +384,46 @@ async fn renewal_uses_the_mesh_certificate_for_the_same_identity_only() {
     h.stop().await.unwrap();
 }
 
+/// Seconds since the Unix epoch, as the server counts a certificate's notAfter.
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[tokio::test]
+async fn renewal_with_a_certificate_that_expired_on_an_open_channel_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.ca.leaf_ttl = Duration::from_secs(2);
+    let h = build(cfg).await.unwrap();
+    let mut ctl = Ctl::new(&h).await;
+    let token = ctl.join_token("order", 1).await;
+    let (cert, first) = enroll(&h, &token, ORDER).await;
+    let mut c = IdentityClient::new(channel(&h, Some(&cert)).await);
+    c.sign(v1::SignRequest { csr: csr(ORDER).1 })
+        .await
+        .expect("renewal while the certificate is valid");
+
+    // The channel (one TLS connection, verified while the leaf was valid) stays open past
+    // the leaf's notAfter.
+    for _ in 0..100 {
+        if now_unix() > first.not_after {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(now_unix() > first.not_after, "the leaf has expired");
+    let err = c
+        .sign(v1::SignRequest { csr: csr(ORDER).1 })
+        .await
+        .expect_err("an expired certificate renews nothing");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("expired"), "{}", err.message());
+    h.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn watch_intentions_delivers_a_change_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
