@@ -65,7 +65,7 @@ pub struct Credentials {
 }
 
 /// At most this many verified chains are remembered per set of credentials.
-const MAX_VERIFIED_PATHS: usize = 4096;
+pub(crate) const MAX_VERIFIED_PATHS: usize = 4096;
 
 /// SHA-256 over a presented chain (leaf first), each certificate length-prefixed.
 pub type ChainKey = [u8; 32];
@@ -160,8 +160,12 @@ impl Credentials {
     /// Remembers that the chain `key` verified to these roots along a path valid for `validity`.
     pub fn remember_path(&self, key: ChainKey, validity: PathValidity) {
         if let Ok(mut paths) = self.verified_paths.lock() {
-            if paths.len() >= MAX_VERIFIED_PATHS {
-                paths.clear();
+            if paths.len() >= MAX_VERIFIED_PATHS && !paths.contains_key(&key) {
+                // Full: drop one entry (whichever the map yields first), not all of them, so
+                // many new peers cost the known ones at most a re-verification each.
+                if let Some(old) = paths.keys().next().copied() {
+                    paths.remove(&old);
+                }
             }
             paths.insert(key, validity);
         }

@@ -160,8 +160,9 @@ pub fn signature_algorithms(
     provider_algorithms().all
 }
 
-/// Verifies `end_entity` + `intermediates` against `creds`' roots and the SVID rules, and
-/// remembers the chain with the validity of the path it verified along.
+/// Verifies `end_entity` + `intermediates` against `creds`' roots and the SVID rules; returns
+/// the leaf and the validity of the path it verified along. The caller remembers the chain
+/// ([`Credentials::remember_path`]) once it admits the peer, so refused peers fill no cache.
 fn verify_peer(
     creds: &Credentials,
     end_entity: &CertificateDer<'_>,
@@ -188,7 +189,6 @@ fn verify_peer(
     // CA rotation), and their validity says nothing about this chain.
     let validity = path_validity(&leaf, path.intermediate_certificates().map(|c| c.der()))
         .map_err(|_| VerifyError::BadCertificate)?;
-    creds.remember_path(chain_key(end_entity, intermediates), validity);
     Ok((leaf, validity))
 }
 
@@ -233,7 +233,9 @@ fn session_peer_at(
         }
         None => {
             tracing::debug!("no verified path of this chain is valid now; verifying it again");
-            verify_peer(&creds, end_entity, intermediates, now, usage)?
+            let (leaf, validity) = verify_peer(&creds, end_entity, intermediates, now, usage)?;
+            creds.remember_path(chain_key(end_entity, intermediates), validity);
+            (leaf, validity)
         }
     };
     Ok(SessionPeer {
@@ -294,7 +296,7 @@ impl ClientCertVerifier for InboundVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let creds = self.credentials.load().ok_or(VerifyError::NotReady)?;
-        let (leaf, _) = verify_peer(
+        let (leaf, validity) = verify_peer(
             &creds,
             end_entity,
             intermediates,
@@ -304,6 +306,7 @@ impl ClientCertVerifier for InboundVerifier {
         // Rule 6: no snapshot yet means deny.
         let allowed = self.intentions.authorize(&leaf.id, &self.local_service);
         if allowed {
+            creds.remember_path(chain_key(end_entity, intermediates), validity);
             Ok(ClientCertVerified::assertion())
         } else {
             Err(VerifyError::Denied.into())
@@ -369,7 +372,7 @@ impl ServerCertVerifier for OutboundVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let creds = self.credentials.load().ok_or(VerifyError::NotReady)?;
-        let (leaf, _) = verify_peer(
+        let (leaf, validity) = verify_peer(
             &creds,
             end_entity,
             intermediates,
@@ -379,6 +382,7 @@ impl ServerCertVerifier for OutboundVerifier {
         if !self.expects(&leaf.id) {
             return Err(VerifyError::WrongService.into());
         }
+        creds.remember_path(chain_key(end_entity, intermediates), validity);
         Ok(ServerCertVerified::assertion())
     }
 
@@ -503,6 +507,31 @@ mod tests {
 
     fn client_auth() -> webpki::KeyUsage {
         webpki::KeyUsage::client_auth()
+    }
+
+    #[test]
+    fn a_full_path_cache_drops_one_entry_not_all() {
+        use super::super::credentials::MAX_VERIFIED_PATHS;
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 30, None);
+        let creds = store(&root, &int).load().unwrap();
+        let valid = PathValidity {
+            not_before: 0,
+            not_after: i64::MAX,
+        };
+        let key = |i: usize| {
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            k
+        };
+        for i in 0..=MAX_VERIFIED_PATHS {
+            creds.remember_path(key(i), valid);
+        }
+        let kept = (0..=MAX_VERIFIED_PATHS)
+            .filter(|&i| creds.verified_path(&key(i)).is_some())
+            .count();
+        assert_eq!(kept, MAX_VERIFIED_PATHS, "one entry dropped, not all");
+        assert!(creds.verified_path(&key(MAX_VERIFIED_PATHS)).is_some());
     }
 
     #[test]
