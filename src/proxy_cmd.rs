@@ -105,8 +105,8 @@ async fn handle_drain_started(handle: &ward_proxy::ProxyHandle) {
     handle.drain_started().await
 }
 
-/// Raises the soft file limit to the hard one and caps `max_connections` to fit (rule 15);
-/// returns the warning to log when it had to cap.
+/// Raises the soft file limit to the hard one and caps `max_connections` to fit (security
+/// rule 15, bounds, docs/security.md); returns the warning to log when it had to cap.
 fn fit_connection_limit(config: &mut ProxyConfig) -> Option<String> {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(l) => l,

@@ -744,9 +744,9 @@ fn set_mode(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-/// Security rule 11: a wrong `--data-dir` (here a shared, /tmp-like directory holding someone
-/// else's file) is refused with its mode and the reason, and left as it was; an empty
-/// directory of the running user's is tightened to 0700.
+/// Security rule 11 (server state, docs/security.md): a wrong `--data-dir` (here a shared,
+/// /tmp-like directory holding someone else's file) is refused with its mode and the reason, and
+/// left as it was; an empty directory of the running user's is tightened to 0700.
 #[test]
 fn a_data_dir_not_of_its_own_is_refused_and_left_unchanged() {
     let dir = TempDir::new("shared-data");

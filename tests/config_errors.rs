@@ -319,8 +319,9 @@ fn control_plane_parts(fx: &mut Fixture, state_dir: &Path) {
     fx.parts.intentions = String::new();
 }
 
-/// Security rule 11: a `state_dir` that is not the proxy's own (here shared and sticky, holding
-/// someone else's file) is refused with its mode and the reason, and never chmod-ed.
+/// Security rule 11 (server state, docs/security.md): a `state_dir` that is not the proxy's own
+/// (here shared and sticky, holding someone else's file) is refused with its mode and the reason,
+/// and never chmod-ed.
 #[test]
 fn state_dir_not_of_its_own_is_refused_and_left_unchanged() {
     let shared = TempDir::new("shared-state");

@@ -28,10 +28,11 @@ use common::wait_until;
 
 const SHORT: Duration = Duration::from_secs(3);
 
-/// The deny test measures PRODUCT.md's 1 s bounds, so it runs alone: the other tests of this
-/// file (a burst of 200 CLI processes, two minutes of traffic) share the 2 CI cores with
-/// whatever runs beside them, and would be measured as well. (std's RwLock on Linux lets a
-/// waiting writer in before new readers; elsewhere the deny test may wait longer, not fail.)
+/// The deny test measures the 1 s bounds of security rule 10 (deny closes what it no longer
+/// allows, docs/security.md), so it runs alone: the other tests of this file (a burst of 200 CLI
+/// processes, two minutes of traffic) share the 2 CI cores with whatever runs beside them, and
+/// would be measured as well. (std's RwLock on Linux lets a waiting writer in before new readers;
+/// elsewhere the deny test may wait longer, not fail.)
 static TIMED: RwLock<()> = RwLock::new(());
 
 fn beside_others() -> RwLockReadGuard<'static, ()> {
@@ -238,8 +239,8 @@ fn join_tokens_give_certificates_traffic_flows_and_bad_credentials_are_refused()
     assert_eq!(other_app.accepted(), 0);
     drop(spoof);
 
-    // The refused request consumed nothing (security rule 4): the same token still gets `order`
-    // its certificate.
+    // The refused request consumed nothing (security rule 4, join tokens, docs/security.md): the
+    // same token still gets `order` its certificate.
     let order2 = start_proxy(
         &mesh.dir,
         "order-2",

@@ -163,8 +163,9 @@ fn resumed_sessions_are_counted_and_served() {
     assert_eq!(s.app.accepted(), 4);
 }
 
-/// Security rule 13: a browser page on this host cannot drain the proxy with a cross-site
-/// (no-cors) POST, which always carries `Origin`; a POST without it (curl) still drains.
+/// Security rule 13 (admin listener, docs/security.md): a browser page on this host cannot drain
+/// the proxy with a cross-site (no-cors) POST, which always carries `Origin`; a POST without it
+/// (curl) still drains.
 #[test]
 fn post_drain_from_a_web_page_is_refused() {
     let mut s = start("1s");

@@ -1,4 +1,5 @@
-//! Issue 7 / security rule 9: `ward-mux/1`, the tunnel between two ward sidecars.
+//! Issue 7 / security rule 9 (a multiplexed tunnel between sidecars, docs/security.md):
+//! `ward-mux/1`, the tunnel between two ward sidecars.
 //!
 //! - ward -> ward: many TCP connections (sequential and concurrent) ride one mutual-TLS
 //!   connection, each one forwarded byte-exact to its own app connection;
@@ -834,11 +835,11 @@ fn a_peer_that_resets_too_many_streams_before_their_answer_loses_its_tunnel() {
     );
 }
 
-/// Security rule 15: what one tunnel may make the inbound buffer is bounded in total, not per
-/// stream. 32 CONNECT streams whose data nobody has read yet are granted the inbound's
-/// flow-control windows: before the bound, 4 MiB each (128 MiB, and 400 MiB with 100 streams);
-/// now a share of `[limits] max_tunnel_buffer_bytes` (64 MiB by default) each, the same for
-/// every stream (none can use up the others' window). No data is sent, so nothing is released
+/// Security rule 15 (bounds, docs/security.md): what one tunnel may make the inbound buffer is
+/// bounded in total, not per stream. 32 CONNECT streams whose data nobody has read yet are granted
+/// the inbound's flow-control windows: before the bound, 4 MiB each (128 MiB, and 400 MiB with 100
+/// streams); now a share of `[limits] max_tunnel_buffer_bytes` (64 MiB by default) each, the same
+/// for every stream (none can use up the others' window). No data is sent, so nothing is released
 /// and the granted capacity is exactly what the inbound advertised.
 #[test]
 fn thirty_two_streams_are_granted_equal_shares_of_the_tunnel_buffer() {

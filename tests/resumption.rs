@@ -1,4 +1,5 @@
-//! Issue 2, Build 5 / security rule 8: a resumed session is authorized as a full handshake is.
+//! Issue 2, Build 5 / security rule 8 (resumption and early data, docs/security.md): a resumed
+//! session is authorized as a full handshake is.
 //! A caller that resumed while allowed is refused, with `access_denied`, once an intention
 //! denies it; the app sees nothing of it. A session whose verified intermediate has expired
 //! since its ticket was issued is refused on resumption and counted as `expired`.

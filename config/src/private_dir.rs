@@ -1,5 +1,5 @@
 //! The directories ward keeps keys in: the server's `data_dir` and the proxy's
-//! `control_plane.state_dir` (security rule 11).
+//! `control_plane.state_dir` (security rule 11, server state, docs/security.md).
 //!
 //! A missing directory is created with mode 0700. An existing one is used as it is when it
 //! already has mode 0700 and belongs to the running user, and tightened to 0700 when it belongs

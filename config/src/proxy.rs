@@ -1,4 +1,4 @@
-//! `ward proxy` configuration (see PRODUCT.md "Proxy config").
+//! `ward proxy` configuration (reference: docs/proxy-config.md).
 
 use crate::duration::Duration;
 use crate::error::{parse_toml, ConfigError};

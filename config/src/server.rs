@@ -1,4 +1,4 @@
-//! `ward server` configuration (see PRODUCT.md "Server config").
+//! `ward server` configuration (reference: docs/server-config.md).
 //!
 //! Tables: `[server]`, `[ca]`, `[tokens]`, `[catalog]`, `[storage]`, `[admin]`; every key has a
 //! default, so an empty file (or `--dev`) is a working configuration.
@@ -91,7 +91,8 @@ pub struct ServerAdminConfig {
     pub listen: SocketAddr,
 }
 
-/// The gRPC listener's bounds (security rule 15), as the proxy's `[limits]`; keys of `[server]`.
+/// The gRPC listener's bounds (security rule 15, bounds, docs/security.md), as the proxy's
+/// `[limits]`; keys of `[server]`.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
     /// Connections open at once, handshaking or established.
@@ -115,7 +116,8 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Bounds without a config key (security rule 15); tests and embedders may change them.
+/// Bounds without a config key (security rule 15, bounds, docs/security.md); tests and
+/// embedders may change them.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
     /// Sign calls one identity may make in a burst.
@@ -617,7 +619,7 @@ listen = "127.0.0.1:8501"
         );
         assert_eq!(c.catalog.max_instances_per_identity, 10_000);
         assert!(!c.catalog.trust_registered_address);
-        // Security rule 15's handshake caps, as the proxy's.
+        // The handshake caps of security rule 15 (bounds, docs/security.md), as the proxy's.
         assert_eq!(c.connections.max_pending_handshakes, 1024);
         assert_eq!(c.connections.max_pending_handshakes_per_ip, 64);
         assert_eq!(c.default_intention, Action::Deny);

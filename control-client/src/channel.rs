@@ -1,6 +1,6 @@
 //! The TLS channel to `ward server`. TLS 1.3 only; the server must chain to
 //! `control_plane.ca_file` and carry exactly the URI SAN `spiffe://<td>/ward/server`, which no
-//! CSR can obtain (security rule 1).
+//! CSR can obtain (security rule 1, who the server is, docs/security.md).
 
 use crate::ClientError;
 use hyper_util::rt::TokioIo;

@@ -18,7 +18,8 @@ pub enum SnapshotError {
 
 /// Converts an intentions snapshot for this (tcp) inbound. A rule that cannot be enforced as
 /// written (no L4 action, or L7 permissions, which a tcp inbound cannot check) denies its
-/// source and counts in `ward_intention_errors_total` (security rule 6).
+/// source and counts in `ward_intention_errors_total` (security rule 6, fail closed,
+/// docs/security.md).
 pub fn intentions(
     snap: &v1::IntentionsSnapshot,
     local_namespace: &Name,

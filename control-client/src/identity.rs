@@ -1,6 +1,7 @@
 //! The proxy's identity: a P-256 key generated here (it never leaves the proxy), the first
 //! certificate from a join token, renewals authenticated by the current mesh certificate, and
-//! the optional `state_dir` that lets a restart renew without a new token (security rule 12).
+//! the optional `state_dir` that lets a restart renew without a new token (security rule 12,
+//! proxy restarts need no new token, docs/security.md).
 
 use crate::backoff::Backoff;
 use crate::channel::ServerTarget;
@@ -74,7 +75,8 @@ impl Identity {
             ensure_private_dir(dir)?;
             let key_path = dir.join(KEY_FILE);
             if key_path.exists() {
-                // Rule 12: the key file is 0600; tighten a looser one rather than use it as is.
+                // Security rule 12 (proxy restarts, docs/security.md): the key file is 0600;
+                // tighten a looser one rather than use it as is.
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
                     .map_err(|e| state_err(&key_path, format!("cannot set mode 0600: {e}")))?;
@@ -367,7 +369,8 @@ pub(crate) fn now_unix() -> i64 {
 }
 
 /// What ward writes in `state_dir` (with the temporary names of [`write_atomic`]): a directory
-/// holding only these may be tightened to 0700 (security rule 11).
+/// holding only these may be tightened to 0700 (security rule 11, server state,
+/// docs/security.md).
 const OWN_FILES: &[&str] = &[
     KEY_FILE,
     CERT_FILE,

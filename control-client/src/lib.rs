@@ -2,9 +2,11 @@
 //! credential store, the intentions store and the upstreams' endpoints, from `ward server`.
 //!
 //! - [`channel`]: TLS 1.3 to the server, which must prove `spiffe://<td>/ward/server`
-//!   (security rule 1); the client presents its mesh certificate once it has one.
+//!   (security rule 1, who the server is, docs/security.md); the client presents its mesh
+//!   certificate once it has one.
 //! - [`identity`]: the key (generated here, never sent), CSRs, the first certificate from a join
-//!   token, renewals with the mesh certificate, and the optional `state_dir` (rule 12).
+//!   token, renewals with the mesh certificate, and the optional `state_dir`
+//!   (security rule 12, proxy restarts need no new token, docs/security.md).
 //! - [`watch`]: the `Mesh` streams, each reconnecting with capped exponential backoff and
 //!   jitter; while the server is away the last certificate, roots and intentions stay in use.
 

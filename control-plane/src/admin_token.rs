@@ -1,4 +1,5 @@
-//! The admin token (security rule 5): stored as a SHA-256 hash; never in a log.
+//! The admin token (security rule 5, the admin token is never in a log, docs/security.md): stored
+//! as a SHA-256 hash; never in a log.
 //!
 //! Outside `--dev`, the first start writes it once to `<data_dir>/admin.token` (0600) and the
 //! server prints only that path. With `--dev` it is handed back for the export lines, and every

@@ -1,5 +1,6 @@
-//! The built-in CA: a root and an intermediate, leaf signing from CSRs (security rule 2) and the
-//! server's own certificate (rule 1).
+//! The built-in CA: a root and an intermediate, leaf signing from CSRs (security rule 2, what a
+//! CSR may ask, docs/security.md) and the server's own certificate (security rule 1, who the
+//! server is).
 //!
 //! The root and intermediate are created with rcgen on the first start in an empty data_dir, or
 //! an intermediate signed by an offline root is imported from PEM files. Leaves always come from
@@ -410,7 +411,8 @@ impl Ca {
         self.intermediate_not_after
     }
 
-    /// Verifies a CSR (rule 2) and returns the only two things taken from it.
+    /// Verifies a CSR (security rule 2, what a CSR may ask, docs/security.md) and returns the only
+    /// two things taken from it.
     pub fn verify_csr(&self, der: &[u8]) -> Result<CsrRequest, CsrError> {
         let (rest, csr) =
             X509CertificationRequest::from_der(der).map_err(|_| CsrError::Malformed)?;

@@ -3,10 +3,10 @@
 //! An instance's identity (service, namespace) comes from its mesh certificate, never from the
 //! request. An instance is live while its stream is open and for `deregister_after` after it
 //! closed; then it is removed. An address:port held by a live instance of another service is
-//! refused (security rule 3), and one identity holds at most `max_instances_per_identity` live
-//! instances. Instances are persisted, and after a restart they count as disconnected from the
-//! moment of the start, so none is removed before the server has been up for
-//! `deregister_after` (security rule 11).
+//! refused (security rule 3, one credential per call, docs/security.md), and one identity holds at
+//! most `max_instances_per_identity` live instances. Instances are persisted, and after a restart
+//! they count as disconnected from the moment of the start, so none is removed before the server
+//! has been up for `deregister_after` (security rule 11, server state, docs/security.md).
 
 use crate::intentions::{blocking, ServiceRef};
 use crate::storage::{InstanceRecord, Storage, StorageError};

@@ -1,4 +1,5 @@
-//! The tonic services `Identity`, `Mesh` and `Admin`, with authentication per security rule 3:
+//! The tonic services `Identity`, `Mesh` and `Admin`, with authentication per security rule 3
+//! (one credential per call, checked first, docs/security.md):
 //! one credential per call, checked first; anything else is UNAUTHENTICATED.
 
 use crate::admin_token::{bearer, AdminToken};
@@ -164,9 +165,9 @@ where
 
 // ---- limits --------------------------------------------------------------------------------
 
-/// Answers a request message over the size limit with RESOURCE_EXHAUSTED (security rule 15)
-/// instead of tonic's OUT_OF_RANGE. No handler of ours returns OUT_OF_RANGE, so every such
-/// status is the decoder's size check.
+/// Answers a request message over the size limit with RESOURCE_EXHAUSTED (security rule 15,
+/// bounds, docs/security.md) instead of tonic's OUT_OF_RANGE. No handler of ours returns
+/// OUT_OF_RANGE, so every such status is the decoder's size check.
 #[derive(Debug, Clone)]
 pub(crate) struct OversizeIsExhausted<S>(pub S);
 
@@ -208,7 +209,7 @@ where
     }
 }
 
-/// A token bucket per identity for `Identity.Sign` (security rule 15).
+/// A token bucket per identity for `Identity.Sign` (security rule 15, bounds, docs/security.md).
 pub(crate) struct RateLimiter {
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
     burst: f64,
@@ -267,7 +268,7 @@ impl StreamKind {
     }
 }
 
-/// One stream of a kind per instance (security rule 15).
+/// One stream of a kind per instance (security rule 15, bounds, docs/security.md).
 #[derive(Default)]
 pub(crate) struct StreamSlots {
     open: Arc<Mutex<HashSet<(StreamKind, String)>>>,

@@ -151,10 +151,10 @@ impl Default for Snapshot {
 
 /// The version after `current`: above it, and at least the wall clock in microseconds since the
 /// Unix epoch. Proxies ignore a snapshot whose version is not above the one they hold (security
-/// rule 6), so versions must keep rising across restarts, and also when a `data_dir` is restored
-/// from a backup whose stored version is older than what proxies hold: tying them to the clock
-/// puts every new version above any published before it (the clock moving forward between
-/// them). Below 2^53 until the year 2255, so JSON readers keep it exact.
+/// rule 6, fail closed, docs/security.md), so versions must keep rising across restarts, and also
+/// when a `data_dir` is restored from a backup whose stored version is older than what proxies
+/// hold: tying them to the clock puts every new version above any published before it (the clock
+/// moving forward between them). Below 2^53 until the year 2255, so JSON readers keep it exact.
 pub fn next_version(current: u64) -> u64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -199,8 +199,8 @@ fn load_or_create(cfg: &ServerConfig) -> Result<Loaded, ServerError> {
                     });
                 }
             }
-            // Rule 11: a CA is created only in an empty data_dir (a wrong path must not get
-            // a fresh CA beside someone else's files).
+            // Security rule 11 (server state, docs/security.md): a CA is created only in an empty
+            // data_dir (a wrong path must not get a fresh CA beside someone else's files).
             if let Some(other) = foreign_entry(dir) {
                 return Err(ServerError::NotEmpty {
                     dir: dir.clone(),
@@ -447,8 +447,9 @@ async fn serve_grpc(
 ) -> Result<(), ServerError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let (conn_tx, conn_rx) = mpsc::channel::<Result<MeshConn, std::io::Error>>(64);
-    // Security rule 15: a connection cap, and handshake caps per source IP as well as in all,
-    // so silent connections from one address cannot lock out enrollment, renewal and the CLI.
+    // Security rule 15 (bounds, docs/security.md): a connection cap, and handshake caps per source
+    // IP as well as in all, so silent connections from one address cannot lock out enrollment,
+    // renewal and the CLI.
     let conn_slots = Arc::new(tokio::sync::Semaphore::new(
         limits
             .max_connections
@@ -623,9 +624,9 @@ async fn serve_admin(
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let ready = ready.load(Ordering::Relaxed) && !*stop.borrow();
-                    // Security rule 13: a browser sends `Origin` with every cross-site POST;
-                    // a page open on this host must not reach an admin write through
-                    // loopback. Only reads (GET, HEAD) may carry it.
+                    // Security rule 13 (admin listener, docs/security.md): a browser sends `Origin`
+                    // with every cross-site POST; a page open on this host must not reach an admin
+                    // write through loopback. Only reads (GET, HEAD) may carry it.
                     let from_a_web_page = !matches!(*req.method(), Method::GET | Method::HEAD)
                         && req.headers().contains_key(hyper::header::ORIGIN);
                     let (status, body) = match (req.method(), req.uri().path()) {

@@ -2,10 +2,10 @@
 //! redb implementation.
 //!
 //! Every write is one redb transaction committed with immediate durability (fsync) before the
-//! caller acknowledges anything (security rule 11). The state file is created under a temporary
-//! name, filled with the new CA in its first transaction and only then renamed into place, so
-//! `state.redb` exists exactly when a CA was durably stored; a `state.redb` that cannot be read
-//! is an error naming it, never a reason to create a new CA.
+//! caller acknowledges anything (security rule 11, server state, docs/security.md). The state file
+//! is created under a temporary name, filled with the new CA in its first transaction and only then
+//! renamed into place, so `state.redb` exists exactly when a CA was durably stored; a `state.redb`
+//! that cannot be read is an error naming it, never a reason to create a new CA.
 
 use crate::ca::CaMaterial;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -167,7 +167,8 @@ const OWN_FILES: &[&str] = &[
 ];
 
 /// Creates `data_dir` (0700) if needed; checks an existing one and tightens it to 0700 only
-/// when it is the running user's and holds nothing but ward's files (security rule 11).
+/// when it is the running user's and holds nothing but ward's files (security rule 11, server
+/// state, docs/security.md).
 pub fn prepare_data_dir(dir: &Path) -> Result<(), StorageError> {
     ward_config::private_dir::prepare(dir, OWN_FILES).map_err(|e| StorageError::File {
         path: dir.to_owned(),

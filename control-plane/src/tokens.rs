@@ -1,4 +1,5 @@
-//! Join tokens (security rule 4) and the admin token (rule 5) share their secret handling:
+//! Join tokens (security rule 4, join tokens) and the admin token (security rule 5, the admin
+//! token is never in a log; both in docs/security.md) share their secret handling:
 //! 256 random bits, stored only as a SHA-256 hash, compared in constant time.
 //!
 //! A join token is bound to one SPIFFE ID, expires, and has a number of uses. A use is consumed

@@ -717,8 +717,8 @@ async fn admin_http_endpoints() {
     h.stop().await.unwrap();
 }
 
-/// Security rule 13: an admin POST that carries `Origin` (every cross-site browser POST does)
-/// is refused with 403; without it the answer is what it always was.
+/// Security rule 13 (admin listener, docs/security.md): an admin POST that carries `Origin` (every
+/// cross-site browser POST does) is refused with 403; without it the answer is what it always was.
 #[tokio::test]
 async fn admin_posts_from_a_web_page_are_forbidden() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

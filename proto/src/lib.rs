@@ -10,7 +10,8 @@ pub mod v1 {
     tonic::include_proto!("ward.v1");
 }
 
-/// Largest message the server accepts or a client should send (security rule 15).
+/// Largest message the server accepts or a client should send (security rule 15, bounds,
+/// docs/security.md).
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
 /// gRPC metadata key for join and admin tokens: `authorization: Bearer <token>`.

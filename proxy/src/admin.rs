@@ -1,7 +1,7 @@
-//! The admin listener: /live, /ready, /metrics, /config, POST /drain (PRODUCT.md "Admin
-//! endpoints"). /config and /drain answer loopback peers only; on a non-loopback listen address
-//! only GET /metrics, /ready and /live are served, and a POST that carries `Origin` (sent by a
-//! browser page) is refused (security rule 13).
+//! The admin listener: /live, /ready, /metrics, /config, POST /drain (reference:
+//! docs/admin-api.md). /config and /drain answer loopback peers only; on a non-loopback listen
+//! address only GET /metrics, /ready and /live are served, and a POST that carries `Origin` (sent
+//! by a browser page) is refused (security rule 13, admin listener, docs/security.md).
 
 use crate::shared::Shared;
 use bytes::Bytes;
@@ -101,16 +101,17 @@ impl Admin {
     }
 }
 
-/// Security rule 13: GET /metrics, /ready and /live for anyone who reaches the listener;
-/// everything else (/config, POST /drain) only on a loopback listener and from a loopback peer.
+/// Security rule 13 (admin listener, docs/security.md): GET /metrics, /ready and /live for anyone
+/// who reaches the listener; everything else (/config, POST /drain) only on a loopback listener and
+/// from a loopback peer.
 fn allowed(method: &Method, path: &str, local_only: bool, peer: SocketAddr) -> bool {
     let public = method == Method::GET && matches!(path, "/metrics" | "/ready" | "/live");
     public || (local_only && peer.ip().is_loopback())
 }
 
-/// Security rule 13: a browser sends `Origin` with every cross-site POST, so a page open on
-/// this host could drain the proxy through loopback with a no-cors request; curl and the
-/// orchestrator send none. Only reads (GET, HEAD) may carry it.
+/// Security rule 13 (admin listener, docs/security.md): a browser sends `Origin` with every
+/// cross-site POST, so a page open on this host could drain the proxy through loopback with a
+/// no-cors request; curl and the orchestrator send none. Only reads (GET, HEAD) may carry it.
 fn from_a_web_page<B>(req: &Request<B>) -> bool {
     !matches!(*req.method(), Method::GET | Method::HEAD)
         && req.headers().contains_key(http::header::ORIGIN)

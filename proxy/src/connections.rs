@@ -1,5 +1,6 @@
 //! Registry of forwarded inbound connections, so an intention that turns to deny closes the
-//! connections it no longer allows (security rule 10).
+//! connections it no longer allows (security rule 10, deny closes what it no longer allows,
+//! docs/security.md).
 
 use crate::intentions::IntentionStore;
 use dashmap::DashMap;

@@ -1,6 +1,6 @@
-//! TLS handshakes in progress, capped globally and per source IP (security rule 15), so that
-//! silent connections from one address cannot take every slot. Used by the proxy's inbound and
-//! by `ward server`'s gRPC listener.
+//! TLS handshakes in progress, capped globally and per source IP (security rule 15, bounds,
+//! docs/security.md), so that silent connections from one address cannot take every slot. Used
+//! by the proxy's inbound and by `ward server`'s gRPC listener.
 
 use dashmap::DashMap;
 use std::net::IpAddr;

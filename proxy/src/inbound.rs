@@ -19,7 +19,8 @@ pub struct Inbound {
     shared: Arc<Shared>,
     /// For clients that do not offer `ward-mux/1`: plain L4, no ALPN.
     plain: Arc<rustls::ServerConfig>,
-    /// For ward outbounds that offer it (security rule 9: chosen by ALPN only).
+    /// For ward outbounds that offer it (security rule 9, a multiplexed tunnel between
+    /// sidecars, docs/security.md: chosen by ALPN only).
     mux: Arc<rustls::ServerConfig>,
     local_app: SocketAddr,
 }
@@ -92,9 +93,9 @@ impl Inbound {
         let chain = conn.peer_certificates().unwrap_or_default();
         let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         // The path the verifier built for this chain (under the current roots, valid now), or
-        // for a resumed session (rule 8) a full verification when it has none: current roots,
-        // current time. A resumed session then asks the current intentions too, before any
-        // byte reaches local_app.
+        // for a resumed session (security rule 8, resumption and early data, docs/security.md)
+        // a full verification when it has none: current roots, current time. A resumed session
+        // then asks the current intentions too, before any byte reaches local_app.
         let checked =
             tls::verify::session_peer(&shared.credentials, chain, webpki::KeyUsage::client_auth())
                 .map_err(|e| tls::verify::result_of(&e))

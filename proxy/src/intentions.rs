@@ -14,7 +14,8 @@ pub enum Reason {
     Rule(usize),
     /// No rule matched; the default policy applied.
     Default,
-    /// The source's rule could not be enforced as written (rule 6): denied.
+    /// The source's rule could not be enforced as written (security rule 6, fail closed,
+    /// docs/security.md): denied.
     Unenforceable,
 }
 
@@ -97,7 +98,8 @@ impl IntentionSnapshot {
 pub struct IntentionStore {
     current: ArcSwapOption<IntentionSnapshot>,
     changed: tokio::sync::watch::Sender<u64>,
-    /// Session-ticket keys to replace before a new snapshot is visible (rule 8).
+    /// Session-ticket keys to replace before a new snapshot is visible (security rule 8,
+    /// resumption and early data, docs/security.md).
     tickets: std::sync::OnceLock<Arc<crate::tls::tickets::EpochTicketer>>,
 }
 
@@ -141,8 +143,8 @@ impl IntentionStore {
         allowed
     }
 
-    /// Publishes `snapshot` unless it is not newer than the one held (rule 6). Returns whether
-    /// it was taken.
+    /// Publishes `snapshot` unless it is not newer than the one held (security rule 6, fail
+    /// closed, docs/security.md). Returns whether it was taken.
     pub fn publish(&self, snapshot: IntentionSnapshot) -> bool {
         let version = snapshot.version;
         let current = self.current.load();

@@ -1,4 +1,4 @@
-//! The proxy's metric names and bounded label values (PRODUCT.md "Metrics").
+//! The proxy's metric names and bounded label values (reference: docs/metrics.md).
 //!
 //! Labels are enums or service names, never addresses, paths or full SPIFFE IDs.
 

@@ -20,7 +20,8 @@ pub struct Shared {
     pub limits: Limits,
     /// One permit per forwarded or handshaking connection (`max_connections`).
     pub conn_slots: Arc<Semaphore>,
-    /// Handshakes in progress, globally and per source IP (security rule 15).
+    /// Handshakes in progress, globally and per source IP (security rule 15, bounds,
+    /// docs/security.md).
     pub handshakes: Arc<HandshakeSlots>,
     /// Every connection task, so a drain can wait for them.
     pub tracker: TaskTracker,

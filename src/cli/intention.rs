@@ -1,8 +1,8 @@
 //! `ward intention create|delete|list|check`.
 //!
-//! Names are checked here (PRODUCT.md security rule 7) before any network call, so a bad
-//! `--source` or `--destination` is one sentence naming the flag. `create --file` reads the L7
-//! form of PRODUCT.md ("Intentions"):
+//! Names are checked here (security rule 7, names, docs/security.md) before any network call,
+//! so a bad `--source` or `--destination` is one sentence naming the flag. `create --file` reads
+//! the L7 form (docs/cli.md, "ward intention"):
 //!
 //! ```toml
 //! permissions = [

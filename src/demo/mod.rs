@@ -1,4 +1,4 @@
-//! `ward demo`: the PRODUCT.md scenario on one machine. A dev `ward server`, two sample services
+//! `ward demo`: the README's scenario on one machine. A dev `ward server`, two sample services
 //! each behind a real `ward proxy` process that got its identity from a join token, an intention
 //! order -> inventory, and a rogue client that tries the attacks; then an order placed through
 //! the mesh.

@@ -83,7 +83,7 @@ pub struct UpstreamConfig {
     pub endpoints: Vec<String>,
 }
 
-/// The proxy config file, per PRODUCT.md "Proxy config", with `[tls]` and static intentions.
+/// The proxy config file (docs/proxy-config.md), with `[tls]` and static intentions.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     pub service: String,

@@ -2,13 +2,14 @@
 //! sidecars, so a new connection through the mesh costs one HTTP/2 stream instead of a TLS
 //! handshake (the idea of Istio's HBONE).
 //!
-//! Security rule 9: the tunnel is chosen only by the ALPN [`ALPN`], never by sniffing; a TLS
-//! client that does not offer it gets the plain L4 path. Each stream is an HTTP/2 `CONNECT`
-//! whose `:authority` names the destination service as `<service>.<namespace>`; the inbound
-//! sends every stream to its `local_app` and refuses any other target before connecting
-//! anything. A stream is authorized as its connection's peer, which the handshake authorized,
-//! and is closed with the connection when the intentions turn to deny. Streams per connection,
-//! pending resets, header size and buffered bytes are bounded by the settings below.
+//! Security rule 9 (a multiplexed tunnel between sidecars, docs/security.md): the tunnel is chosen
+//! only by the ALPN [`ALPN`], never by sniffing; a TLS client that does not offer it gets the plain
+//! L4 path. Each stream is an HTTP/2 `CONNECT` whose `:authority` names the destination service as
+//! `<service>.<namespace>`; the inbound sends every stream to its `local_app` and refuses any other
+//! target before connecting anything. A stream is authorized as its connection's peer, which the
+//! handshake authorized, and is closed with the connection when the intentions turn to deny.
+//! Streams per connection, pending resets, header size and buffered bytes are bounded by the
+//! settings below.
 //!
 //! - [`io`]: one stream as `AsyncRead + AsyncWrite`, for the copy loop.
 //! - [`server`]: the inbound side of a tunnel connection.
@@ -29,10 +30,10 @@ pub const ALPN: &[u8] = b"ward-mux/1";
 pub const MAX_STREAMS: u32 = 100;
 
 /// Flow-control windows. A tunnel buffers at most `[limits] max_tunnel_buffer_bytes` of what its
-/// peer sent (security rule 15): that is its connection window, and each stream's window is an
-/// equal share of it for `MAX_STREAMS`, at most `STREAM_WINDOW`, so streams whose readers stall
-/// can never use up the window of the others (each is as independent as a plain connection).
-/// Bytes are buffered only when a sender sends and the reader does not read.
+/// peer sent (security rule 15, bounds, docs/security.md): that is its connection window, and each
+/// stream's window is an equal share of it for `MAX_STREAMS`, at most `STREAM_WINDOW`, so streams
+/// whose readers stall can never use up the window of the others (each is as independent as a plain
+/// connection). Bytes are buffered only when a sender sends and the reader does not read.
 /// `STREAM_WINDOW` is about what the kernel lets a plain connection's socket buffers hold.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 /// Frames as large as one read of the copy loop.

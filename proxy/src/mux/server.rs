@@ -183,7 +183,8 @@ fn refuse_for_now(respond: &mut SendResponse<Bytes>) {
 impl Stream {
     async fn run(self, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
         let shared = &self.shared;
-        // Rule 9: only a CONNECT to this service; anything else is refused before any connect.
+        // Security rule 9 (tunnel between sidecars, docs/security.md): only a CONNECT to this
+        // service; anything else is refused before any connect.
         if req.method() != Method::CONNECT {
             return refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
         }

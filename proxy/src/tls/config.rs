@@ -49,8 +49,9 @@ pub fn server_config(
         .expect("ring supports TLS 1.3")
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(StoreResolver(credentials)));
-    // Security rule 8: resumption only through tickets whose keys follow the intentions and
-    // roots (see tickets.rs); never early data; no server-side session cache.
+    // Security rule 8 (resumption and early data, docs/security.md): resumption only through
+    // tickets whose keys follow the intentions and roots (see tickets.rs); never early data; no
+    // server-side session cache.
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.max_early_data_size = 0;
     match tickets {

@@ -187,7 +187,8 @@ pub struct CredentialStore {
     roots_changed: tokio::sync::watch::Sender<u64>,
     /// Bumped on every new certificate or roots.
     changed: tokio::sync::watch::Sender<u64>,
-    /// Session-ticket keys to replace before new credentials are visible (rule 8).
+    /// Session-ticket keys to replace before new credentials are visible (security rule 8,
+    /// resumption and early data, docs/security.md).
     tickets: std::sync::OnceLock<Arc<super::tickets::EpochTicketer>>,
 }
 

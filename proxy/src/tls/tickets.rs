@@ -1,5 +1,6 @@
 //! TLS 1.3 session tickets whose keys live at most an hour and are replaced whenever the
-//! intentions or the trust roots change (security rule 8).
+//! intentions or the trust roots change (security rule 8, resumption and early data,
+//! docs/security.md).
 //!
 //! rustls does not run the certificate verifier on a resumed session. Tying the ticket key to
 //! an epoch keeps that safe: every ticket that still decrypts was issued under the roots and

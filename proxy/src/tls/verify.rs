@@ -2,8 +2,8 @@
 //! (chain to our roots, validity, SVID rules); on the inbound it also asks the intentions
 //! snapshot, so a denied caller fails inside the handshake with an `access_denied` alert.
 //!
-//! Each fault maps to one rustls error whose alert PRODUCT.md names, and [`classify`] maps that
-//! error back to exactly one handshake result label.
+//! Each fault maps to one rustls error whose alert docs/security.md ("Handshake refusals")
+//! names, and [`classify`] maps that error back to exactly one handshake result label.
 
 use super::credentials::{chain_key, CredentialStore, Credentials};
 use super::svid::{check_leaf, path_validity, LeafInfo, PathValidity, SvidError};
@@ -104,10 +104,10 @@ pub fn classify(err: &std::io::Error) -> HandshakeResult {
     }
 }
 
-/// Maps an error on the caller's side of a handshake to its metric label: an alert the server
-/// sent is counted as the refusal it stands for (the alerts PRODUCT.md names for each fault,
-/// read backwards), anything else as [`classify`] does. Only for the caller: on the inbound an
-/// alert from the client says nothing about the client's own certificate.
+/// Maps an error on the caller's side of a handshake to its metric label: an alert the server sent
+/// is counted as the refusal it stands for (the alerts docs/security.md names for each fault, read
+/// backwards), anything else as [`classify`] does. Only for the caller: on the inbound an alert
+/// from the client says nothing about the client's own certificate.
 pub fn classify_refusal(err: &std::io::Error) -> HandshakeResult {
     match received_alert(err) {
         Some(alert) => result_of_alert(alert),
@@ -200,12 +200,12 @@ pub struct SessionPeer {
     pub not_after: i64,
 }
 
-/// Authorizes the peer chain of an established session, full or resumed, as a full handshake
-/// would (rule 8): the path the handshake verified under the current credentials, if it is
-/// still valid now; otherwise (a ticket issued under earlier credentials, a path that has
-/// expired since) the chain is verified again against the current roots at the current time,
-/// so an expired intermediate refuses it unless another valid path exists. The caller still
-/// decides the intention.
+/// Authorizes the peer chain of an established session, full or resumed, as a full handshake would
+/// (security rule 8, resumption and early data, docs/security.md): the path the handshake verified
+/// under the current credentials, if it is still valid now; otherwise (a ticket issued under
+/// earlier credentials, a path that has expired since) the chain is verified again against the
+/// current roots at the current time, so an expired intermediate refuses it unless another valid
+/// path exists. The caller still decides the intention.
 pub fn session_peer(
     store: &CredentialStore,
     chain: &[CertificateDer<'_>],
@@ -303,7 +303,7 @@ impl ClientCertVerifier for InboundVerifier {
             now,
             webpki::KeyUsage::client_auth(),
         )?;
-        // Rule 6: no snapshot yet means deny.
+        // Security rule 6 (fail closed, docs/security.md): no snapshot yet means deny.
         let allowed = self.intentions.authorize(&leaf.id, &self.local_service);
         if allowed {
             creds.remember_path(chain_key(end_entity, intermediates), validity);
