@@ -1,6 +1,7 @@
 //! The `ward` binary: sidecar, operator CLI and demo in one.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -16,8 +17,48 @@ mod proxy_cmd;
     about = "ward: a service-mesh sidecar with mutual TLS and intentions enforced in the handshake"
 )]
 struct Cli {
+    /// Log format on stderr: `text` (default), or `json` for one JSON object a line. Default
+    /// from WARD_LOG_FORMAT.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How `ward proxy`, `ward server` and the demo's processes write their logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One line an event: time, level, message, fields.
+    Text,
+    /// One JSON object a line: `timestamp`, `level`, `message`, the fields, `target`.
+    Json,
+}
+
+impl LogFormat {
+    /// The flag, else `WARD_LOG_FORMAT`, else text. Read here rather than by clap so that a bad
+    /// value's error names the variable.
+    fn resolve(flag: Option<LogFormat>) -> Result<LogFormat, String> {
+        if let Some(f) = flag {
+            return Ok(f);
+        }
+        match std::env::var("WARD_LOG_FORMAT") {
+            Err(std::env::VarError::NotPresent) => Ok(LogFormat::Text),
+            Ok(v) if v.trim().is_empty() => Ok(LogFormat::Text),
+            Ok(v) => LogFormat::from_str(&v, true).map_err(|_| {
+                format!("WARD_LOG_FORMAT={v:?} is not a log format (expected text or json)")
+            }),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err("WARD_LOG_FORMAT is not UTF-8".to_owned())
+            }
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -75,36 +116,78 @@ enum CertCommand {
     Inspect { file: PathBuf },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WARD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+/// The level filter: `WARD_LOG`, else `RUST_LOG`, else `info`. A value that does not parse is
+/// an error naming the variable: a typo must not silently run at another level.
+fn log_filter() -> Result<tracing_subscriber::EnvFilter, String> {
+    for var in ["WARD_LOG", "RUST_LOG"] {
+        let value = match std::env::var(var) {
+            Ok(v) if v.trim().is_empty() => continue,
+            Ok(v) => v,
+            Err(std::env::VarError::NotPresent) => continue,
+            Err(std::env::VarError::NotUnicode(_)) => return Err(format!("{var} is not UTF-8")),
+        };
+        return tracing_subscriber::EnvFilter::builder()
+            .parse(&value)
+            .map_err(|e| format!("{var}={value:?} is not a log filter: {e}").replace('\n', " "));
+    }
+    Ok(tracing_subscriber::EnvFilter::new("info"))
+}
+
+/// Logs go to stderr, timestamps in RFC 3339 UTC (the default timer) in both formats. Colour
+/// only for a person: stderr is a terminal and `NO_COLOR` is unset or empty.
+fn init_logging(format: LogFormat) -> Result<(), String> {
+    let filter = log_filter()?;
+    let stderr = std::io::stderr;
+    match format {
+        LogFormat::Text => {
+            let ansi = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(stderr)
+                .with_ansi(ansi)
+                .with_target(false)
+                .init();
+        }
+        LogFormat::Json => {
+            // `message` at the top level, next to `timestamp` and `level`, as in other
+            // tools' JSON logs.
+            tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_env_filter(filter)
+                .with_writer(stderr)
+                .with_ansi(false)
+                .init();
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let log_format = match LogFormat::resolve(cli.log_format) {
+        Ok(f) => f,
+        Err(e) => return usage_error(&e),
+    };
+    // The long-running commands log; the demo's processes check the filter themselves.
+    if matches!(cli.command, Command::Proxy { .. } | Command::Server(_)) {
+        if let Err(e) = init_logging(log_format) {
+            return usage_error(&e);
+        }
+    }
     let result = match cli.command {
         Command::Proxy {
             config,
             check,
             workers,
-        } => {
-            init_logging();
-            proxy_cmd::run(&config, check, workers.map(usize::from))
-        }
-        Command::Server(cmd) => {
-            init_logging();
-            cli::server::run(cmd)
-        }
+        } => proxy_cmd::run(&config, check, workers.map(usize::from)),
+        Command::Server(cmd) => cli::server::run(cmd),
         Command::Token { command } => cli::token::run(command),
         Command::Intention { command } => cli::intention::run(command),
         Command::Ca { command } => cli::ca::run(command),
         Command::Catalog { command } => cli::catalog::run(command),
-        Command::Demo { once } => demo::run(once),
+        Command::Demo { once } => demo::run(once, log_format),
         Command::Cert {
             command: CertCommand::Inspect { file },
         } => cert_inspect::run(&file),
@@ -117,6 +200,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A bad flag or variable: one line, exit code 2 as for clap's own usage errors.
+fn usage_error(e: &str) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
 }
 
 fn one_line(e: &anyhow::Error) -> String {

@@ -15,22 +15,22 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-pub fn run(once: bool) -> anyhow::Result<()> {
+pub fn run(once: bool, log_format: crate::LogFormat) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(play(once))
+    rt.block_on(play(once, log_format))
 }
 
-async fn play(once: bool) -> anyhow::Result<()> {
+async fn play(once: bool, log_format: crate::LogFormat) -> anyhow::Result<()> {
     let dir = proxies::DemoDir::new()?;
     println!("ward demo: working directory {}", dir.path().display());
 
     // Ctrl-C at any point stops the processes the demo started, not just the demo.
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle Ctrl-C")?;
-    let mut children = proxies::Children::default();
+    let mut children = proxies::Children::new(log_format);
     let outcome = tokio::select! {
         outcome = story(&dir, &mut children, once) => outcome,
         _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted before the demo finished")),

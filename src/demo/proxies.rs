@@ -109,20 +109,32 @@ impl Started {
 }
 
 /// The processes the demo started; only these are ever signalled.
-#[derive(Default)]
 pub struct Children {
     procs: Vec<(String, Child)>,
+    /// Passed on to each process (its log file is in the demo's format).
+    log_format: crate::LogFormat,
 }
 
 /// Reads `listening role=X addr=Y` from a log line.
 fn listening(line: &str) -> Option<(String, SocketAddr)> {
     let rest = line.split("listening role=").nth(1)?;
     let (role, rest) = rest.split_once(' ')?;
-    let addr = rest.strip_prefix("addr=")?.split_whitespace().next()?;
+    // Up to a space, or the closing quote of a JSON log's `message`.
+    let addr = rest
+        .strip_prefix("addr=")?
+        .split(|c: char| c.is_whitespace() || c == '"')
+        .next()?;
     Some((role.to_owned(), addr.parse().ok()?))
 }
 
 impl Children {
+    pub fn new(log_format: crate::LogFormat) -> Self {
+        Children {
+            procs: Vec::new(),
+            log_format,
+        }
+    }
+
     /// Starts `ward proxy` with `config`, copies its log to `<name>.log`, and waits until it has
     /// bound `roles` and answers /ready.
     pub async fn start_proxy(
@@ -188,6 +200,7 @@ impl Children {
     ) -> anyhow::Result<Started> {
         let exe = std::env::current_exe().context("cannot find the ward binary")?;
         let mut child = Command::new(exe)
+            .args(["--log-format", self.log_format.as_str()])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -270,5 +283,19 @@ impl Drop for Children {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listening;
+
+    #[test]
+    fn listening_reads_text_and_json_lines() {
+        let want = Some(("admin".to_owned(), "127.0.0.1:4000".parse().unwrap()));
+        let text = "2026-01-01T00:00:00.000001Z  INFO listening role=admin addr=127.0.0.1:4000";
+        assert_eq!(listening(text), want);
+        let json = r#"{"timestamp":"2026-01-01T00:00:00.000001Z","level":"INFO","message":"listening role=admin addr=127.0.0.1:4000","target":"ward"}"#;
+        assert_eq!(listening(json), want);
     }
 }
