@@ -7,7 +7,7 @@ use crate::metrics::{self as m, Direction};
 use crate::shared::Shared;
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -167,6 +167,20 @@ struct Stream {
     _slot: OwnedSemaphorePermit,
 }
 
+/// Rule 9: a stream may only be a `CONNECT` whose `:authority` is exactly `target` (this
+/// service's `<service>.<namespace>`); anything else gets this status before any connect.
+/// Public for the fuzz target only.
+#[doc(hidden)]
+pub fn check_request(method: &Method, uri: &Uri, target: &str) -> Result<(), StatusCode> {
+    if method != Method::CONNECT {
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    if uri.authority().map(|a| a.as_str()) != Some(target) {
+        return Err(StatusCode::MISDIRECTED_REQUEST);
+    }
+    Ok(())
+}
+
 fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     m::mux_stream(Direction::Inbound, false);
     let mut response = Response::new(());
@@ -185,15 +199,14 @@ impl Stream {
         let shared = &self.shared;
         // Security rule 9 (tunnel between sidecars, docs/security.md): only a CONNECT to this
         // service; anything else is refused before any connect.
-        if req.method() != Method::CONNECT {
-            return refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
-        }
-        if req.uri().authority().map(|a| a.as_str()) != Some(&*self.tunnel.target) {
-            tracing::debug!(
-                target = %escape_peer_value(&req.uri().to_string()),
-                "tunnel stream names another target; refused"
-            );
-            return refuse(&mut respond, StatusCode::MISDIRECTED_REQUEST);
+        if let Err(status) = check_request(req.method(), req.uri(), &self.tunnel.target) {
+            if status == StatusCode::MISDIRECTED_REQUEST {
+                tracing::debug!(
+                    target = %escape_peer_value(&req.uri().to_string()),
+                    "tunnel stream names another target; refused"
+                );
+            }
+            return refuse(&mut respond, status);
         }
         // The handshake checked the peer's certificate; a stream opened later still needs it
         // to be valid, and the current intentions to allow it.
@@ -246,5 +259,37 @@ impl Stream {
             super::io::forward(stream, app, idle, close, rx, tx)
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(method: Method, uri: &str) -> Result<(), StatusCode> {
+        check_request(&method, &uri.parse().unwrap(), "web.default")
+    }
+
+    #[test]
+    fn only_a_connect_to_this_service_passes() {
+        assert_eq!(check(Method::CONNECT, "web.default"), Ok(()));
+        assert_eq!(
+            check(Method::GET, "web.default"),
+            Err(StatusCode::METHOD_NOT_ALLOWED)
+        );
+        for other in [
+            "api.default",
+            "web.default:443",
+            "user@web.default",
+            "WEB.default",
+            "web.default.",
+            "/web.default",
+        ] {
+            assert_eq!(
+                check(Method::CONNECT, other),
+                Err(StatusCode::MISDIRECTED_REQUEST),
+                "{other}"
+            );
+        }
     }
 }
