@@ -44,11 +44,13 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ConfigError> {
     let de = toml::Deserializer::new(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
+        // Keys and values are quoted back as written: escape what would break the line or
+        // drive the terminal (found by fuzzing).
+        let key = escape_controls(&e.path().to_string());
         let inner = e.into_inner();
         // toml's messages span several lines (a snippet of the file); keep the first sentence
         // and the line number so the error stays one line.
-        let msg = inner.message().trim().replace('\n', " ");
+        let msg = escape_controls(&inner.message().trim().replace('\n', " "));
         let line = inner
             .span()
             .map(|s| {
@@ -68,4 +70,50 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
             message,
         }
     })
+}
+
+/// `s` with its control characters written as Rust escapes (`\t`, `\r`, `\u{1b}`).
+fn escape_controls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Cfg {
+        a: Option<u32>,
+    }
+
+    fn error(text: &str) -> String {
+        parse_toml::<Cfg>(std::path::Path::new("x.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// Found by the `proxy_config` fuzz target: a key is quoted back as written, so a tab, an
+    /// escape sequence or a carriage return in it reached the one-line error raw.
+    #[test]
+    fn control_characters_of_the_input_are_escaped() {
+        let e = error("'v#\t\t&\t'=0");
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.contains(r"v#\t\t&\t"), "{e:?}");
+        let e = error("\"\\u001b[2J\\r\" = 1\n");
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.contains(r"\u{1b}[2J\r"), "{e:?}");
+        // toml's own multi-line message stays one line, as before.
+        let e = error("a = [\n");
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+    }
 }
