@@ -167,8 +167,9 @@ struct Stream {
     _slot: OwnedSemaphorePermit,
 }
 
-/// Rule 9: a stream may only be a `CONNECT` whose `:authority` is exactly `target` (this
-/// service's `<service>.<namespace>`); anything else gets this status before any connect.
+/// Security rule 9 (tunnel between sidecars, docs/security.md): a stream may only be a
+/// `CONNECT` whose `:authority` is exactly `target` (this service's `<service>.<namespace>`);
+/// anything else gets this status before any connect.
 /// Public for the fuzz target only.
 #[doc(hidden)]
 pub fn check_request(method: &Method, uri: &Uri, target: &str) -> Result<(), StatusCode> {
