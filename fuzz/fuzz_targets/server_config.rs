@@ -1,0 +1,20 @@
+//! `ward server`'s config, from text: no file is read.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use std::path::Path;
+use ward_config::server::ServerConfig;
+
+const PATH: &str = "/etc/ward/server.toml";
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Err(e) = ServerConfig::parse(Path::new(PATH), text) {
+        // One sentence naming the file, with nothing from the input that moves the terminal.
+        let msg = e.to_string();
+        assert!(msg.starts_with(PATH), "{msg:?}");
+        assert!(!msg.chars().any(char::is_control), "{msg:?}");
+    }
+});
