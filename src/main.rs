@@ -176,28 +176,35 @@ fn main() -> ExitCode {
             return usage_error(&e);
         }
     }
+    // `intention check` keeps 1 for deny, so its errors exit 2 (as `consul intention check`).
+    let error_code = match &cli.command {
+        Command::Intention {
+            command: cli::intention::IntentionCmd::Check { .. },
+        } => 2,
+        _ => 1,
+    };
     let result = match cli.command {
         Command::Proxy {
             config,
             check,
             workers,
-        } => proxy_cmd::run(&config, check, workers.map(usize::from)),
-        Command::Server(cmd) => cli::server::run(cmd),
-        Command::Token { command } => cli::token::run(command),
+        } => proxy_cmd::run(&config, check, workers.map(usize::from)).map(|()| ExitCode::SUCCESS),
+        Command::Server(cmd) => cli::server::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Token { command } => cli::token::run(command).map(|()| ExitCode::SUCCESS),
         Command::Intention { command } => cli::intention::run(command),
-        Command::Ca { command } => cli::ca::run(command),
-        Command::Catalog { command } => cli::catalog::run(command),
-        Command::Demo { once } => demo::run(once, log_format),
+        Command::Ca { command } => cli::ca::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Catalog { command } => cli::catalog::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Demo { once } => demo::run(once, log_format).map(|()| ExitCode::SUCCESS),
         Command::Cert {
             command: CertCommand::Inspect { file },
-        } => cert_inspect::run(&file),
+        } => cert_inspect::run(&file).map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One sentence on stderr, naming what is at fault.
             eprintln!("error: {}", one_line(&e));
-            ExitCode::FAILURE
+            ExitCode::from(error_code)
         }
     }
 }

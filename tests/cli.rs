@@ -199,6 +199,8 @@ impl Drop for DevServer {
 struct Run {
     args: String,
     ok: bool,
+    /// The exit code (None if killed by a signal).
+    code: Option<i32>,
     stdout: String,
     stderr: String,
 }
@@ -206,6 +208,13 @@ struct Run {
 impl Run {
     fn success(self) -> Self {
         assert!(self.ok, "`ward {}` failed:\n{}", self.args, self.stderr);
+        self
+    }
+
+    /// `intention check` said deny: exit code 1, nothing on stderr.
+    fn denied(self) -> Self {
+        assert_eq!(self.code, Some(1), "`ward {}`: {self:?}", self.args);
+        assert!(self.stderr.trim().is_empty(), "{}", self.stderr);
         self
     }
 
@@ -283,6 +292,7 @@ fn run(args: &[&str], vars: &[(&str, &str)]) -> Run {
     Run {
         args: args.join(" "),
         ok: status.success(),
+        code: status.code(),
         stdout: t_out.join().unwrap(),
         stderr: t_err.join().unwrap(),
     }
@@ -447,16 +457,16 @@ fn admin_commands_against_a_dev_server() {
     assert_eq!(j["rule"]["source"], "order");
     assert_eq!(j["default_policy"], false);
 
-    let rogue = s
-        .ward(&[
-            "intention",
-            "check",
-            "--source",
-            "rogue",
-            "--destination",
-            "inventory",
-        ])
-        .success();
+    let rogue = s.ward(&[
+        "intention",
+        "check",
+        "--source",
+        "rogue",
+        "--destination",
+        "inventory",
+    ]);
+    // a deny prints the same table and exits 1
+    assert_eq!(rogue.code, Some(1), "{rogue:?}");
     assert!(
         rogue
             .stdout
@@ -513,7 +523,7 @@ fn admin_commands_against_a_dev_server() {
             "-o",
             "json",
         ])
-        .success()
+        .denied()
         .json();
     assert_eq!(j["decision"], "deny", "{j}");
     assert_eq!(j["default_policy"], true, "{j}");
@@ -837,4 +847,64 @@ fn the_admin_token_from_a_file() {
         help.contains("--token-file") && help.contains("/proc"),
         "{help}"
     );
+}
+
+/// `ward intention check` answers in its exit code, as `consul intention check` does: 0 allow,
+/// 1 deny, 2 error; the printed output is the same either way.
+#[test]
+fn intention_check_exit_codes() {
+    let s = DevServer::start();
+    s.ward(&[
+        "intention",
+        "create",
+        "--source",
+        "order",
+        "--destination",
+        "inventory",
+        "--action",
+        "allow",
+    ])
+    .success();
+    let check = |source: &str, env: &[(&str, &str)]| {
+        s.ward_env(
+            &[
+                "intention",
+                "check",
+                "--source",
+                source,
+                "--destination",
+                "inventory",
+            ],
+            env,
+        )
+    };
+
+    let allow = check("order", &[]);
+    assert_eq!(allow.code, Some(0), "{allow:?}");
+    assert!(allow
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .ends_with("allow"));
+
+    // deny (the default policy): its table on stdout, nothing on stderr, exit 1
+    let deny = check("rogue", &[]);
+    assert_eq!(deny.code, Some(1), "{deny:?}");
+    assert!(deny
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .ends_with("deny"));
+    assert!(deny.stdout.contains("default policy"), "{}", deny.stdout);
+    assert!(deny.stderr.trim().is_empty(), "{}", deny.stderr);
+
+    // an error, from the server (a wrong admin token) or before any call: exit 2
+    let bad = check("order", &[("WARD_TOKEN", "not-the-admin-token")]);
+    assert!(bad.one_line_error().contains("unauthenticated"), "{bad:?}");
+    assert_eq!(bad.code, Some(2), "{bad:?}");
+    let star = check("*", &[]);
+    assert!(star.one_line_error().contains("--source"), "{star:?}");
+    assert_eq!(star.code, Some(2), "{star:?}");
 }

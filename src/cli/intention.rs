@@ -19,6 +19,7 @@ use super::{admin, Output, ServerArgs};
 use anyhow::anyhow;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use ward_config::intentions::{Action, Source};
 use ward_proto::v1;
 
@@ -81,7 +82,9 @@ pub enum IntentionCmd {
     },
 }
 
-pub fn run(cmd: IntentionCmd) -> anyhow::Result<()> {
+/// Runs one intention command. `check` answers in its exit code too, as `consul intention
+/// check` does: 0 allow, 1 deny (errors are 2, see `main`); every other command exits 0.
+pub fn run(cmd: IntentionCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         IntentionCmd::Create {
             source,
@@ -135,6 +138,7 @@ pub fn run(cmd: IntentionCmd) -> anyhow::Result<()> {
                 }
                 anyhow::Ok(())
             })?
+            .map(|()| ExitCode::SUCCESS)
         }
         IntentionCmd::Delete {
             source,
@@ -162,6 +166,7 @@ pub fn run(cmd: IntentionCmd) -> anyhow::Result<()> {
                 }
                 anyhow::Ok(())
             })?
+            .map(|()| ExitCode::SUCCESS)
         }
         IntentionCmd::List {
             destination,
@@ -214,7 +219,7 @@ pub fn run(cmd: IntentionCmd) -> anyhow::Result<()> {
                     })),
                 }
                 anyhow::Ok(())
-            })?
+            })?.map(|()| ExitCode::SUCCESS)
         }
         IntentionCmd::Check {
             source,
@@ -267,7 +272,14 @@ pub fn run(cmd: IntentionCmd) -> anyhow::Result<()> {
                         "version": resp.version,
                     })),
                 }
-                anyhow::Ok(())
+                // Fail closed: only an explicit allow exits 0.
+                match v1::Action::try_from(resp.decision) {
+                    Ok(v1::Action::Allow) => Ok(ExitCode::SUCCESS),
+                    Ok(v1::Action::Deny) => Ok(ExitCode::from(1)),
+                    _ => Err(anyhow!(
+                        "intention check: the server answered no decision (allow or deny)"
+                    )),
+                }
             })?
         }
     }
