@@ -650,12 +650,12 @@ fn admin_commands_against_a_dev_server() {
         .success()
         .json();
     assert!(j["services"].is_array(), "{j}");
-    let j = s
+    // no sidecar of inventory has registered: no such service (not an empty list)
+    let e = s
         .ward(&["catalog", "endpoints", "inventory", "-o", "json"])
-        .success()
-        .json();
-    assert_eq!(j["service"]["name"], "inventory");
-    assert_eq!(j["endpoints"].as_array().map(Vec::len), Some(0), "{j}");
+        .one_line_error()
+        .to_owned();
+    assert!(e.contains("no service default/inventory"), "{e}");
     let e = s
         .ward(&["catalog", "endpoints", "Bad_Name"])
         .one_line_error()
@@ -907,4 +907,18 @@ fn intention_check_exit_codes() {
     let star = check("*", &[]);
     assert!(star.one_line_error().contains("--source"), "{star:?}");
     assert_eq!(star.code, Some(2), "{star:?}");
+}
+
+#[test]
+fn catalog_endpoints_of_an_unknown_service() {
+    let s = DevServer::start();
+    let r = s.ward(&["catalog", "endpoints", "nosuch"]);
+    let e = r.one_line_error();
+    assert!(
+        e.contains("no service") && e.contains("default/nosuch"),
+        "{e}"
+    );
+    assert!(r.stdout.is_empty(), "{}", r.stdout);
+    let r = s.ward(&["catalog", "endpoints", "shop/nosuch", "-o", "json"]);
+    assert!(r.one_line_error().contains("shop/nosuch"), "{r:?}");
 }

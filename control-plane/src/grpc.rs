@@ -852,6 +852,11 @@ impl v1::admin_server::Admin for AdminService {
         let svc = ServiceRef::parse(&r.service)
             .map_err(|e| Status::invalid_argument(format!("service {:?}: {e}", r.service)))?;
         let endpoints = self.0.catalog.snapshot().endpoints(&svc);
+        // A service exists while an instance of it is registered; an empty list for a typo
+        // would read as "registered, no instances".
+        if endpoints.is_empty() {
+            return Err(Status::not_found(format!("no service {svc} is registered")));
+        }
         Ok(Response::new(v1::ListEndpointsResponse {
             service: Some(svc.to_proto()),
             endpoints,
