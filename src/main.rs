@@ -113,7 +113,11 @@ enum Command {
 #[derive(Subcommand)]
 enum CertCommand {
     /// Decode a PEM certificate: SPIFFE ID, issuer, validity.
-    Inspect { file: PathBuf },
+    Inspect {
+        /// A PEM file of one or more certificates.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 /// The level filter: `WARD_LOG`, else `RUST_LOG`, else `info`. A value that does not parse is
@@ -217,4 +221,32 @@ fn usage_error(e: &str) -> ExitCode {
 
 fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every flag and argument of every command explains itself in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                // clap's own --help / --version carry their text.
+                if matches!(arg.get_id().as_str(), "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "ward", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
 }

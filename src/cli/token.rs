@@ -8,8 +8,10 @@ use ward_proto::v1;
 pub enum TokenCmd {
     /// Create a join token for one service identity; prints the token alone on stdout.
     Create {
+        /// The service the token is bound to: its holder gets certificates for this name only.
         #[arg(long, value_name = "NAME", value_parser = parse_name)]
         service: Name,
+        /// The service's namespace.
         #[arg(long, value_name = "NS", default_value = "default", value_parser = parse_name)]
         namespace: Name,
         /// Lifetime (default: the server's [tokens] default_ttl, 15m).
