@@ -922,3 +922,27 @@ fn catalog_endpoints_of_an_unknown_service() {
     let r = s.ward(&["catalog", "endpoints", "shop/nosuch", "-o", "json"]);
     assert!(r.one_line_error().contains("shop/nosuch"), "{r:?}");
 }
+
+#[test]
+fn intention_create_on_an_existing_pair_hints_at_replace() {
+    let s = DevServer::start();
+    let create = |action: &str| {
+        s.ward(&[
+            "intention",
+            "create",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+            "--action",
+            action,
+        ])
+    };
+    create("allow").success();
+    let r = create("deny");
+    let e = r.one_line_error();
+    assert!(
+        e.contains("already exists") && e.contains("--replace"),
+        "{e}"
+    );
+}

@@ -120,7 +120,14 @@ pub fn run(cmd: IntentionCmd) -> anyhow::Result<ExitCode> {
                 let resp = client
                     .create_intention(request)
                     .await
-                    .map_err(|s| grpc_error("intention create", s))?
+                    .map_err(|s| match s.code() {
+                        // The one way forward: say it.
+                        tonic::Code::AlreadyExists => anyhow!(
+                            "intention create: already exists: {}; add --replace to overwrite it",
+                            s.message()
+                        ),
+                        _ => grpc_error("intention create", s),
+                    })?
                     .into_inner();
                 let stored = resp.intention.unwrap_or_default();
                 match server.output {
