@@ -220,7 +220,7 @@ fn usage_error(e: &str) -> ExitCode {
 }
 
 fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").replace('\n', " ")
+    cli::error_line(e.chain())
 }
 
 #[cfg(test)]

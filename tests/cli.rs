@@ -946,3 +946,18 @@ fn intention_create_on_an_existing_pair_hints_at_replace() {
         "{e}"
     );
 }
+
+#[test]
+fn an_os_error_is_printed_once() {
+    let s = DevServer::start();
+    // A port nothing listens on: bound, then closed.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("https://127.0.0.1:{port}");
+    let r = s.ward_env(&["intention", "list"], &[("WARD_ADDR", addr.as_str())]);
+    let e = r.one_line_error();
+    assert!(e.contains(&addr), "{e}");
+    assert_eq!(e.matches("os error").count(), 1, "{e}");
+}

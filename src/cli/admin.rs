@@ -86,13 +86,6 @@ pub fn status(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {code}: {}", s.message())
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
+fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    super::error_line(std::iter::successors(Some(e), |e| e.source()))
 }

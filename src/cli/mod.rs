@@ -58,3 +58,58 @@ pub fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
         .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
     Ok(rt.block_on(f))
 }
+
+/// An error and its sources as one line, `a: b: c`. A source whose text its wrapper already
+/// printed is left out: some errors (tonic's `ConnectError`, a `#[error("...: {0}")]` that is
+/// also the `#[source]`) both show their source and return it, which read "Connection refused
+/// (os error 111): Connection refused (os error 111)".
+pub fn error_line<'a>(
+    chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let mut out = String::new();
+    let mut shown = String::new();
+    for e in chain {
+        let text = e.to_string();
+        if !shown.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        shown = text;
+    }
+    out.replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+    use std::error::Error;
+    use std::fmt;
+
+    /// Prints its source and returns it, as tonic's `ConnectError` does.
+    #[derive(Debug)]
+    struct Transparent(std::io::Error);
+    impl fmt::Display for Transparent {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            self.0.fmt(f)
+        }
+    }
+    impl Error for Transparent {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_source_already_shown_is_not_repeated() {
+        let io = std::io::Error::from_raw_os_error(111);
+        let e = anyhow::Error::new(Transparent(io)).context("cannot connect");
+        let line = error_line(e.chain());
+        assert_eq!(line.matches("os error 111").count(), 1, "{line}");
+        assert!(line.starts_with("cannot connect: "), "{line}");
+        // distinct links all stay
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(error_line(e.chain()), "outer: middle: inner");
+    }
+}
