@@ -1,4 +1,5 @@
-//! The control plane's CSR verification (security rule 2): arbitrary DER against a real CA.
+//! The control plane's CSR verification (security rule 2, what a CSR may ask,
+//! docs/security.md): arbitrary DER against a real CA.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -1,4 +1,5 @@
-//! The tunnel's check of a stream's request (security rule 9): only a `CONNECT` naming this
+//! The tunnel's check of a stream's request (security rule 9, a multiplexed tunnel
+//! between sidecars, docs/security.md): only a `CONNECT` naming this
 //! service passes. The URI is built as h2 builds it from the pseudo-headers.
 #![no_main]
 
