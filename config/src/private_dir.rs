@@ -37,6 +37,15 @@ pub enum PrivateDirError {
          a directory holding nothing or its own files, and left this one unchanged"
     )]
     ForeignFile { mode: u32, name: String },
+    #[error(
+        "has mode {mode:04o} and holds {name:?}, which {what}; ward tightens to 0700 only a \
+         directory holding nothing or its own files, and left this one unchanged"
+    )]
+    ForeignEntry {
+        mode: u32,
+        name: String,
+        what: String,
+    },
     #[error("has mode {mode:04o} and cannot be set to 0700: {source}")]
     Chmod { mode: u32, source: std::io::Error },
 }
@@ -72,13 +81,26 @@ pub fn prepare(dir: &Path, own_files: &[&str]) -> Result<(), PrivateDirError> {
     }
     // Only ours, and only holding what ward put there: then the loose mode was an accident.
     for entry in fs::read_dir(dir).map_err(PrivateDirError::Read)? {
-        let name = entry
-            .map_err(PrivateDirError::Read)?
-            .file_name()
-            .to_string_lossy()
-            .into_owned();
+        let entry = entry.map_err(PrivateDirError::Read)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
         if !own_files.contains(&name.as_str()) {
             return Err(PrivateDirError::ForeignFile { mode, name });
+        }
+        // A name is not enough: someone who could write into the directory may have made a
+        // file with ward's name first (and kept it open), for ward to write a key into.
+        let meta = fs::symlink_metadata(entry.path()).map_err(PrivateDirError::Read)?;
+        let what = if !meta.file_type().is_file() {
+            Some("is not a regular file".to_owned())
+        } else if meta.uid() != me {
+            Some(format!(
+                "belongs to uid {}, not to the running user",
+                meta.uid()
+            ))
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            return Err(PrivateDirError::ForeignEntry { mode, name, what });
         }
     }
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
@@ -168,6 +190,31 @@ mod tests {
     }
 
     #[test]
+    fn a_file_with_wards_name_that_is_not_wards_is_refused() {
+        let d = Dir::new("foreign-entry");
+        fs::create_dir(d.0.join("key.pem")).unwrap();
+        d.set_mode(0o770);
+        let e = prepare(&d.0, &["key.pem"]).unwrap_err().to_string();
+        assert!(
+            e.contains("key.pem") && e.contains("not a regular file"),
+            "{e}"
+        );
+        assert_eq!(d.mode(), 0o770, "left unchanged: {e}");
+
+        let d = Dir::new("foreign-owner");
+        fs::write(d.0.join("key.tmp"), "").unwrap();
+        // Only root can give a file away; elsewhere this case cannot be built.
+        if std::os::unix::fs::chown(d.0.join("key.tmp"), Some(65534), None).is_err() {
+            eprintln!("SKIPPED: a file of another owner (needs root to chown)");
+            return;
+        }
+        d.set_mode(0o770);
+        let e = prepare(&d.0, &["key.tmp"]).unwrap_err().to_string();
+        assert!(e.contains("key.tmp") && e.contains("uid 65534"), "{e}");
+        assert_eq!(d.mode(), 0o770, "left unchanged: {e}");
+    }
+
+    #[test]
     fn a_0700_directory_of_its_own_is_used_as_it_is() {
         let d = Dir::new("as-is");
         d.set_mode(0o700);
@@ -182,6 +229,7 @@ mod tests {
         d.set_mode(0o755);
         // Only root can give a directory away; elsewhere this case cannot be built.
         if std::os::unix::fs::chown(&d.0, Some(65534), None).is_err() {
+            eprintln!("SKIPPED: a directory of another owner (needs root to chown)");
             return;
         }
         let e = prepare(&d.0, &[]).unwrap_err().to_string();
