@@ -766,3 +766,35 @@ fn every_acknowledged_intention_write_survives_kill9_during_a_burst() {
         listed_sources.len() - acked.len()
     );
 }
+
+/// The server takes a registered IP from the connection it sees (security rule 3): a sidecar
+/// whose inbound listens on another IP (here 127.0.0.2, reaching the server from 127.0.0.1; in
+/// production, a sidecar behind NAT) is told, in one WARN naming both addresses and the server
+/// key that keeps the proxy's own.
+#[test]
+fn a_sidecar_registered_at_another_ip_than_its_inbound_warns() {
+    let _timed = beside_others();
+    let dir = TempDir::new("cp-register-elsewhere");
+    let server = DevServer::start("cp-register-elsewhere-server", &dir.join("data"), None);
+    let app = EchoApp::start();
+    let token = server.token_create("inventory", &[]);
+    let file = DevServer::token_file(&dir, "inventory", &token);
+    let inventory = start_proxy(
+        &dir,
+        "inventory",
+        &CpProxyConfig::new("inventory", &server, &file).inbound_on("127.0.0.2:0", app.addr),
+    );
+    let line = inventory.wait_for_stderr(0, Duration::from_secs(10), |l| {
+        l.contains("WARN") && l.contains("registered") && l.contains("trust_registered_address")
+    });
+    let line = line.unwrap_or_else(|| {
+        panic!(
+            "no WARN about the registered address within 10 s:\n{}",
+            inventory.stderr_text()
+        )
+    });
+    assert!(
+        line.contains("asked=127.0.0.2:") && line.contains("registered=127.0.0.1:"),
+        "{line}"
+    );
+}

@@ -167,9 +167,30 @@ impl Watches {
         follow(opened, |r: v1::RegisterResponse| {
             if std::mem::take(&mut first) {
                 tracing::info!(address = %r.address, instance = %r.instance_id, "registered in the catalog");
+                if registered_elsewhere(addr, &r.address) {
+                    tracing::warn!(
+                        asked = %addr,
+                        registered = %r.address,
+                        "the server registered this sidecar at another address than its inbound's: \
+                         it takes the IP from the connection it sees; callers will dial the registered \
+                         one (behind NAT, set [catalog] trust_registered_address = true on the server)"
+                    );
+                }
             }
         })
         .await
+    }
+}
+
+/// Whether the server stored another IP than the inbound listens on (it takes the IP from the
+/// connection unless told to trust the caller's). An unspecified listen IP (`0.0.0.0`, `::`)
+/// names no address, so any IP the server saw is expected.
+fn registered_elsewhere(asked: SocketAddr, registered: &str) -> bool {
+    match registered.parse::<SocketAddr>() {
+        Ok(got) => {
+            !asked.ip().is_unspecified() && got.ip().to_canonical() != asked.ip().to_canonical()
+        }
+        Err(_) => true,
     }
 }
 
@@ -230,5 +251,22 @@ fn apply_endpoints(snap: v1::EndpointsSnapshot, upstreams: &[Arc<Upstream>]) {
             .collect();
         tracing::info!(upstream = %u.service, endpoints = addrs.len(), "endpoints updated");
         u.endpoints.store(Arc::new(addrs));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::registered_elsewhere;
+
+    #[test]
+    fn another_ip_than_the_inbounds_is_elsewhere() {
+        let asked = "10.0.0.5:21000".parse().unwrap();
+        assert!(!registered_elsewhere(asked, "10.0.0.5:21000"));
+        assert!(registered_elsewhere(asked, "192.0.2.7:21000"), "NAT");
+        assert!(!registered_elsewhere(asked, "[::ffff:10.0.0.5]:21000"));
+        assert!(registered_elsewhere(asked, "not an address"));
+        // An unspecified listen IP names no address: whatever the server saw is fine.
+        let any = "0.0.0.0:21000".parse().unwrap();
+        assert!(!registered_elsewhere(any, "10.0.0.5:21000"));
     }
 }

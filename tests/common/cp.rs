@@ -512,6 +512,12 @@ impl CpProxyConfig {
         self
     }
 
+    /// As [`CpProxyConfig::inbound`], listening on `listen` (an `IP:port`).
+    pub fn inbound_on(mut self, listen: &str, local_app: SocketAddr) -> Self {
+        self.inbound = Some((listen.to_string(), local_app.to_string()));
+        self
+    }
+
     pub fn upstream(mut self, service: &str) -> Self {
         self.upstreams
             .push((service.to_string(), "127.0.0.1:0".to_string()));
