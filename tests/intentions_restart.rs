@@ -5,58 +5,32 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::cp::{echo_once, intentions_version, metric, start_proxy, CpProxyConfig, DevServer};
-use common::net::EchoApp;
-use common::proc::{TempDir, WardProcess};
+use common::cp::{echo_once, intentions_version, metric, DevServer, Mesh};
+use common::proc::WardProcess;
 use common::wait_until;
 
 const ALLOW: &str = "[intentions]\ndefault = \"allow\"\n";
 const DENY: &str = "[intentions]\ndefault = \"deny\"\n";
 
-/// `inventory` (inbound to an echo app) and `order` (upstream `inventory` from the catalog),
-/// each enrolled with a join token of its own. Fields drop proxies first, then the server.
-struct Pair {
-    order: WardProcess,
-    inventory: WardProcess,
-    _app: EchoApp,
-    server: DevServer,
-    _dir: TempDir,
+/// `inventory` (inbound to an echo app) and `order` (upstream `inventory` from the catalog)
+/// behind a `ward server --config`.
+struct Pair(Mesh);
+
+impl std::ops::Deref for Pair {
+    type Target = Mesh;
+    fn deref(&self) -> &Mesh {
+        &self.0
+    }
 }
 
 impl Pair {
     fn start(prefix: &str, server_config: &str) -> Self {
-        let dir = TempDir::new(prefix);
-        let server = DevServer::start_with_config(prefix, &dir.join("server-data"), server_config);
-        let app = EchoApp::start();
-        let token = server.token_create("inventory", &[]);
-        let file = DevServer::token_file(&dir, "inventory", &token);
-        let inventory = start_proxy(
-            &dir,
-            "inventory",
-            &CpProxyConfig::new("inventory", &server, &file).inbound(app.addr),
-        );
-        let token = server.token_create("order", &[]);
-        let file = DevServer::token_file(&dir, "order", &token);
-        let order = start_proxy(
-            &dir,
-            "order",
-            &CpProxyConfig::new("order", &server, &file).upstream("inventory"),
-        );
-        Pair {
-            order,
-            inventory,
-            _app: app,
-            server,
-            _dir: dir,
-        }
-    }
-
-    fn upstream(&self) -> SocketAddr {
-        self.order.upstream("inventory")
+        Pair(Mesh::start_with(prefix, |data| {
+            DevServer::start_with_config(prefix, data, server_config)
+        }))
     }
 
     /// Waits (10 s) until an echo through order's upstream goes through.
@@ -93,7 +67,7 @@ impl Pair {
     fn restart(&mut self, between: impl FnOnce(&mut DevServer)) -> Instant {
         // Connected before the kill, so the wait below sees a reconnect, not the old stream.
         wait_connected(&self.inventory, "before the restart");
-        self.server.kill9();
+        self.0.server.kill9();
         assert!(
             wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
                 (connected(&self.inventory) == 0.0).then_some(())
@@ -101,8 +75,8 @@ impl Pair {
             .is_some(),
             "inventory's proxy still reports ward_control_plane_connected 1 10 s after the server was killed"
         );
-        between(&mut self.server);
-        self.server.restart();
+        between(&mut self.0.server);
+        self.0.server.restart();
         wait_connected(&self.inventory, "after the restart")
     }
 

@@ -620,9 +620,15 @@ pub struct Mesh {
 
 impl Mesh {
     pub fn start(prefix: &str, leaf_ttl: Option<&str>) -> Self {
+        Self::start_with(prefix, |data| {
+            DevServer::start(&format!("{prefix}-server"), data, leaf_ttl)
+        })
+    }
+
+    /// As [`Mesh::start`], with the server `server` starts on the data dir it is given.
+    pub fn start_with(prefix: &str, server: impl FnOnce(&Path) -> DevServer) -> Self {
         let dir = TempDir::new(prefix);
-        let data = dir.join("server-data");
-        let server = DevServer::start(&format!("{prefix}-server"), &data, leaf_ttl);
+        let server = server(&dir.join("server-data"));
         let app = EchoApp::start();
         let inv_token = server.token_create("inventory", &[]);
         let inv_file = DevServer::token_file(&dir, "inventory", &inv_token);
