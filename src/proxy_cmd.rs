@@ -37,9 +37,9 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
 
     // One worker: a current-thread runtime. It has no LIFO slot, so a tunnel stream that
     // queues data and wakes its connection's task does not run that task next: the task
-    // runs after the other ready streams and writes all their frames in one write (same-run
-    // A/B, keep-alive through a tunnel: 22-26k req/s against 16-19k, 40 % less CPU per
-    // request).
+    // runs after the other ready streams and writes all their frames in one write (faster
+    // and cheaper per request through a tunnel: perf/profile-notes.md, "Figures behind code
+    // comments").
     let mut rt = match workers {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {

@@ -21,8 +21,8 @@ const READ_SIZE: usize = 64 * 1024;
 /// The first read's buffer; it doubles after a read that fills it and halves after one that
 /// uses less than a quarter, so a request of a few hundred bytes does not cost a large
 /// allocation (which the allocator would hand back to the kernel on free) and a bulk stream
-/// soon reads 64 KiB at a time (256 KiB reads measured slower: 3.3-3.7 against 3.8-4.1
-/// Gbit/s).
+/// soon reads 64 KiB at a time (256 KiB reads measured slower: perf/profile-notes.md,
+/// "Figures behind code comments").
 const FIRST_READ_SIZE: usize = 4 * 1024;
 const MIN_READ_SIZE: usize = 1024;
 
