@@ -1,6 +1,6 @@
 //! `ward ca roots`: the trust domain and its CA roots (old and new during a rotation).
 
-use super::intention::{print_json, table, unix_time};
+use super::output::{print_json, table, unix_time};
 use super::{admin, Output, ServerArgs};
 use serde_json::json;
 use ward_proto::v1;

@@ -1,7 +1,7 @@
 //! `ward catalog services` / `ward catalog endpoints NAME`: registered services and their
 //! sidecar addresses.
 
-use super::intention::{print_json, table};
+use super::output::{print_json, table};
 use super::{admin, Output, ServerArgs};
 use anyhow::anyhow;
 use serde_json::json;

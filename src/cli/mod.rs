@@ -7,6 +7,7 @@ pub mod admin;
 pub mod ca;
 pub mod catalog;
 pub mod intention;
+pub mod output;
 pub mod server;
 pub mod token;
 
