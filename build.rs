@@ -1,8 +1,8 @@
 //! Links the release `ward` binary with its steady-state code first and together
 //! (`perf/ward.order`, written by `perf/link-order.sh`): after startup the proxy runs only
 //! that code, and grouping it keeps the pages a connection faults in few (see
-//! proxy/src/footprint.rs and perf/README.md). The order changes where functions sit, never
-//! what they do; a function missing from the list is placed after the listed ones.
+//! proxy/src/startup_memory.rs and perf/README.md). The order changes where functions sit,
+//! never what they do; a function missing from the list is placed after the listed ones.
 //!
 //! Applied to release builds only, and only when a probe program links with the option under
 //! the same compiler, target, flags and linker (lld has it; GNU ld and gold do not), so no

@@ -2,7 +2,7 @@
 """Writes perf/ward.order, the link order of ward's steady-state code (started by
 perf/link-order.sh, which builds ward and the PKI first). Standard library and valgrind only.
 
-Why: once ready, `ward proxy` drops its startup pages (proxy/src/footprint.rs), but the first
+Why: once ready, `ward proxy` drops its startup pages (proxy/src/startup_memory.rs), but the first
 connection faults the data path back in, and the kernel maps 64 KiB around every fault; with the
 linker's default order the data path's functions sit among cold code (CLI, config, gRPC, the
 server), so one request leaves most of the binary resident. lld's `--symbol-ordering-file`
@@ -191,7 +191,7 @@ def start_hops(mode, argv):
 def profile(exe, mode, runtime_args):
     """Runs both hops under callgrind with `runtime_args`, the workload once they are ready;
     returns {symbol: instructions} over both."""
-    # Counting starts where the proxy releases its startup memory (footprint.rs), so what runs
+    # Counting starts where the proxy releases its startup memory (startup_memory.rs), so what runs
     # from there on is listed, and startup is not.
     procs = start_hops(mode, lambda hop, cfg: [
         "valgrind", "--tool=callgrind", "--zero-before=*release_startup_memory*",
@@ -199,7 +199,7 @@ def profile(exe, mode, runtime_args):
         f"--callgrind-out-file={WORK}/callgrind.out.{mode}.{hop}",
         exe, "proxy", "--config", cfg, *runtime_args])
     try:
-        time.sleep(2)  # footprint's release runs right after ready
+        time.sleep(2)  # startup_memory's release runs right after ready
         workload()
         time.sleep(1)
         for p in procs:  # not the drain that SIGTERM starts

@@ -10,7 +10,7 @@ const RESERVED_FDS: u64 = 64;
 
 pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<()> {
     // Before any thread exists: which libraries the release of startup memory may touch.
-    ward_proxy::footprint::note_startup_libraries();
+    ward_proxy::startup_memory::note_startup_libraries();
     let mut config = ProxyConfig::load(path)?;
     if check {
         if let ward_config::proxy::CredentialSource::Files { tls, .. } = &config.credentials {
@@ -89,11 +89,11 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
 }
 
 /// Startup's code and heap are not needed once the proxy is ready (see
-/// `ward_proxy::footprint`); polls readiness for at most two minutes.
+/// `ward_proxy::startup_memory`); polls readiness for at most two minutes.
 async fn release_startup_memory_when_ready(ready: impl Fn() -> bool) {
     for _ in 0..2400 {
         if ready() {
-            let released = ward_proxy::footprint::release_startup_memory();
+            let released = ward_proxy::startup_memory::release_startup_memory();
             tracing::debug!(bytes = released, "released startup memory");
             return;
         }

@@ -25,6 +25,7 @@ use common::cp::{
 use common::net::EchoApp;
 use common::proc::{TempDir, WardProcess};
 use common::wait_until;
+use ward_config::time::now_unix;
 
 const SHORT: Duration = Duration::from_secs(3);
 
@@ -325,12 +326,6 @@ fn two_minutes_of_traffic_across_20s_leaf_renewals_has_zero_failures() {
     let _timed = beside_others();
     let mesh = Mesh::start("cp-renew", Some("20s"));
     mesh.allow_order();
-    let now_unix = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
-    };
     for p in [&mesh.inventory, &mesh.order] {
         let cfg = p.config_json();
         let left = cfg

@@ -9,6 +9,7 @@ pub mod intentions;
 pub mod private_dir;
 pub mod proxy;
 pub mod server;
+pub mod time;
 
 pub use duration::Duration;
 pub use error::ConfigError;

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use ward_config::proxy::{ControlPlaneConfig, ServiceConfig};
+use ward_config::time::now_unix;
 use ward_config::{SpiffeId, TrustDomain};
 use ward_proto::v1;
 use ward_proxy::tls::{CredentialStore, Credentials};
@@ -359,13 +360,6 @@ pub fn issued_from(resp: v1::SignResponse) -> Issued {
             .collect(),
         roots: resp.roots.into_iter().map(CertificateDer::from).collect(),
     }
-}
-
-pub(crate) fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 /// What ward writes in `state_dir` (with the temporary names of [`write_atomic`]): a directory

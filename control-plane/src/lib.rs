@@ -65,7 +65,4 @@ pub mod tokens;
 
 pub use server::{build, ServerError, ServerHandle, CA_FILE};
 
-/// Seconds since the Unix epoch.
-pub(crate) fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
+pub(crate) use ward_config::time::now_unix;

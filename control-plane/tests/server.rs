@@ -6,6 +6,7 @@ use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request};
 use ward_config::server::ServerConfig;
+use ward_config::time::now_unix;
 use ward_control_plane::{build, ServerHandle};
 use ward_proto::v1::{
     self, admin_client::AdminClient, identity_client::IdentityClient, mesh_client::MeshClient,
@@ -382,14 +383,6 @@ async fn renewal_uses_the_mesh_certificate_for_the_same_identity_only() {
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     enroll(&h, &token, ORDER).await;
     h.stop().await.unwrap();
-}
-
-/// Seconds since the Unix epoch, as the server counts a certificate's notAfter.
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 //! address only GET /metrics, /ready and /live are served, and a POST that carries `Origin` (sent
 //! by a browser page) is refused (security rule 13, admin listener, docs/security.md).
 
-use crate::shared::Shared;
+use crate::inputs::ProxyInputs;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 pub struct Admin {
-    pub shared: Arc<Shared>,
+    pub inputs: Arc<ProxyInputs>,
     pub prometheus: Option<PrometheusHandle>,
     pub local_only: bool,
 }
@@ -70,9 +70,9 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/live") => reply(StatusCode::OK, "text/plain", "live\n"),
             (&Method::GET, "/ready") => {
-                if self.shared.is_ready() {
+                if self.inputs.is_ready() {
                     reply(StatusCode::OK, "text/plain", "ready\n")
-                } else if self.shared.is_draining() {
+                } else if self.inputs.drain.is_draining() {
                     reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
                 } else {
                     reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
@@ -83,12 +83,12 @@ impl Admin {
                 None => reply(StatusCode::OK, "text/plain; version=0.0.4", ""),
             },
             (&Method::GET, "/config") => {
-                let body = serde_json::to_vec_pretty(&crate::config_dump::dump(&self.shared))
+                let body = serde_json::to_vec_pretty(&crate::config_dump::dump(&self.inputs))
                     .unwrap_or_default();
                 reply(StatusCode::OK, "application/json", body)
             }
             (&Method::POST, "/drain") => {
-                self.shared.begin_drain();
+                self.inputs.drain.begin_drain();
                 reply(StatusCode::OK, "text/plain", "draining\n")
             }
             (_, "/live" | "/ready" | "/metrics" | "/config" | "/drain") => reply(

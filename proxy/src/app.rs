@@ -3,9 +3,9 @@
 
 use crate::admin::Admin;
 use crate::inbound::Inbound;
+use crate::inputs::ProxyInputs;
 use crate::intentions::{IntentionSnapshot, IntentionStore};
 use crate::outbound::Upstream;
-use crate::shared::Shared;
 use crate::tls::CredentialStore;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
@@ -32,7 +32,7 @@ pub struct ProxyHandle {
     pub admin_addr: SocketAddr,
     pub inbound_addr: Option<SocketAddr>,
     pub upstream_addrs: Vec<(String, SocketAddr)>,
-    shared: Arc<Shared>,
+    inputs: Arc<ProxyInputs>,
     upstreams: Vec<Arc<Upstream>>,
 }
 
@@ -90,7 +90,7 @@ pub async fn build(
         upstream_listeners.push(bind(format!("upstreams[{n}].listen"), u.listen).await?);
     }
 
-    let shared = Arc::new(Shared::new(
+    let inputs = Arc::new(ProxyInputs::new(
         config.service.clone(),
         credentials.clone(),
         intentions.clone(),
@@ -100,7 +100,7 @@ pub async fn build(
     let mut roles = vec![("admin".to_owned(), local(&admin_listener))];
 
     let admin = Arc::new(Admin {
-        shared: shared.clone(),
+        inputs: inputs.clone(),
         prometheus,
         local_only: config.admin.listen.ip().is_loopback(),
     });
@@ -116,13 +116,13 @@ pub async fn build(
             intentions.rotate_on_change(t.clone());
             credentials.rotate_on_change(t.clone());
         }
-        let inbound = Arc::new(Inbound::new(shared.clone(), cfg.local_app, tickets));
+        let inbound = Arc::new(Inbound::new(inputs.clone(), cfg.local_app, tickets));
         tokio::spawn(inbound.run(listener));
         tokio::spawn(crate::connections::watch_intentions(
-            shared.connections.clone(),
+            inputs.connections.clone(),
             intentions.clone(),
             config.service.name.clone(),
-            shared.force_close.clone(),
+            inputs.drain.force_close.clone(),
         ));
     }
 
@@ -134,7 +134,7 @@ pub async fn build(
             .clone()
             .unwrap_or_else(|| config.service.namespace.clone());
         let upstream = Arc::new(Upstream::new(
-            shared.clone(),
+            inputs.clone(),
             u.service.clone(),
             namespace,
             u.endpoints.clone(),
@@ -151,27 +151,27 @@ pub async fn build(
             files,
             config.service.clone(),
             credentials,
-            shared.force_close.clone(),
+            inputs.drain.force_close.clone(),
         ));
     }
 
     for (role, addr) in &roles {
         tracing::info!("listening role={role} addr={addr}");
     }
-    if let Ok(mut l) = shared.listeners.lock() {
+    if let Ok(mut l) = inputs.listeners.lock() {
         *l = roles;
     }
     Ok(ProxyHandle {
-        admin_addr: local_admin(&shared),
+        admin_addr: local_admin(&inputs),
         inbound_addr,
         upstream_addrs,
-        shared,
+        inputs,
         upstreams,
     })
 }
 
-fn local_admin(shared: &Shared) -> SocketAddr {
-    shared
+fn local_admin(inputs: &ProxyInputs) -> SocketAddr {
+    inputs
         .listeners
         .lock()
         .ok()
@@ -182,15 +182,15 @@ fn local_admin(shared: &Shared) -> SocketAddr {
 impl ProxyHandle {
     /// Whether the proxy is ready (certificate and intentions loaded, no drain), to ask later.
     pub fn readiness(&self) -> impl Fn() -> bool + Send + 'static {
-        let shared = self.shared.clone();
-        move || shared.is_ready()
+        let inputs = self.inputs.clone();
+        move || inputs.is_ready()
     }
 
     /// The stores and upstreams a control-plane client updates.
     pub fn mesh(&self) -> MeshHandles {
         MeshHandles {
-            credentials: self.shared.credentials.clone(),
-            intentions: self.shared.intentions.clone(),
+            credentials: self.inputs.credentials.clone(),
+            intentions: self.inputs.intentions.clone(),
             upstreams: self.upstreams.clone(),
             inbound_addr: self.inbound_addr,
         }
@@ -198,26 +198,26 @@ impl ProxyHandle {
 
     /// Fires when the proxy stops (drain deadline or end of drain): background clients stop.
     pub fn stopped(&self) -> tokio_util::sync::CancellationToken {
-        self.shared.force_close.clone()
+        self.inputs.drain.force_close.clone()
     }
 
     /// Starts the drain (as SIGTERM or `POST /drain` do).
     pub fn drain(&self) {
-        self.shared.begin_drain();
+        self.inputs.drain.begin_drain();
     }
 
     /// Resolves once a drain has started (signal or `POST /drain`).
     pub async fn drain_started(&self) {
-        self.shared.stop_accepting.cancelled().await
+        self.inputs.drain.stop_accepting.cancelled().await
     }
 
     /// Waits for the drain to start, then for open connections to end, closing what is left at
     /// `drain_timeout`.
     pub async fn wait(&self) {
-        self.shared.stop_accepting.cancelled().await;
-        let tracker = &self.shared.tracker;
+        self.inputs.drain.stop_accepting.cancelled().await;
+        let tracker = &self.inputs.drain.tracker;
         tracker.close();
-        let deadline = self.shared.limits.drain_timeout;
+        let deadline = self.inputs.limits.drain_timeout;
         if tokio::time::timeout(deadline, tracker.wait())
             .await
             .is_err()
@@ -226,10 +226,10 @@ impl ProxyHandle {
                 open = tracker.len(),
                 "drain_timeout reached; closing the remaining connections"
             );
-            self.shared.force_close.cancel();
+            self.inputs.drain.force_close.cancel();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tracker.wait()).await;
         }
-        self.shared.force_close.cancel();
+        self.inputs.drain.force_close.cancel();
         tracing::info!("drained");
     }
 }

@@ -1,6 +1,6 @@
 //! The JSON shown by `GET /config`: what the proxy runs with, never a private key.
 
-use crate::shared::Shared;
+use crate::inputs::ProxyInputs;
 use serde_json::{json, Value};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -14,8 +14,8 @@ fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
-pub fn dump(shared: &Shared) -> Value {
-    let certificate = shared.credentials.load().map(|c| {
+pub fn dump(inputs: &ProxyInputs) -> Value {
+    let certificate = inputs.credentials.load().map(|c| {
         let roots: Vec<Value> = c
             .root_ders
             .iter()
@@ -35,7 +35,7 @@ pub fn dump(shared: &Shared) -> Value {
             "roots": roots,
         })
     });
-    let intentions = shared.intentions.load().map(|s| {
+    let intentions = inputs.intentions.load().map(|s| {
         json!({
             "version": s.version,
             "default": s.default.as_str(),
@@ -45,7 +45,7 @@ pub fn dump(shared: &Shared) -> Value {
             })).collect::<Vec<_>>(),
         })
     });
-    let listeners: Vec<Value> = shared
+    let listeners: Vec<Value> = inputs
         .listeners
         .lock()
         .map(|l| {
@@ -56,14 +56,14 @@ pub fn dump(shared: &Shared) -> Value {
         .unwrap_or_default();
     json!({
         "service": {
-            "name": shared.service.name.as_str(),
-            "namespace": shared.service.namespace.as_str(),
-            "trust_domain": shared.credentials.load().map(|c| c.leaf.id.trust_domain.to_string()),
+            "name": inputs.service.name.as_str(),
+            "namespace": inputs.service.namespace.as_str(),
+            "trust_domain": inputs.credentials.load().map(|c| c.leaf.id.trust_domain.to_string()),
         },
         "listeners": listeners,
         "certificate": certificate,
         "intentions": intentions,
-        "connections": { "inbound_registered": shared.connections.len() },
-        "draining": shared.is_draining(),
+        "connections": { "inbound_registered": inputs.connections.len() },
+        "draining": inputs.drain.is_draining(),
     })
 }

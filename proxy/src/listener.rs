@@ -1,6 +1,6 @@
 //! The accept loop shared by every listener: connection cap, accept-error backoff, drain.
 
-use crate::shared::Shared;
+use crate::inputs::ProxyInputs;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 
-/// Accepts until the drain starts; each connection runs `serve` on the shared task tracker
+/// Accepts until the drain starts; each connection runs `serve` on the drain's task tracker
 /// while holding one `max_connections` permit.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, shared: Arc<Shared>, serve: F)
+pub async fn accept_loop<F, Fut>(listener: TcpListener, inputs: Arc<ProxyInputs>, serve: F)
 where
     F: Fn(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -18,7 +18,7 @@ where
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
-            _ = shared.stop_accepting.cancelled() => return,
+            _ = inputs.drain.stop_accepting.cancelled() => return,
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
@@ -34,11 +34,11 @@ where
                 continue;
             }
         };
-        let Ok(permit) = shared.conn_slots.clone().try_acquire_owned() else {
+        let Ok(permit) = inputs.conn_slots.clone().try_acquire_owned() else {
             tracing::debug!("max_connections reached; connection refused");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        shared.tracker.spawn(serve(stream, peer, permit));
+        inputs.drain.tracker.spawn(serve(stream, peer, permit));
     }
 }

@@ -1,9 +1,9 @@
 //! Outbound: a plain listener on localhost per upstream; each connection is carried over mTLS
 //! to one of the upstream's endpoints, which must prove the upstream's exact identity.
 
+use crate::inputs::ProxyInputs;
 use crate::metrics::{self as m, Direction, HandshakeResult};
 use crate::mux;
-use crate::shared::Shared;
 use crate::tls;
 use arc_swap::ArcSwap;
 use rustls_pki_types::ServerName;
@@ -31,7 +31,7 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
 const FIRST_FRAME_READ: usize = 64;
 
 pub struct Upstream {
-    shared: Arc<Shared>,
+    inputs: Arc<ProxyInputs>,
     pub service: Name,
     pub namespace: Name,
     verifier: Arc<tls::OutboundVerifier>,
@@ -49,21 +49,21 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(
-        shared: Arc<Shared>,
+        inputs: Arc<ProxyInputs>,
         service: Name,
         namespace: Name,
         endpoints: Vec<SocketAddr>,
     ) -> Self {
         let verifier = Arc::new(tls::OutboundVerifier::new(
-            shared.credentials.clone(),
+            inputs.credentials.clone(),
             namespace.clone(),
             service.clone(),
         ));
-        let config = tls::config::client_config(shared.credentials.clone(), verifier.clone());
+        let config = tls::config::client_config(inputs.credentials.clone(), verifier.clone());
         let authority = mux::authority(&service, &namespace);
         Self {
             verifier,
-            shared,
+            inputs,
             service,
             namespace,
             connector: ArcSwap::from_pointee(TlsConnector::from(config)),
@@ -77,8 +77,8 @@ impl Upstream {
 
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
         tokio::spawn(self.clone().renew_connector_on_new_credentials());
-        let shared = self.shared.clone();
-        crate::listener::accept_loop(listener, shared, move |tcp, _peer, permit| {
+        let inputs = self.inputs.clone();
+        crate::listener::accept_loop(listener, inputs, move |tcp, _peer, permit| {
             self.clone().serve(tcp, permit)
         })
         .await
@@ -86,14 +86,14 @@ impl Upstream {
 
     /// A fresh client config (and session cache) whenever our certificate or roots change.
     async fn renew_connector_on_new_credentials(self: Arc<Self>) {
-        let mut changed = self.shared.credentials.subscribe();
+        let mut changed = self.inputs.credentials.subscribe();
         loop {
             tokio::select! {
-                _ = self.shared.force_close.cancelled() => return,
+                _ = self.inputs.drain.force_close.cancelled() => return,
                 r = changed.changed() => if r.is_err() { return },
             }
             let config =
-                tls::config::client_config(self.shared.credentials.clone(), self.verifier.clone());
+                tls::config::client_config(self.inputs.credentials.clone(), self.verifier.clone());
             self.connector.store(Arc::new(TlsConnector::from(config)));
             // Tunnels opened with the old certificate or roots take no new streams.
             self.pool.retire_all();
@@ -172,7 +172,7 @@ impl Upstream {
 
     async fn open_stream(&self, slot: mux::pool::StreamSlot) -> Attempt {
         match slot
-            .open(&self.authority, self.shared.limits.handshake_timeout)
+            .open(&self.authority, self.inputs.limits.handshake_timeout)
             .await
         {
             Ok(stream) => Attempt::Open(Carrier::Stream(stream)),
@@ -208,7 +208,7 @@ impl Upstream {
                     None => Err(Attempt::Failed),
                     Some(tls) => self
                         .pool
-                        .add(&self.shared, ep, tls, not_after, generation)
+                        .add(&self.inputs, ep, tls, not_after, generation)
                         .await
                         .map_err(|e| {
                             tracing::warn!(upstream = %self.service, endpoint = %ep, error = %e, "tunnel setup failed");
@@ -225,7 +225,7 @@ impl Upstream {
     /// TCP connect and mutual TLS handshake to `ep`, accepted on our side; counted once the
     /// server has answered it (see [`Unanswered`]). A failure on our side is counted here.
     async fn handshake(&self, ep: SocketAddr) -> Result<(MeshStream, Accepted), Attempt> {
-        let shared = &self.shared;
+        let inputs = &self.inputs;
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -251,8 +251,8 @@ impl Upstream {
         let name = endpoint_name(ep);
         let connector = self.connector.load_full();
         let handshake = tokio::time::timeout(
-            shared.limits.handshake_timeout,
-            connector.connect(name, crate::bigreads::BigReads::new(tcp)),
+            inputs.limits.handshake_timeout,
+            connector.connect(name, crate::tls::large_reads::LargeReads::new(tcp)),
         )
         .await;
         let tls = match handshake {
@@ -274,7 +274,7 @@ impl Upstream {
         // resumed session, say) a full verification against our current roots at the current
         // time; and the upstream's identity, which the verifier checked only in a full one.
         let checked =
-            tls::verify::session_peer(&shared.credentials, chain, webpki::KeyUsage::server_auth())
+            tls::verify::session_peer(&inputs.credentials, chain, webpki::KeyUsage::server_auth())
                 .and_then(|peer| {
                     if self.verifier.expects(&peer.leaf.id) {
                         Ok(peer)
@@ -287,7 +287,7 @@ impl Upstream {
                 tls,
                 Accepted {
                     not_after: peer.not_after,
-                    deadline: started + shared.limits.handshake_timeout,
+                    deadline: started + inputs.limits.handshake_timeout,
                     unanswered,
                 },
             )),
@@ -305,26 +305,26 @@ impl Upstream {
         let Some(carrier) = Box::pin(self.open()).await else {
             return;
         };
-        let shared = &self.shared;
-        let close = shared.force_close.child_token();
+        let inputs = &self.inputs;
+        let close = inputs.drain.force_close.child_token();
         let peer = self.service.to_string();
         match carrier {
             Carrier::Stream(stream) => {
                 m::mux_stream(Direction::Outbound, true);
-                let idle = shared.limits.idle_timeout;
-                crate::inbound::forward_with(Direction::Outbound, peer, |rx, tx| {
+                let idle = inputs.limits.idle_timeout;
+                crate::forward::forward_with(Direction::Outbound, peer, |rx, tx| {
                     mux::io::forward(stream, local, idle, &close, rx, tx)
                 })
                 .await
             }
             Carrier::Plain(tls) => {
-                crate::inbound::forward(shared, Direction::Outbound, peer, tls, local, &close).await
+                crate::forward::forward(inputs, Direction::Outbound, peer, tls, local, &close).await
             }
         }
     }
 }
 
-type MeshStream = tokio_rustls::client::TlsStream<crate::bigreads::BigReads<TcpStream>>;
+type MeshStream = tokio_rustls::client::TlsStream<crate::tls::large_reads::LargeReads<TcpStream>>;
 
 /// What carries one client connection to the upstream.
 enum Carrier {

@@ -13,7 +13,7 @@
 use super::io::StreamIo;
 use super::keepalive::Keepalive;
 use super::MAX_STREAMS;
-use crate::shared::Shared;
+use crate::inputs::ProxyInputs;
 use bytes::Bytes;
 use dashmap::DashMap;
 use http::{Method, Request};
@@ -242,7 +242,7 @@ impl Pool {
     /// reserves its first stream.
     pub async fn add<T>(
         &self,
-        shared: &Arc<Shared>,
+        inputs: &Arc<ProxyInputs>,
         ep: SocketAddr,
         tls: T,
         server_not_after: i64,
@@ -251,7 +251,7 @@ impl Pool {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (send, connection) = super::client_builder(shared.limits.max_tunnel_buffer_bytes)
+        let (send, connection) = super::client_builder(inputs.limits.max_tunnel_buffer_bytes)
             .handshake::<_, Bytes>(tls)
             .await?;
         let state = Arc::new(ConnState {
@@ -269,9 +269,10 @@ impl Pool {
         let slot = conn.reserve().expect("a new connection has room");
         let endpoint = self.endpoint(ep);
         endpoint.lock().push(conn);
-        shared
+        inputs
+            .drain
             .tracker
-            .spawn(drive(shared.clone(), connection, state, endpoint, ep));
+            .spawn(drive(inputs.clone(), connection, state, endpoint, ep));
         Ok(slot)
     }
 }
@@ -279,7 +280,7 @@ impl Pool {
 /// Runs the connection's I/O until it ends (after it is retired and its last stream is done),
 /// the drain deadline passes, or the peer leaves a PING unanswered ([`Keepalive`]).
 async fn drive<T>(
-    shared: Arc<Shared>,
+    inputs: Arc<ProxyInputs>,
     mut connection: h2::client::Connection<T, Bytes>,
     state: Arc<ConnState>,
     endpoint: Arc<EndpointConns>,
@@ -288,7 +289,7 @@ async fn drive<T>(
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let mut idle_check = tokio::time::interval(POOL_IDLE / 4);
-    let mut keepalive = Keepalive::new(connection.ping_pong(), shared.limits.handshake_timeout);
+    let mut keepalive = Keepalive::new(connection.ping_pong(), inputs.limits.handshake_timeout);
     loop {
         let retired = state.retired.load(Ordering::Acquire);
         tokio::select! {
@@ -300,8 +301,8 @@ async fn drive<T>(
                 }
                 break;
             }
-            _ = shared.force_close.cancelled() => break,
-            _ = shared.stop_accepting.cancelled(), if !retired => endpoint.retire(&state),
+            _ = inputs.drain.force_close.cancelled() => break,
+            _ = inputs.drain.stop_accepting.cancelled(), if !retired => endpoint.retire(&state),
             _ = idle_check.tick(), if !retired => {
                 let last = Duration::from_millis(state.last_used_ms.load(Ordering::Relaxed));
                 let quiet = state.born.elapsed().saturating_sub(last);
@@ -312,7 +313,7 @@ async fn drive<T>(
             _ = keepalive.peer_gone() => {
                 tracing::warn!(
                     %endpoint_addr,
-                    timeout = ?shared.limits.handshake_timeout,
+                    timeout = ?inputs.limits.handshake_timeout,
                     "tunnel peer did not answer a PING; closing the tunnel and its streams"
                 );
                 break;

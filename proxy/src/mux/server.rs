@@ -3,8 +3,8 @@
 
 use super::io::StreamIo;
 use super::keepalive::Keepalive;
+use crate::inputs::ProxyInputs;
 use crate::metrics::{self as m, Direction};
-use crate::shared::Shared;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -31,7 +31,7 @@ pub struct TunnelPeer {
 /// deadline), it has carried no stream for `idle_timeout`, or the peer leaves a PING
 /// unanswered (closed with its streams). A drain sends GOAWAY and lets the open streams finish.
 pub async fn serve<T>(
-    shared: Arc<Shared>,
+    inputs: Arc<ProxyInputs>,
     local_app: SocketAddr,
     io: T,
     peer: TunnelPeer,
@@ -40,8 +40,8 @@ pub async fn serve<T>(
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let handshake = tokio::time::timeout(
-        shared.limits.handshake_timeout,
-        super::server_builder(shared.limits.max_tunnel_buffer_bytes).handshake::<_, Bytes>(io),
+        inputs.limits.handshake_timeout,
+        super::server_builder(inputs.limits.max_tunnel_buffer_bytes).handshake::<_, Bytes>(io),
     )
     .await;
     let mut conn = match handshake {
@@ -57,19 +57,19 @@ pub async fn serve<T>(
     };
     let tunnel = Arc::new(Tunnel {
         peer,
-        target: super::authority(&shared.service.name, &shared.service.namespace).into(),
+        target: super::authority(&inputs.service.name, &inputs.service.namespace).into(),
         streams: Arc::new(Semaphore::new(super::MAX_STREAMS as usize)),
         early_resets: AtomicUsize::new(0),
         calm: CancellationToken::new(),
     });
-    let idle_timeout = shared.limits.idle_timeout;
+    let idle_timeout = inputs.limits.idle_timeout;
     let period = idle_timeout.clamp(Duration::from_millis(100), Duration::from_secs(30));
     let mut idle_check = tokio::time::interval(period);
     let mut idle_since = Instant::now();
     let (mut accepted, mut accepted_at_check) = (0u64, 0u64);
-    let mut roots = shared.credentials.subscribe_roots();
+    let mut roots = inputs.credentials.subscribe_roots();
     let mut draining = false;
-    let mut keepalive = Keepalive::new(conn.ping_pong(), shared.limits.handshake_timeout);
+    let mut keepalive = Keepalive::new(conn.ping_pong(), inputs.limits.handshake_timeout);
     loop {
         let next = tokio::select! {
             biased;
@@ -82,7 +82,7 @@ pub async fn serve<T>(
                 conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
                 break;
             }
-            _ = shared.stop_accepting.cancelled(), if !draining => {
+            _ = inputs.drain.stop_accepting.cancelled(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
                 continue;
@@ -129,13 +129,13 @@ pub async fn serve<T>(
                     continue;
                 };
                 let stream = Stream {
-                    shared: shared.clone(),
+                    inputs: inputs.clone(),
                     local_app,
                     tunnel: tunnel.clone(),
                     close: close.child_token(),
                     _slot: slot,
                 };
-                shared.tracker.spawn(stream.run(req, respond));
+                inputs.drain.tracker.spawn(stream.run(req, respond));
             }
         }
     }
@@ -160,7 +160,7 @@ struct Tunnel {
 }
 
 struct Stream {
-    shared: Arc<Shared>,
+    inputs: Arc<ProxyInputs>,
     local_app: SocketAddr,
     tunnel: Arc<Tunnel>,
     close: CancellationToken,
@@ -197,7 +197,7 @@ fn refuse_for_now(respond: &mut SendResponse<Bytes>) {
 
 impl Stream {
     async fn run(self, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
-        let shared = &self.shared;
+        let inputs = &self.inputs;
         // Security rule 9 (tunnel between sidecars, docs/security.md): only a CONNECT to this
         // service; anything else is refused before any connect.
         if let Err(status) = check_request(req.method(), req.uri(), &self.tunnel.target) {
@@ -215,20 +215,20 @@ impl Stream {
         if crate::now_unix() > peer.not_after {
             return refuse(&mut respond, StatusCode::FORBIDDEN);
         }
-        if !shared.intentions.authorize(&peer.id, &shared.service.name) || self.close.is_cancelled()
+        if !inputs.intentions.authorize(&peer.id, &inputs.service.name) || self.close.is_cancelled()
         {
             return refuse(&mut respond, StatusCode::FORBIDDEN);
         }
         // A stream that arrived while our GOAWAY was on its way: the peer may retry it.
-        if shared.is_draining() {
+        if inputs.drain.is_draining() {
             return refuse_for_now(&mut respond);
         }
-        let Ok(_slot) = shared.conn_slots.clone().try_acquire_owned() else {
+        let Ok(_slot) = inputs.conn_slots.clone().try_acquire_owned() else {
             tracing::debug!("max_connections reached; tunnel stream refused");
             return refuse_for_now(&mut respond);
         };
         let connected = tokio::select! {
-            app = crate::inbound::connect_app(self.local_app) => Some(app),
+            app = crate::forward::connect_app(self.local_app) => Some(app),
             _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => None,
         };
         let app = match connected {
@@ -254,9 +254,9 @@ impl Stream {
         };
         m::mux_stream(Direction::Inbound, true);
         let stream = StreamIo::accepted(send, req.into_body());
-        let idle = shared.limits.idle_timeout;
+        let idle = inputs.limits.idle_timeout;
         let close = &self.close;
-        crate::inbound::forward_with(Direction::Inbound, peer.id.service.to_string(), |rx, tx| {
+        crate::forward::forward_with(Direction::Inbound, peer.id.service.to_string(), |rx, tx| {
             super::io::forward(stream, app, idle, close, rx, tx)
         })
         .await;

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod credentials;
+pub mod large_reads;
 pub mod svid;
 pub mod tickets;
 pub mod verify;

@@ -36,7 +36,7 @@ fn give_back(buf: Box<[u8]>) {
 }
 
 /// A socket whose reads are batched; writes pass straight through.
-pub struct BigReads<T> {
+pub struct LargeReads<T> {
     inner: T,
     /// Read but not yet taken: `pending[pos..end]`; `None` when everything was taken.
     pending: Option<Box<[u8]>>,
@@ -45,21 +45,21 @@ pub struct BigReads<T> {
 }
 
 /// Never shows the bytes: buffers are reused across connections.
-impl<T: std::fmt::Debug> std::fmt::Debug for BigReads<T> {
+impl<T: std::fmt::Debug> std::fmt::Debug for LargeReads<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let pending = if self.pending.is_some() {
             self.end - self.pos
         } else {
             0
         };
-        f.debug_struct("BigReads")
+        f.debug_struct("LargeReads")
             .field("inner", &self.inner)
             .field("pending_bytes", &pending)
             .finish()
     }
 }
 
-impl<T> BigReads<T> {
+impl<T> LargeReads<T> {
     pub fn new(inner: T) -> Self {
         Self {
             inner,
@@ -87,7 +87,7 @@ impl<T> BigReads<T> {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for BigReads<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for LargeReads<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -120,7 +120,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for BigReads<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for BigReads<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for LargeReads<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -161,7 +161,7 @@ mod tests {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
         a.write_all(&data).await.unwrap();
         drop(a);
-        let mut r = BigReads::new(b);
+        let mut r = LargeReads::new(b);
         let mut out = Vec::new();
         read_to_end(&mut r, &mut out, 4096).await;
         assert_eq!(out, data);
@@ -170,7 +170,7 @@ mod tests {
 
     /// Appends what `r` yields to `out`, reading `chunk` bytes at most at a time.
     async fn read_to_end(
-        r: &mut BigReads<tokio::io::DuplexStream>,
+        r: &mut LargeReads<tokio::io::DuplexStream>,
         out: &mut Vec<u8>,
         chunk: usize,
     ) {
@@ -203,7 +203,7 @@ mod tests {
             let data = pattern(i as u8 * 7 + 1, len);
             a.write_all(&data).await.unwrap();
             drop(a);
-            readers.push(BigReads::new(b));
+            readers.push(LargeReads::new(b));
             datas.push(data);
         }
         let mut outs = vec![Vec::new(); lens.len()];
@@ -237,7 +237,7 @@ mod tests {
         let data = pattern(3, 300_000);
         a.write_all(&data).await.unwrap();
         drop(a);
-        let mut r = BigReads::new(b);
+        let mut r = LargeReads::new(b);
         let mut small = [0u8; 100];
         let n = r.read(&mut small).await.unwrap();
         assert_eq!(n, 100);
@@ -249,12 +249,12 @@ mod tests {
 
     #[test]
     fn debug_does_not_show_the_bytes() {
-        let mut r = BigReads::new(());
+        let mut r = LargeReads::new(());
         let mut secret = vec![0u8; READ_SIZE];
         secret[..6].copy_from_slice(b"secret");
         r.pending = Some(secret.into_boxed_slice());
         (r.pos, r.end) = (0, 6);
         let shown = format!("{r:?}");
-        assert_eq!(shown, "BigReads { inner: (), pending_bytes: 6 }");
+        assert_eq!(shown, "LargeReads { inner: (), pending_bytes: 6 }");
     }
 }

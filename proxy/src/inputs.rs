@@ -1,18 +1,17 @@
-//! State shared by the listeners, the admin API and the drain logic.
+//! What every listener, the admin API and the drain read: the service, the credential and
+//! intention stores, the open connections, the limits and their slots, and the drain.
 
 use crate::connections::ConnectionRegistry;
+use crate::drain::Drain;
 use crate::handshakes::HandshakeSlots;
 use crate::intentions::IntentionStore;
 use crate::tls::CredentialStore;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use ward_config::proxy::{Limits, ServiceConfig};
 
-pub struct Shared {
+pub struct ProxyInputs {
     pub service: ServiceConfig,
     pub credentials: Arc<CredentialStore>,
     pub intentions: Arc<IntentionStore>,
@@ -23,18 +22,13 @@ pub struct Shared {
     /// Handshakes in progress, globally and per source IP (security rule 15, bounds,
     /// docs/security.md).
     pub handshakes: Arc<HandshakeSlots>,
-    /// Every connection task, so a drain can wait for them.
-    pub tracker: TaskTracker,
-    /// Fires when the drain starts: listeners stop accepting.
-    pub stop_accepting: CancellationToken,
-    /// Fires at the drain deadline: open connections are closed.
-    pub force_close: CancellationToken,
-    draining: AtomicBool,
+    /// The drain signals and every connection task.
+    pub drain: Drain,
     /// The bound listener addresses, by role, for /config.
     pub listeners: std::sync::Mutex<Vec<(String, SocketAddr)>>,
 }
 
-impl Shared {
+impl ProxyInputs {
     pub fn new(
         service: ServiceConfig,
         credentials: Arc<CredentialStore>,
@@ -52,28 +46,15 @@ impl Shared {
                 limits.max_pending_handshakes_per_ip,
             ),
             limits,
-            tracker: TaskTracker::new(),
-            stop_accepting: CancellationToken::new(),
-            force_close: CancellationToken::new(),
-            draining: AtomicBool::new(false),
+            drain: Drain::default(),
             listeners: std::sync::Mutex::new(Vec::new()),
         }
     }
 
     /// Ready once a certificate and an intentions snapshot are loaded, until a drain starts.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.credentials.load().is_some() && self.intentions.load().is_some()
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
-
-    /// Starts the drain: /ready turns 503 at once and the listeners stop accepting.
-    pub fn begin_drain(&self) {
-        if !self.draining.swap(true, Ordering::SeqCst) {
-            tracing::info!("draining: listeners closed, waiting for open connections");
-        }
-        self.stop_accepting.cancel();
+        !self.drain.is_draining()
+            && self.credentials.load().is_some()
+            && self.intentions.load().is_some()
     }
 }

@@ -1,0 +1,74 @@
+//! Forwarding an admitted connection or tunnel stream, inbound or outbound: connecting to
+//! `local_app`, copying the bytes, and the connection metrics around the copy.
+
+use crate::copy::{self, CopyEnd};
+use crate::inputs::ProxyInputs;
+use crate::metrics::{self as m, Direction};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// How long connecting to `local_app` may take.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to `local_app` for an admitted connection or stream.
+pub(crate) async fn connect_app(local_app: SocketAddr) -> Option<TcpStream> {
+    match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(local_app)).await {
+        Ok(Ok(app)) => {
+            let _ = app.set_nodelay(true);
+            Some(app)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(local_app = %local_app, error = %e, "cannot connect to local_app");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(local_app = %local_app, "connecting to local_app timed out");
+            None
+        }
+    }
+}
+
+/// Forwards one admitted connection and keeps the connection metrics.
+pub(crate) async fn forward<P, L>(
+    inputs: &ProxyInputs,
+    direction: Direction,
+    peer: String,
+    peer_io: P,
+    local_io: L,
+    close: &tokio_util::sync::CancellationToken,
+) where
+    P: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let idle = inputs.limits.idle_timeout;
+    forward_with(direction, peer, |rx, tx| async move {
+        copy::bidirectional(peer_io, local_io, idle, close, &rx, &tx).await
+    })
+    .await
+}
+
+/// Keeps the connection metrics around `copy`, which gets the rx and tx byte counters.
+pub(crate) async fn forward_with<F, Fut>(direction: Direction, peer: String, copy: F)
+where
+    F: FnOnce(metrics::Counter, metrics::Counter) -> Fut,
+    Fut: std::future::Future<Output = CopyEnd>,
+{
+    let d = direction.as_str();
+    metrics::counter!(m::CONNECTIONS_OPENED, "direction" => d, "peer" => peer.clone()).increment(1);
+    let active = metrics::gauge!(m::CONNECTIONS_ACTIVE, "direction" => d);
+    active.increment(1.0);
+    let rx = metrics::counter!(m::BYTES, "direction" => d, "peer" => peer.clone(), "flow" => "rx");
+    let tx = metrics::counter!(m::BYTES, "direction" => d, "peer" => peer.clone(), "flow" => "tx");
+    let end = copy(rx, tx).await;
+    match end {
+        CopyEnd::Done => {}
+        CopyEnd::Idle => tracing::debug!(direction = d, "connection closed after idle_timeout"),
+        CopyEnd::Closed => tracing::debug!(direction = d, "connection closed by the proxy"),
+        CopyEnd::Failed(e) => {
+            tracing::debug!(direction = d, error = %e, "connection ended with an error")
+        }
+    }
+    active.decrement(1.0);
+    metrics::counter!(m::CONNECTIONS_CLOSED, "direction" => d, "peer" => peer).increment(1);
+}
