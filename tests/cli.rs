@@ -4,43 +4,14 @@
 //! an `http://` WARD_ADDR, a bad L7 file).
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn ward_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ward")
-}
+use ward_test_support as common;
 
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let p = std::env::temp_dir().join(format!(
-            "ward-test-cli-{prefix}-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::env::var_os("WARD_TEST_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
+use common::proc::{ward_bin, TempDir};
 
 /// `ward server --dev` on port 0, killed through its own `Child` on drop.
 struct DevServer {
@@ -54,8 +25,8 @@ struct DevServer {
 
 impl DevServer {
     fn start() -> Self {
-        let dir = TempDir::new("server");
-        let data = dir.0.join("data");
+        let dir = TempDir::new("cli-server");
+        let data = dir.join("data");
         Self::start_in(dir, &data)
     }
 
@@ -480,7 +451,7 @@ fn admin_commands_against_a_dev_server() {
     assert!(rogue.stdout.contains("default policy"), "{}", rogue.stdout);
 
     // an L7 rule for a destination not registered as http: the server's reason is shown
-    let l7 = s._dir.0.join("l7.toml");
+    let l7 = s._dir.join("l7.toml");
     std::fs::write(
         &l7,
         "permissions = [ { action = \"allow\", path_prefix = \"/stock/\", methods = [\"GET\"] },\n  { action = \"deny\", path_exact = \"/admin\", headers = [{ name = \"x-env\", exact = \"prod\" }] } ]\n",
@@ -665,8 +636,8 @@ fn admin_commands_against_a_dev_server() {
 
 #[test]
 fn errors_before_any_network_call() {
-    let dir = TempDir::new("offline");
-    let ca = dir.0.join("ca.pem");
+    let dir = TempDir::new("cli-offline");
+    let ca = dir.join("ca.pem");
     std::fs::write(&ca, "not a pem\n").unwrap();
     let ca = ca.to_str().unwrap().to_owned();
     let vars = [
@@ -684,7 +655,7 @@ fn errors_before_any_network_call() {
     assert!(r.one_line_error().contains("WARD_ADDR"), "{}", r.stderr);
 
     // a bad L7 file: the file and the key are named
-    let bad = dir.0.join("bad.toml");
+    let bad = dir.join("bad.toml");
     std::fs::write(
         &bad,
         "permissions = [ { action = \"allow\", path_prefx = \"/stock/\" } ]\n",
@@ -710,7 +681,7 @@ fn errors_before_any_network_call() {
         "{e}"
     );
 
-    let missing = dir.0.join("missing.toml");
+    let missing = dir.join("missing.toml");
     let r = run(
         &[
             "intention",
@@ -759,8 +730,8 @@ fn set_mode(p: &Path, mode: u32) {
 /// left as it was; an empty directory of the running user's is tightened to 0700.
 #[test]
 fn a_data_dir_not_of_its_own_is_refused_and_left_unchanged() {
-    let dir = TempDir::new("shared-data");
-    let shared = dir.0.join("shared");
+    let dir = TempDir::new("cli-shared-data");
+    let shared = dir.join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::write(shared.join("someone-else.txt"), "x").unwrap();
     set_mode(&shared, 0o1777);
@@ -791,7 +762,7 @@ fn a_data_dir_not_of_its_own_is_refused_and_left_unchanged() {
     assert!(shared.join("someone-else.txt").is_file());
     assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 1, "{e}");
 
-    let own = dir.0.join("own");
+    let own = dir.join("own");
     std::fs::create_dir(&own).unwrap();
     set_mode(&own, 0o755);
     let s = DevServer::start_in(dir, &own);
@@ -805,8 +776,8 @@ fn a_data_dir_not_of_its_own_is_refused_and_left_unchanged() {
 #[test]
 fn the_admin_token_from_a_file() {
     let s = DevServer::start();
-    let dir = TempDir::new("token-file");
-    let file = dir.0.join("admin.token");
+    let dir = TempDir::new("cli-token-file");
+    let file = dir.join("admin.token");
     std::fs::write(&file, format!("{}\n", s.token)).unwrap();
     let file_s = file.to_str().unwrap();
     let vars = [
@@ -828,13 +799,13 @@ fn the_admin_token_from_a_file() {
     let with_wrong_env = [vars[0], vars[1], ("WARD_TOKEN", "not-the-admin-token")];
     run(&args, &with_wrong_env).success();
 
-    let missing = dir.0.join("no-such.token");
+    let missing = dir.join("no-such.token");
     let missing_s = missing.to_str().unwrap();
     let r = run(&["intention", "list", "--token-file", missing_s], &vars);
     let e = r.one_line_error();
     assert!(e.contains(missing_s) && e.contains("--token-file"), "{e}");
 
-    let empty = dir.0.join("empty.token");
+    let empty = dir.join("empty.token");
     std::fs::write(&empty, "\n").unwrap();
     let empty_s = empty.to_str().unwrap();
     let r = run(&["intention", "list", "--token-file", empty_s], &vars);

@@ -2,7 +2,7 @@
 //! exactly one line on stderr naming the offending key (and the config file), and starts no
 //! listener. A port already in use: the same, naming the address.
 
-mod common;
+use ward_test_support as common;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

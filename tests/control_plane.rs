@@ -10,7 +10,7 @@
 //! - allow -> deny: new handshakes refused and the open connection closed, each within 1 s;
 //! - kill -9 during a burst of intention writes: every acknowledged write survives.
 
-mod common;
+use ward_test_support as common;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,6 +1,6 @@
 //! `ward demo`: the attacks are refused, the order is confirmed, and Ctrl-C stops everything.
 
-mod common;
+use ward_test_support as common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -3,7 +3,7 @@
 //! restored from a backup taken before the policy the proxy holds. Real `ward server --config`
 //! and `ward proxy` processes on 127.0.0.1.
 
-mod common;
+use ward_test_support as common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! Issue 2, Build 5 and 7: drain on SIGTERM; resumed sessions are counted and authorized.
 
-mod common;
+use ward_test_support as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

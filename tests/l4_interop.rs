@@ -2,7 +2,7 @@
 //! and Python's `ssl` module, run as subprocesses: each fails with the fitting TLS alert, and a
 //! valid `order` gets its echo.
 
-mod common;
+use ward_test_support as common;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

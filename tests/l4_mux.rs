@@ -25,7 +25,7 @@
 //! An intention turning to deny closes open tunnel streams and refuses new ones within 1 s:
 //! tests/control_plane.rs (`allow_to_deny_...`), whose order -> inventory path is a tunnel.
 
-mod common;
+use ward_test_support as common;
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};

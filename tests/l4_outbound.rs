@@ -8,7 +8,7 @@
 //! Also: an endpoint that failed lately is tried anyway when it is the only one, and a caller
 //! that the inbound refuses counts and logs the refusal on its own side.
 
-mod common;
+use ward_test_support as common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};

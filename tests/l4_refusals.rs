@@ -2,7 +2,7 @@
 //! alert, the app behind the inbound accepts nothing, and exactly the matching
 //! `ward_tls_handshakes_total{direction="inbound",result=..}` series goes up by one.
 
-mod common;
+use ward_test_support as common;
 
 use std::io::{ErrorKind, Read};
 use std::net::TcpStream;

@@ -2,7 +2,7 @@
 //! connection keeps working; new handshakes present the new certificate (compared by serial);
 //! a garbage file is refused and the last good certificate stays in use.
 
-mod common;
+use ward_test_support as common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! inventory's inbound; 16 MiB echo byte-exact; half-close; the bytes between the sidecars are
 //! ciphertext (a marker the apps exchange never shows on the wire).
 
-mod common;
+use ward_test_support as common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};

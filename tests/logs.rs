@@ -1,7 +1,7 @@
 //! Logs of a real `ward server --dev`: `--log-format json` / `WARD_LOG_FORMAT`, no colour in a
 //! file, the level filter from `WARD_LOG` or `RUST_LOG`, a bad filter refused naming it.
 
-mod common;
+use ward_test_support as common;
 
 use std::io::Write;
 use std::net::TcpStream;

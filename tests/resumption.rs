@@ -4,7 +4,7 @@
 //! denies it; the app sees nothing of it. A session whose verified intermediate has expired
 //! since its ticket was issued is refused on resumption and counted as `expired`.
 
-mod common;
+use ward_test_support as common;
 
 use std::io::{Read, Write};
 use std::sync::Arc;

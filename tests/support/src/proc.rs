@@ -6,15 +6,38 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::net::{http_get, metric_sum};
 use super::wait_until;
 
-pub fn ward_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ward")
+/// The `ward` binary cargo built for the test being run. `env!("CARGO_BIN_EXE_ward")` exists only
+/// in the root package's test targets, not in this crate: the runner's `CARGO_BIN_EXE_ward` is
+/// used where it sets one at run time (nextest does), else `target/<profile>/ward` beside the
+/// test binary's `deps/` directory.
+pub fn ward_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = std::env::var_os("CARGO_BIN_EXE_ward")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let test = std::env::current_exe().expect("the test binary's path");
+                // target/<profile>/deps/<test>-<hash> -> target/<profile>/ward
+                let profile_dir = test
+                    .parent()
+                    .and_then(Path::parent)
+                    .expect("the test binary is in target/<profile>/deps");
+                profile_dir.join(format!("ward{}", std::env::consts::EXE_SUFFIX))
+            });
+        assert!(
+            bin.is_file(),
+            "no ward binary at {} (run the tests with cargo test or cargo nextest, which build it)",
+            bin.display()
+        );
+        bin
+    })
 }
 
 /// A directory under the system temp dir, removed on drop (kept if `WARD_TEST_KEEP` is set).

@@ -1,5 +1,6 @@
-//! Shared helpers for the end-to-end tests: each `tests/*.rs` starts the real `ward` binary.
-#![allow(dead_code)]
+//! Shared helpers for the end-to-end tests of `tests/`: each file there starts the real `ward`
+//! binary ([`proc::ward_bin`]) and imports this crate as `common`
+//! (`use ward_test_support as common;`).
 
 pub mod cp;
 pub mod net;
