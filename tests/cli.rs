@@ -3,24 +3,20 @@
 //! in table and JSON form, plus the one-line errors (bad names, bad flags, a wrong admin token,
 //! an `http://` WARD_ADDR, a bad L7 file).
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ward_test_support as common;
 
-use common::proc::{ward_bin, TempDir};
+use common::cp::{self, run_ward, CliOutput};
+use common::proc::TempDir;
 
-/// `ward server --dev` on port 0, killed through its own `Child` on drop.
+/// A `ward server --dev` of one test's own (the support crate's, on 127.0.0.1), with a temp
+/// dir for the files the test writes.
 struct DevServer {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    addr: String,
-    token: String,
-    cacert: String,
-    _dir: TempDir,
+    /// Declared first, so dropped first: killed before its data dir is removed.
+    server: cp::DevServer,
+    dir: TempDir,
 }
 
 impl DevServer {
@@ -32,101 +28,18 @@ impl DevServer {
 
     /// As [`DevServer::start`], keeping state in `data` (which `dir` holds or outlives).
     fn start_in(dir: TempDir, data: &Path) -> Self {
-        let mut child = Command::new(ward_bin())
-            .args(["server", "--dev", "--data-dir"])
-            .arg(data)
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .env("WARD_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ward server --dev");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        {
-            let mut err = child.stderr.take().unwrap();
-            let sink = stderr.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = err.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut server = DevServer {
-            child,
-            stderr,
-            addr: String::new(),
-            token: String::new(),
-            cacert: String::new(),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while server.addr.is_empty() || server.token.is_empty() || server.cacert.is_empty() {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| {
-                    panic!(
-                        "no export lines from ward server --dev within 30 s\nstderr:\n{}",
-                        server.stderr.lock().unwrap()
-                    )
-                });
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    let Some(rest) = line.strip_prefix("export ") else {
-                        continue;
-                    };
-                    let Some((k, v)) = rest.split_once('=') else {
-                        continue;
-                    };
-                    let v = v.trim().trim_matches(|c| c == '\'' || c == '"').to_owned();
-                    match k {
-                        "WARD_ADDR" => server.addr = v,
-                        "WARD_TOKEN" => server.token = v,
-                        "WARD_CACERT" => server.cacert = v,
-                        _ => {}
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    // stdout closed: the server exited; let the stderr reader catch up.
-                    let _ = server.child.wait();
-                    let until = Instant::now() + Duration::from_secs(2);
-                    while server.stderr.lock().unwrap().is_empty() && Instant::now() < until {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    panic!(
-                        "ward server --dev exited before its export lines\nstderr:\n{}",
-                        server.stderr.lock().unwrap()
-                    );
-                }
-            }
-        }
+        let server = cp::DevServer::start("cli", data, None);
         assert!(
-            server.addr.starts_with("https://127.0.0.1:"),
+            server.address.starts_with("https://127.0.0.1:"),
             "WARD_ADDR {}",
-            server.addr
+            server.address
         );
         assert!(
-            Path::new(&server.cacert).is_file(),
+            server.ca_file.is_file(),
             "WARD_CACERT {}",
-            server.cacert
+            server.ca_file.display()
         );
-        server
+        DevServer { server, dir }
     }
 
     /// `ward ARGS` with this server's WARD_ADDR / WARD_TOKEN / WARD_CACERT.
@@ -136,32 +49,19 @@ impl DevServer {
 
     /// As [`DevServer::ward`], with some variables overridden.
     fn ward_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
-        let mut vars = vec![
-            ("WARD_ADDR", self.addr.as_str()),
-            ("WARD_TOKEN", self.token.as_str()),
-            ("WARD_CACERT", self.cacert.as_str()),
-        ];
+        let token = self.server.token.as_str();
+        let mut vars = self.server.env_with_token(token).to_vec();
         for (k, v) in env {
             vars.retain(|(kk, _)| kk != k);
             vars.push((k, v));
         }
         let r = run(args, &vars);
         assert!(
-            !r.stdout.contains(&self.token) && !r.stderr.contains(&self.token),
+            !r.stdout.contains(token) && !r.stderr.contains(token),
             "`ward {}` printed the admin token",
             args.join(" ")
         );
         r
-    }
-}
-
-impl Drop for DevServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("ward server stderr:\n{}", self.stderr.lock().unwrap());
-        }
     }
 }
 
@@ -223,57 +123,45 @@ impl Run {
 
 /// Runs `ward ARGS` with exactly `vars` of the WARD_* variables set, within a deadline.
 fn run(args: &[&str], vars: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(ward_bin());
-    cmd.args(args)
-        .env_remove("WARD_ADDR")
-        .env_remove("WARD_TOKEN")
-        .env_remove("WARD_CACERT")
-        .env_remove("WARD_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn ward");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for ward") {
-            break s;
+    Run::from(run_ward(args, vars, Duration::from_secs(30)))
+}
+
+impl From<CliOutput> for Run {
+    fn from(out: CliOutput) -> Self {
+        let args = out.args.join(" ");
+        let status = out
+            .status
+            .unwrap_or_else(|| panic!("`ward {args}` did not finish within 30 s"));
+        Run {
+            args,
+            ok: status.success(),
+            code: status.code(),
+            stdout: out.stdout,
+            stderr: out.stderr,
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`ward {}` did not finish within 30 s", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Run {
-        args: args.join(" "),
-        ok: status.success(),
-        code: status.code(),
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
     }
 }
 
-#[test]
-fn admin_commands_against_a_dev_server() {
-    let s = DevServer::start();
+/// `ward intention create --source order --destination inventory --action allow`, exit 0.
+fn allow_order(s: &DevServer) -> Run {
+    s.ward(&[
+        "intention",
+        "create",
+        "--source",
+        "order",
+        "--destination",
+        "inventory",
+        "--action",
+        "allow",
+    ])
+    .success()
+}
 
-    // ---- token create ----
+/// `ward token create` prints the token alone on one line, so `> order.token` makes the file a
+/// proxy's `token_file` reads; `--output json` adds the SPIFFE ID it is for and its expiry.
+#[test]
+fn token_create_prints_the_token_alone_or_as_json() {
+    let s = DevServer::start();
     let t = s.ward(&["token", "create", "--service", "order"]).success();
     let lines: Vec<&str> = t.stdout.lines().collect();
     assert_eq!(
@@ -291,7 +179,13 @@ fn admin_commands_against_a_dev_server() {
     assert!(j["token"].as_str().is_some_and(|t| !t.is_empty()), "{j}");
     assert_eq!(j["spiffe_id"], "spiffe://ward.local/ns/default/svc/order");
     assert!(j["expires_at"].as_i64().is_some_and(|e| e > 0), "{j}");
+}
 
+/// A join token past the server's limits (a 48 h lifetime, 1000 uses) is refused in one line
+/// naming the flag to change.
+#[test]
+fn token_create_beyond_the_limits_names_the_flag() {
+    let s = DevServer::start();
     let e = s
         .ward(&["token", "create", "--service", "order", "--ttl", "48h"])
         .one_line_error()
@@ -302,23 +196,16 @@ fn admin_commands_against_a_dev_server() {
         .one_line_error()
         .to_owned();
     assert!(e.contains("--uses"), "{e}");
+}
 
-    // ---- intentions ----
-    let c = s
-        .ward(&[
-            "intention",
-            "create",
-            "--source",
-            "order",
-            "--destination",
-            "inventory",
-            "--action",
-            "allow",
-        ])
-        .success();
+/// `ward intention create` says which rule it wrote; a second rule for the same pair is
+/// refused, so nobody overwrites a rule by accident, and `--replace` overwrites it on purpose.
+#[test]
+fn intention_create_overwrites_a_pair_only_with_replace() {
+    let s = DevServer::start();
+    let c = allow_order(&s);
     assert!(c.stdout.contains("order -> inventory"), "{}", c.stdout);
 
-    // a second create without --replace is refused; with --replace it is fine
     let e = s
         .ward(&[
             "intention",
@@ -351,6 +238,14 @@ fn admin_commands_against_a_dev_server() {
         .json();
     assert_eq!(j["intention"]["action"], "allow", "{j}");
     assert!(j["version"].as_u64().is_some_and(|v| v >= 2), "{j}");
+}
+
+/// `ward intention list` is an aligned table ending with the default policy, or with
+/// `--output json` a document scripts can read; `--destination` filters it.
+#[test]
+fn intention_list_is_an_aligned_table_or_json() {
+    let s = DevServer::start();
+    allow_order(&s);
 
     let l = s.ward(&["intention", "list"]).success();
     let mut rows = l.stdout.lines();
@@ -389,6 +284,14 @@ fn admin_commands_against_a_dev_server() {
         .success()
         .json();
     assert_eq!(j["intentions"].as_array().map(Vec::len), Some(0), "{j}");
+}
+
+/// `ward intention check` shows the decision and the rule that made it, as a table or JSON; a
+/// caller no rule allows gets the same table with the default policy's deny (and exit 1).
+#[test]
+fn intention_check_shows_the_decision_and_its_rule() {
+    let s = DevServer::start();
+    allow_order(&s);
 
     let ch = s
         .ward(&[
@@ -449,9 +352,14 @@ fn admin_commands_against_a_dev_server() {
         rogue.stdout
     );
     assert!(rogue.stdout.contains("default policy"), "{}", rogue.stdout);
+}
 
-    // an L7 rule for a destination not registered as http: the server's reason is shown
-    let l7 = s._dir.join("l7.toml");
+/// An L7 rule (`--file`) for a destination that is not registered as `http` is refused, and
+/// the operator sees the server's reason.
+#[test]
+fn an_l7_intention_for_a_destination_not_known_as_http_shows_why() {
+    let s = DevServer::start();
+    let l7 = s.dir.join("l7.toml");
     std::fs::write(
         &l7,
         "permissions = [ { action = \"allow\", path_prefix = \"/stock/\", methods = [\"GET\"] },\n  { action = \"deny\", path_exact = \"/admin\", headers = [{ name = \"x-env\", exact = \"prod\" }] } ]\n",
@@ -471,6 +379,14 @@ fn admin_commands_against_a_dev_server() {
         .one_line_error()
         .to_owned();
     assert!(e.contains("http"), "{e}");
+}
+
+/// After `ward intention delete` the pair falls back to the default policy (deny, no rule);
+/// deleting it again says it is not found.
+#[test]
+fn intention_delete_falls_back_to_the_default_policy() {
+    let s = DevServer::start();
+    allow_order(&s);
 
     let d = s
         .ward(&[
@@ -511,8 +427,13 @@ fn admin_commands_against_a_dev_server() {
         .one_line_error()
         .to_owned();
     assert!(e.contains("not found"), "{e}");
+}
 
-    // ---- bad names: refused before any network call, naming the flag ----
+/// A bad service name or action is refused before any network call, in one line naming the
+/// flag that holds it.
+#[test]
+fn bad_names_are_refused_naming_the_flag() {
+    let s = DevServer::start();
     for (args, flag) in [
         (
             vec![
@@ -580,8 +501,12 @@ fn admin_commands_against_a_dev_server() {
         let e = r.one_line_error();
         assert!(e.contains(flag), "`ward {}`: {e}", r.args);
     }
+}
 
-    // ---- a wrong admin token ----
+/// A wrong admin token is refused as unauthenticated, and the error does not repeat it.
+#[test]
+fn a_wrong_admin_token_is_refused_without_echoing_it() {
+    let s = DevServer::start();
     let r = s.ward_env(
         &["intention", "list"],
         &[("WARD_TOKEN", "ward-admin-not-the-real-one")],
@@ -589,8 +514,13 @@ fn admin_commands_against_a_dev_server() {
     let e = r.one_line_error().to_lowercase();
     assert!(e.contains("unauthenticated"), "{e}");
     assert!(!e.contains("ward-admin-not-the-real-one"), "{e}");
+}
 
-    // ---- ca roots ----
+/// `ward ca roots` shows the trust domain and the active root with its SHA-256 fingerprint
+/// and validity, as a table or JSON.
+#[test]
+fn ca_roots_shows_the_active_root() {
+    let s = DevServer::start();
     let r = s.ward(&["ca", "roots"]).success();
     assert!(
         r.stdout.contains("trust domain: ward.local"),
@@ -612,8 +542,14 @@ fn admin_commands_against_a_dev_server() {
         roots[0]["not_before"].as_i64() < roots[0]["not_after"].as_i64(),
         "{j}"
     );
+}
 
-    // ---- catalog ----
+/// `ward catalog services` lists the registered services (a table or JSON); the endpoints of
+/// a service no sidecar registered are an error naming it (not an empty list), and a bad name
+/// names the NAME argument.
+#[test]
+fn catalog_lists_services_and_names_an_unknown_one() {
+    let s = DevServer::start();
     let r = s.ward(&["catalog", "services"]).success();
     assert!(r.stdout.starts_with("SERVICE"), "{}", r.stdout);
     let j = s
@@ -778,11 +714,12 @@ fn the_admin_token_from_a_file() {
     let s = DevServer::start();
     let dir = TempDir::new("cli-token-file");
     let file = dir.join("admin.token");
-    std::fs::write(&file, format!("{}\n", s.token)).unwrap();
+    let token = &s.server.token;
+    std::fs::write(&file, format!("{token}\n")).unwrap();
     let file_s = file.to_str().unwrap();
     let vars = [
-        ("WARD_ADDR", s.addr.as_str()),
-        ("WARD_CACERT", s.cacert.as_str()),
+        ("WARD_ADDR", s.server.address.as_str()),
+        ("WARD_CACERT", s.server.ca_file.to_str().unwrap()),
     ];
     let args = [
         "intention",
@@ -794,7 +731,7 @@ fn the_admin_token_from_a_file() {
     ];
     let r = run(&args, &vars).success();
     assert!(r.json().is_array() || r.json().is_object(), "{}", r.stdout);
-    assert!(!r.stdout.contains(&s.token) && !r.stderr.contains(&s.token));
+    assert!(!r.stdout.contains(token) && !r.stderr.contains(token));
     // The file is used in place of WARD_TOKEN.
     let with_wrong_env = [vars[0], vars[1], ("WARD_TOKEN", "not-the-admin-token")];
     run(&args, &with_wrong_env).success();
@@ -825,17 +762,7 @@ fn the_admin_token_from_a_file() {
 #[test]
 fn intention_check_exit_codes() {
     let s = DevServer::start();
-    s.ward(&[
-        "intention",
-        "create",
-        "--source",
-        "order",
-        "--destination",
-        "inventory",
-        "--action",
-        "allow",
-    ])
-    .success();
+    allow_order(&s);
     let check = |source: &str, env: &[(&str, &str)]| {
         s.ward_env(
             &[
