@@ -94,6 +94,7 @@ fn assert_never_ready(p: &WardProcess, period: Duration, why: &str) {
             p.label,
             p.stderr_text()
         );
+        // polls through a period in which nothing may happen, not waiting for a condition
         thread::sleep(Duration::from_millis(100));
     }
 }
@@ -351,6 +352,7 @@ fn two_minutes_of_traffic_across_20s_leaf_renewals_has_zero_failures() {
                 }
             }
         }
+        // polls through the 120 s of traffic, in which no connection may fail
         thread::sleep(Duration::from_millis(250));
     }
     let report = traffic.stop();
@@ -443,6 +445,7 @@ fn server_kill9_keeps_traffic_flowing_and_proxies_apply_a_change_after_restart()
             )),
         }
     }
+    // The server stays down 6 s, during which traffic must not fail: a period, not a condition.
     while killed.elapsed() < Duration::from_secs(6) {
         thread::sleep(Duration::from_millis(100));
     }
@@ -470,6 +473,7 @@ fn server_kill9_keeps_traffic_flowing_and_proxies_apply_a_change_after_restart()
         }
     }
     // A little more traffic once both are back, then the report.
+    // 2 s in which no connection may fail: a period, not a condition.
     let settle = Instant::now();
     while settle.elapsed() < Duration::from_secs(2) {
         thread::sleep(Duration::from_millis(100));

@@ -76,6 +76,7 @@ fn sigterm_drains_open_connections_then_exits_zero() {
     assert!(closed.is_some(), "the inbound listener stops accepting");
     // The open connection keeps working during the drain, and the process waits for it.
     assert_eq!(conn.echo(b"during\n").unwrap(), b"during\n");
+    // Asserts that nothing happens (no exit) for a while: a fixed wait, not a condition.
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         s.proxy.try_wait().is_none(),

@@ -792,7 +792,8 @@ fn a_peer_that_resets_too_many_streams_before_their_answer_loses_its_tunnel() {
                 .unwrap();
             send = send.clone().ready().await?;
             let (_answer, mut body) = send.send_request(req, false)?;
-            // Long enough for the inbound to accept the stream and start connecting.
+            // Long enough for the inbound to accept the stream and start connecting. A fixed
+            // pause: nothing outside the inbound shows that it accepted the stream.
             tokio::time::sleep(Duration::from_millis(10)).await;
             body.send_reset(h2::Reason::CANCEL);
             Ok(())
@@ -802,6 +803,7 @@ fn a_peer_that_resets_too_many_streams_before_their_answer_loses_its_tunnel() {
                 .await
                 .unwrap_or_else(|e| panic!("stream {i} of 200: {e}"));
         }
+        // Asserts that nothing happens (the tunnel is not closed): a fixed wait, not a condition.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let tolerated = !conn.is_finished();
         let mut sent = 200;

@@ -82,6 +82,7 @@ fn certificate_files_replaced_under_a_running_proxy() {
             p.result,
             p.server_serial
         );
+        // rounds through a window in which nothing may change, not waiting for a condition
         std::thread::sleep(Duration::from_millis(100));
     }
     atomic_replace(&inv.files.cert, &second.chain_pem);
@@ -140,6 +141,7 @@ fn certificate_files_replaced_under_a_running_proxy() {
             p.result,
             p.server_serial
         );
+        // rounds through a window in which nothing may change, not waiting for a condition
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(

@@ -141,6 +141,17 @@ struct Incarnation {
     child: Child,
     stdout: Lines,
     stderr: Lines,
+    /// The thread copying stderr into `stderr`: finished once the pipe is at EOF.
+    stderr_reader: thread::JoinHandle<()>,
+}
+
+impl Incarnation {
+    /// After the process ended: waits (2 s at most) until its last stderr lines are in `stderr`.
+    fn drain_stderr(&self) {
+        wait_until(Duration::from_secs(2), Duration::from_millis(10), || {
+            self.stderr_reader.is_finished().then_some(())
+        });
+    }
 }
 
 /// `ward server --dev --data-dir DIR`, killed through its own `Child` on drop; kill -9 and
@@ -270,11 +281,12 @@ impl DevServer {
         let stdout: Lines = Arc::default();
         let stderr: Lines = Arc::default();
         collect_lines(child.stdout.take().unwrap(), stdout.clone());
-        collect_lines(child.stderr.take().unwrap(), stderr.clone());
+        let stderr_reader = collect_lines(child.stderr.take().unwrap(), stderr.clone());
         let mut run = Incarnation {
             child,
             stdout,
             stderr,
+            stderr_reader,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -323,7 +335,7 @@ impl DevServer {
                 return Ok(());
             }
             if let Ok(Some(status)) = run.child.try_wait() {
-                thread::sleep(Duration::from_millis(100));
+                run.drain_stderr();
                 let text = run.stderr.lock().unwrap().join("\n");
                 self.history.push(text.clone());
                 return Err(format!(
@@ -350,8 +362,7 @@ impl DevServer {
         if let Some(mut run) = self.run.take() {
             let _ = run.child.kill();
             let _ = run.child.wait();
-            // let the reader threads take the last lines
-            thread::sleep(Duration::from_millis(50));
+            run.drain_stderr();
             self.history.push(run.stderr.lock().unwrap().join("\n"));
         }
     }
@@ -811,6 +822,7 @@ fn pace(next: &mut Instant, every: Duration) {
     *next += every;
     let now = Instant::now();
     if *next > now {
+        // pacing the traffic, not waiting for a condition
         thread::sleep(*next - now);
     } else {
         *next = now;
@@ -949,6 +961,7 @@ impl LongLivedWatch {
                             return;
                         }
                     }
+                    // pacing the exchanges, not waiting for a condition
                     thread::sleep(every);
                 }
             })
