@@ -7,6 +7,9 @@
 //! Applied to release builds only, and only when a probe program links with the option under
 //! the same compiler, target, flags and linker (lld has it; GNU ld and gold do not), so no
 //! toolchain fails to build ward because of it. `WARD_LINK_ORDER=0` turns it off.
+//!
+//! It also sets `WARD_REVISION`, the short git revision of the checkout (`unknown` outside
+//! one), for `ward version` and the `ward_build_info` metric.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,6 +17,7 @@ use std::process::{Command, Stdio};
 const ORDER_FILE: &str = "perf/ward.order";
 
 fn main() {
+    emit_revision();
     println!("cargo:rerun-if-changed={ORDER_FILE}");
     for var in [
         "WARD_LINK_ORDER",
@@ -55,6 +59,34 @@ fn main() {
     }
     for arg in args {
         println!("cargo:rustc-link-arg-bin=ward={arg}");
+    }
+}
+
+/// `cargo:rustc-env=WARD_REVISION=<short sha>`, rebuilt when HEAD moves: a checkout or a
+/// commit changes `HEAD` or the branch it points to (a loose ref, or `packed-refs`).
+fn emit_revision() {
+    let git = |args: &[&str]| -> Option<String> {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(env("CARGO_MANIFEST_DIR"))
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8(out.stdout).ok()?;
+        (out.status.success() && !text.trim().is_empty()).then(|| text.trim().to_owned())
+    };
+    let revision = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=WARD_REVISION={revision}");
+    let mut watched = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    watched.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for name in watched {
+        // `--git-path` finds a worktree's HEAD and the shared refs alike. Only existing files:
+        // cargo reruns a script on every build while a watched file is missing.
+        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", &name]) {
+            if Path::new(&path).is_file() {
+                println!("cargo:rerun-if-changed={path}");
+            }
+        }
     }
 }
 

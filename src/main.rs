@@ -10,10 +10,13 @@ mod cli;
 mod demo;
 mod proxy_cmd;
 
+/// `0.1.0 (abc1234)`: the version and the git revision it was built from (build.rs).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("WARD_REVISION"), ")");
+
 #[derive(Parser)]
 #[command(
     name = "ward",
-    version,
+    version = VERSION,
     about = "ward: a service-mesh sidecar with mutual TLS and intentions enforced in the handshake"
 )]
 struct Cli {
@@ -108,6 +111,8 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// Print the version and the git revision it was built from.
+    Version,
 }
 
 #[derive(Subcommand)]
@@ -202,6 +207,10 @@ fn main() -> ExitCode {
         Command::Cert {
             command: CertCommand::Inspect { file },
         } => cert_inspect::run(&file).map(|()| ExitCode::SUCCESS),
+        Command::Version => {
+            println!("ward {VERSION}");
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,

@@ -859,3 +859,23 @@ fn an_os_error_is_printed_once() {
     assert!(e.contains(&addr), "{e}");
     assert_eq!(e.matches("os error").count(), 1, "{e}");
 }
+
+#[test]
+fn version_names_the_git_revision() {
+    // The revision the test sees is the one the binary was built from (build.rs reruns when
+    // HEAD moves); outside a git checkout both say "unknown".
+    let revision = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let want = format!("ward {} ({revision})", env!("CARGO_PKG_VERSION"));
+    let r = run(&["version"], &[]);
+    assert!(r.ok, "{r:?}");
+    assert_eq!(r.stdout.trim(), want, "{r:?}");
+    let r = run(&["--version"], &[]);
+    assert_eq!(r.stdout.trim(), want, "{r:?}");
+}
