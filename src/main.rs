@@ -1,6 +1,6 @@
 //! The `ward` binary: sidecar, operator CLI and demo in one.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -113,6 +113,12 @@ enum Command {
     },
     /// Print the version and the git revision it was built from.
     Version,
+    /// Print a shell completion script, e.g. `source <(ward completion bash)`.
+    Completion {
+        /// The shell the script is for.
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -207,6 +213,10 @@ fn main() -> ExitCode {
         Command::Cert {
             command: CertCommand::Inspect { file },
         } => cert_inspect::run(&file).map(|()| ExitCode::SUCCESS),
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ward", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!("ward {VERSION}");
             Ok(ExitCode::SUCCESS)

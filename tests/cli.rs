@@ -879,3 +879,45 @@ fn version_names_the_git_revision() {
     let r = run(&["--version"], &[]);
     assert_eq!(r.stdout.trim(), want, "{r:?}");
 }
+
+/// `ward completion SHELL` prints a script the shell loads; bash is always checked, zsh and
+/// fish where installed.
+#[test]
+fn completion_scripts_load() {
+    let dir = TempDir::new("completion");
+    let script = |shell: &str| {
+        let r = run(&["completion", shell], &[]);
+        assert!(r.ok && !r.stdout.is_empty(), "{r:?}");
+        let path = dir.0.join(format!("ward.{shell}"));
+        std::fs::write(&path, &r.stdout).unwrap();
+        path
+    };
+    let bash = script("bash");
+    let syntax = Command::new("bash").arg("-n").arg(&bash).output().unwrap();
+    assert!(syntax.status.success(), "{syntax:?}");
+    // Loaded into a shell, it registers a completion for `ward`.
+    let loaded = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source <({} completion bash) && complete -p ward",
+            ward_bin()
+        ))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&loaded.stdout);
+    assert!(
+        loaded.status.success() && out.contains("ward"),
+        "{loaded:?}"
+    );
+
+    for shell in ["zsh", "fish"] {
+        let path = script(shell);
+        match Command::new(shell).arg("-n").arg(&path).output() {
+            Ok(o) => assert!(o.status.success(), "{shell} -n: {o:?}"),
+            Err(_) => eprintln!(
+                "SKIPPED: {shell} is not installed; its completion script was not checked"
+            ),
+        }
+    }
+    assert!(run(&["completion", "tcsh"], &[]).code == Some(2));
+}
