@@ -921,3 +921,46 @@ fn completion_scripts_load() {
     }
     assert!(run(&["completion", "tcsh"], &[]).code == Some(2));
 }
+
+/// `ward server --dev` has no config file: its errors name the flag that set the value.
+#[test]
+fn dev_server_errors_name_the_flag() {
+    // Every listen address given (port 0 unless the case sets it), so no run takes 8502.
+    let dev = |extra: &[&str]| {
+        let mut args = vec!["server", "--dev"];
+        args.extend_from_slice(extra);
+        for flag in ["--listen", "--admin-listen"] {
+            if !extra.contains(&flag) {
+                args.extend([flag, "127.0.0.1:0"]);
+            }
+        }
+        // Only the error: a first start logs the new CA at info before it binds.
+        run(&args, &[("WARD_LOG", "error")])
+    };
+    // Not a duration: the argument parser's usage error; out of range: refused, not clamped.
+    let r = dev(&["--leaf-ttl", "bogus"]);
+    assert!(
+        !r.ok && r.stderr.contains("--leaf-ttl") && !r.stderr.contains("leaf_ttl"),
+        "{r:?}"
+    );
+    for ttl in ["0s", "100000h"] {
+        let r = dev(&["--leaf-ttl", ttl]);
+        let e = r.one_line_error();
+        assert!(e.contains("--leaf-ttl") && !e.contains("leaf_ttl"), "{e}");
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for flag in ["--listen", "--admin-listen"] {
+        let r = dev(&[flag, &addr]);
+        let e = r.one_line_error();
+        assert!(
+            e.contains(&format!("{flag} {addr}")) && !e.contains("listen`"),
+            "{e}"
+        );
+    }
+    let dir = TempDir::new("dev-data-dir");
+    std::fs::write(dir.0.join("someone-else.txt"), "x").unwrap();
+    let r = dev(&["--data-dir", dir.0.to_str().unwrap()]);
+    let e = r.one_line_error();
+    assert!(e.contains("--data-dir") && !e.contains("data_dir"), "{e}");
+}

@@ -4,8 +4,10 @@ use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::signal::unix::{signal, SignalKind};
-use ward_config::server::ServerConfig;
+use ward_config::server::{CaConfig, ServerConfig};
 use ward_config::Duration;
+use ward_control_plane::storage::StorageError;
+use ward_control_plane::ServerError;
 
 #[derive(Debug, clap::Args)]
 pub struct ServerCmd {
@@ -37,6 +39,7 @@ pub struct ServerCmd {
 }
 
 pub fn run(cmd: ServerCmd) -> anyhow::Result<()> {
+    let dev = cmd.dev;
     let (config, temp_dir) = if cmd.dev {
         let (dir, temp) = match cmd.data_dir {
             Some(d) => (d, None),
@@ -50,7 +53,8 @@ pub fn run(cmd: ServerCmd) -> anyhow::Result<()> {
                 (d.clone(), Some(d))
             }
         };
-        let mut cfg = ServerConfig::dev(dir, cmd.listen, cmd.leaf_ttl.map(|d| d.get()));
+        let leaf_ttl = cmd.leaf_ttl.map(check_leaf_ttl).transpose()?;
+        let mut cfg = ServerConfig::dev(dir, cmd.listen, leaf_ttl);
         if let Some(a) = cmd.admin_listen {
             cfg.admin.listen = a;
         }
@@ -64,7 +68,13 @@ pub fn run(cmd: ServerCmd) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     let result = rt.block_on(async move {
-        let handle = ward_control_plane::build(config).await?;
+        let handle = ward_control_plane::build(config).await.map_err(|e| {
+            if dev {
+                name_dev_flag(e)
+            } else {
+                e.into()
+            }
+        })?;
         tracing::info!("listening role=grpc addr={}", handle.grpc_addr);
         tracing::info!("listening role=admin addr={}", handle.admin_addr);
         if let Some(lines) = handle.export_lines() {
@@ -91,4 +101,49 @@ pub fn run(cmd: ServerCmd) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(d);
     }
     result
+}
+
+/// `--leaf-ttl` is refused, not clamped, outside what a config file's `[ca] leaf_ttl` allows.
+fn check_leaf_ttl(ttl: Duration) -> anyhow::Result<std::time::Duration> {
+    let max = CaConfig::default().intermediate_ttl;
+    let ttl = ttl.get();
+    if ttl < std::time::Duration::from_secs(1) || ttl > max {
+        anyhow::bail!(
+            "--leaf-ttl {}: must be at least 1s and at most the intermediate's lifetime, {}",
+            Duration(ttl),
+            Duration(max)
+        );
+    }
+    Ok(ttl)
+}
+
+/// With `--dev` there is no config file: an error names the flag that set the value, not the
+/// config key a file would have.
+fn name_dev_flag(e: ServerError) -> anyhow::Error {
+    match e {
+        ServerError::Bind { key, addr, source } => {
+            let flag = if key == "admin.listen" {
+                "--admin-listen"
+            } else {
+                "--listen"
+            };
+            anyhow::Error::new(source).context(format!("cannot listen on {flag} {addr}"))
+        }
+        ServerError::NotEmpty { dir, found } => anyhow::anyhow!(
+            "--data-dir {}: holds {found:?} and no ward state; a new CA is created only in an \
+             empty directory",
+            dir.display()
+        ),
+        // The directory checks (security rule 11) say which key they checked.
+        ServerError::Storage(StorageError::File { path, reason })
+            if reason.starts_with("data_dir ") =>
+        {
+            anyhow::anyhow!(
+                "{}: --data-dir {}",
+                path.display(),
+                &reason["data_dir ".len()..]
+            )
+        }
+        e => e.into(),
+    }
 }
