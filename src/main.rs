@@ -1,6 +1,6 @@
 //! The `ward` binary: sidecar, operator CLI and demo in one.
 
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -180,7 +180,14 @@ fn init_logging(format: LogFormat) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    if let Some(e) = cli::Output::env_error(&matches) {
+        return usage_error(&e);
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let log_format = match LogFormat::resolve(cli.log_format) {
         Ok(f) => f,
         Err(e) => return usage_error(&e),

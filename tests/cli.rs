@@ -922,6 +922,33 @@ fn completion_scripts_load() {
     assert!(run(&["completion", "tcsh"], &[]).code == Some(2));
 }
 
+/// `WARD_FORMAT` picks the output format as `--output` does; the flag wins, and a bad value
+/// is refused naming the variable.
+#[test]
+fn ward_format_sets_the_output_format() {
+    let s = DevServer::start();
+    let json = s
+        .ward_env(&["ca", "roots"], &[("WARD_FORMAT", "json")])
+        .success();
+    json.json();
+    let table = s
+        .ward_env(&["ca", "roots", "-o", "table"], &[("WARD_FORMAT", "json")])
+        .success();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&table.stdout).is_err(),
+        "{table:?}"
+    );
+
+    let bad = s.ward_env(&["ca", "roots"], &[("WARD_FORMAT", "yaml")]);
+    let e = bad.one_line_error();
+    assert!(e.contains("WARD_FORMAT") && e.contains("yaml"), "{e}");
+    assert_eq!(bad.code, Some(2), "{bad:?}");
+    // The flag wins over a bad variable too.
+    s.ward_env(&["ca", "roots", "-o", "json"], &[("WARD_FORMAT", "yaml")])
+        .success()
+        .json();
+}
+
 /// `ward server --dev` has no config file: its errors name the flag that set the value.
 #[test]
 fn dev_server_errors_name_the_flag() {

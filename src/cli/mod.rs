@@ -46,9 +46,39 @@ pub struct ServerArgs {
     /// PEM file of the CA that signs the server's certificate.
     #[arg(long = "ca-cert", env = "WARD_CACERT", value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
-    /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    /// Output format (default from WARD_FORMAT, else table).
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::from_env().ok().flatten().unwrap_or_default())]
     pub output: Output,
+}
+
+impl Output {
+    /// `WARD_FORMAT` (as `VAULT_FORMAT`): `None` when unset or empty.
+    fn from_env() -> Result<Option<Output>, String> {
+        match std::env::var("WARD_FORMAT") {
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Ok(v) if v.trim().is_empty() => Ok(None),
+            Ok(v) => Output::from_str(v.trim(), true).map(Some).map_err(|_| {
+                format!("WARD_FORMAT={v:?} is not an output format (expected table or json)")
+            }),
+            Err(std::env::VarError::NotUnicode(_)) => Err("WARD_FORMAT is not UTF-8".to_owned()),
+        }
+    }
+
+    /// The error for a bad `WARD_FORMAT`, if the parsed command took its format from it: the
+    /// flag wins over the variable, and commands without `--output` never read it.
+    pub fn env_error(matches: &clap::ArgMatches) -> Option<String> {
+        let mut m = matches;
+        while let Some((_, sub)) = m.subcommand() {
+            m = sub;
+        }
+        let defaulted = m.ids().any(|id| id == "output")
+            && m.value_source("output") == Some(clap::parser::ValueSource::DefaultValue);
+        if defaulted {
+            Output::from_env().err()
+        } else {
+            None
+        }
+    }
 }
 
 /// A tokio runtime for one CLI command.

@@ -73,6 +73,7 @@ pub fn run_ward(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> CliOu
         .env_remove("WARD_TOKEN")
         .env_remove("WARD_CACERT")
         .env_remove("WARD_LOG")
+        .env_remove("WARD_FORMAT")
         .env_remove("RUST_LOG");
     for (k, v) in env {
         cmd.env(k, v);
