@@ -1,11 +1,12 @@
-//! Issue 2, Build 5 and 7: drain on SIGTERM; resumed sessions are counted and authorized.
+//! Issue 2, Build 5 and 7: drain on SIGTERM; resumed sessions are counted and authorized. The
+//! server's admin listener: `GET /config`, and `POST /drain` stopping it as SIGTERM does.
 
 use ward_test_support as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::net::{http_request, is_listening, EchoApp};
+use common::net::{http_get, http_request, is_listening, EchoApp};
 use common::pki::{Pki, TRUST_DOMAIN};
 use common::proc::{ProxyConfig, TempDir, WardProcess};
 use common::tls::tls_connect;
@@ -200,4 +201,27 @@ fn post_drain_from_a_web_page_is_refused() {
         "POST /drain without Origin drains\n{}",
         s.proxy.stderr_text()
     );
+}
+
+/// `ward server` serves the proxy's admin endpoints: `GET /config` shows what it runs with (no
+/// token), and `POST /drain` stops it as SIGTERM does.
+#[test]
+fn server_admin_serves_config_and_post_drain_stops_it() {
+    let dir = TempDir::new("server-drain");
+    let mut server = common::cp::DevServer::start("server", &dir.join("data"), None);
+    let r = http_get(server.admin, "/config").unwrap();
+    assert_eq!(r.status, 200, "GET /config: {}", r.body);
+    let config: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(config["trust_domain"], TRUST_DOMAIN, "{config}");
+    assert_eq!(config["listen"], server.grpc.to_string(), "{config}");
+    assert!(!r.body.contains(&server.token), "{}", r.body);
+
+    let r = http_request(server.admin, "POST", "/drain", &[]).unwrap();
+    assert_eq!(r.status, 200, "POST /drain: {}", r.body);
+    let stopped = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        (!server.is_running()).then_some(())
+    });
+    let log = server.stderr_text();
+    assert!(stopped.is_some(), "still running after POST /drain\n{log}");
+    assert!(log.contains("stopping") && !log.contains("error"), "{log}");
 }

@@ -13,7 +13,7 @@
 //!
 //! let handle = ward_control_plane::build(cfg).await?; // binds everything, or fails naming it
 //! let _grpc = handle.grpc_addr;   // bound gRPC TLS address (port 0 in the config resolved)
-//! let _admin = handle.admin_addr; // bound admin HTTP address: GET /metrics, /ready, /live
+//! let _admin = handle.admin_addr; // bound admin HTTP address: /metrics /ready /live /config /drain
 //! let _ca = &handle.ca_file;      // <data_dir>/ca.pem: roots that verify the server (WARD_CACERT)
 //! let _addr = handle.address();   // "https://127.0.0.1:8502" (WARD_ADDR)
 //! if let Some(lines) = handle.export_lines() {
@@ -52,6 +52,7 @@
 //! [`catalog`] (registered instances), `grpc` (the tonic services and auth), [`peer`] (TLS and
 //! caller identity), [`server`] (`build`).
 
+mod admin_http;
 pub mod admin_token;
 pub mod ca;
 pub mod catalog;

@@ -2,6 +2,7 @@
 //! listener, starts the background tasks, and returns a [`ServerHandle`] with the bound
 //! addresses and a shutdown trigger.
 
+use crate::admin_http::{self, ServerAdmin};
 use crate::admin_token::{self, AdminToken};
 use crate::ca::{Ca, CaMaterial};
 use crate::catalog::Catalog;
@@ -13,11 +14,8 @@ use crate::intentions::{self, Intentions};
 use crate::metrics::Metrics;
 use crate::peer::{mesh_peer, tls_config, MeshConn, PeerInfo, ServerCert};
 use crate::storage::{self, Initial, RedbStorage, Storage, StorageError, STATE_FILE};
-use bytes::Bytes;
-use http_body_util::Full;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -29,9 +27,6 @@ use ward_proxy::handshakes::HandshakeSlots;
 
 /// The roots bundle written on every start, for `WARD_CACERT` and `control_plane.ca_file`.
 pub const CA_FILE: &str = "ca.pem";
-
-/// Admin HTTP connections served at once; scrapes and probes need few.
-const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +67,7 @@ pub enum ServerError {
 pub struct ServerHandle {
     /// The bound gRPC (TLS) address.
     pub grpc_addr: SocketAddr,
-    /// The bound admin HTTP address (`/metrics`, `/ready`, `/live`).
+    /// The bound admin HTTP address (`/metrics`, `/ready`, `/live`, `/config`, `POST /drain`).
     pub admin_addr: SocketAddr,
     /// `<data_dir>/ca.pem`: the roots that verify the server's certificate.
     pub ca_file: PathBuf,
@@ -115,6 +110,15 @@ impl ServerHandle {
     /// Starts a graceful stop: listeners close, streams end, `/ready` answers 503.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
+    }
+
+    /// Resolves once a graceful stop has been asked for ([`ServerHandle::shutdown`] or the admin
+    /// API's `POST /drain`).
+    pub fn stop_requested(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.subscribe();
+        async move {
+            stopped(&mut rx).await;
+        }
     }
 
     /// Waits until the server has stopped (after [`ServerHandle::shutdown`] or a failure) and
@@ -401,16 +405,28 @@ pub async fn build(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         cfg.limits.max_message_size,
         shutdown_rx.clone(),
     )));
-    let ready = Arc::new(AtomicBool::new(true));
-    tasks.push(tokio::spawn(serve_admin(
-        admin_listener,
-        ready,
+    let admin = Arc::new(ServerAdmin {
         metrics,
-        intentions,
-        catalog.clone(),
-        ca.clone(),
-        shutdown_rx.clone(),
-    )));
+        intentions: Arc::downgrade(&intentions),
+        catalog: Arc::downgrade(&catalog),
+        ca: ca.clone(),
+        shutdown: shutdown_tx.clone(),
+        fixed: admin_http::fixed_config(&cfg, grpc_addr),
+    });
+    drop(intentions);
+    let mut admin_stop = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        ward_proxy::admin::serve(
+            admin_listener,
+            admin,
+            cfg.admin.listen.ip().is_loopback(),
+            async move {
+                stopped(&mut admin_stop).await;
+            },
+        )
+        .await;
+        Ok(())
+    }));
     tasks.push(tokio::spawn(housekeeping(
         catalog,
         server_cert,
@@ -581,93 +597,6 @@ async fn housekeeping(
             }
         }
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn serve_admin(
-    listener: TcpListener,
-    ready: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
-    intentions: Arc<Intentions>,
-    catalog: Arc<Catalog>,
-    ca: Arc<Ca>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ServerError> {
-    use hyper::{Method, Response, StatusCode};
-    let weak_intentions = Arc::downgrade(&intentions);
-    let weak_catalog = Arc::downgrade(&catalog);
-    drop((intentions, catalog));
-    let ca_expiry = ca.intermediate_not_after().unix_timestamp();
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        let (tcp, remote) = tokio::select! {
-            () = stopped(&mut shutdown) => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let ready = ready.clone();
-        let metrics = metrics.clone();
-        let wi = weak_intentions.clone();
-        let wc = weak_catalog.clone();
-        let stop = shutdown.clone();
-        // Bounded: at most MAX_ADMIN_CONNECTIONS at once, finished ones reaped.
-        while conns.try_join_next().is_some() {}
-        if conns.len() >= MAX_ADMIN_CONNECTIONS {
-            continue;
-        }
-        conns.spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let ready = ready.load(Ordering::Relaxed) && !*stop.borrow();
-                    // Security rule 13 (admin listener, docs/security.md): a browser sends `Origin`
-                    // with every cross-site POST; a page open on this host must not reach an admin
-                    // write through loopback. Only reads (GET, HEAD) may carry it.
-                    let from_a_web_page = !matches!(*req.method(), Method::GET | Method::HEAD)
-                        && req.headers().contains_key(hyper::header::ORIGIN);
-                    let (status, body) = match (req.method(), req.uri().path()) {
-                        _ if from_a_web_page => (StatusCode::FORBIDDEN, "forbidden\n".to_owned()),
-                        (&Method::GET, "/live") => (StatusCode::OK, "live\n".to_owned()),
-                        (&Method::GET, "/ready") if ready => (StatusCode::OK, "ready\n".to_owned()),
-                        (&Method::GET, "/ready") => {
-                            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
-                        }
-                        (&Method::GET, "/metrics") => {
-                            let n_int = wi.upgrade().map_or(0, |i| i.snapshot().rules.len());
-                            let n_inst = wc.upgrade().map_or(0, |c| c.snapshot().instances.len());
-                            (StatusCode::OK, metrics.render(n_int, n_inst, ca_expiry))
-                        }
-                        (_, "/live" | "/ready" | "/metrics") => (
-                            StatusCode::METHOD_NOT_ALLOWED,
-                            "method not allowed\n".to_owned(),
-                        ),
-                        _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
-                    };
-                    let resp = Response::builder()
-                        .status(status)
-                        .header("content-type", "text/plain; version=0.0.4")
-                        .body(Full::new(Bytes::from(body)));
-                    async move { resp }
-                });
-            let io = hyper_util::rt::TokioIo::new(tcp);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
-                .max_buf_size(16 * 1024)
-                .serve_connection(io, svc);
-            match tokio::time::timeout(Duration::from_secs(30), conn).await {
-                Ok(Err(e)) => tracing::debug!(%remote, error = %e, "admin connection ended"),
-                Err(_) => tracing::debug!(%remote, "admin connection closed after 30 s"),
-                Ok(Ok(())) => {}
-            }
-        });
-    }
-    conns.abort_all();
-    Ok(())
 }
 
 /// The first entry of `dir` that is not one of ward's own temporary files.

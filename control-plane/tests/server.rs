@@ -681,7 +681,6 @@ async fn register_takes_the_identity_from_the_certificate() {
 
 #[tokio::test]
 async fn admin_http_endpoints() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let h = start(dir.path()).await;
     for (path, want) in [
@@ -690,14 +689,7 @@ async fn admin_http_endpoints() {
         ("/metrics", "200"),
         ("/x", "404"),
     ] {
-        let mut s = tokio::net::TcpStream::connect(h.admin_addr).await.unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
+        let out = admin_request(h.admin_addr, "GET", path, "").await;
         assert!(
             out.starts_with(&format!("HTTP/1.1 {want}")),
             "{path}: {out}"
@@ -710,11 +702,107 @@ async fn admin_http_endpoints() {
     h.stop().await.unwrap();
 }
 
+/// One request on a fresh connection to the admin listener, with `headers` (`name: value\r\n`
+/// lines); the whole answer.
+async fn admin_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\n{headers}content-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// `GET /config` shows what the server runs with, and never a key or a token.
+#[tokio::test]
+async fn admin_config_shows_the_running_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let out = admin_request(h.admin_addr, "GET", "/config", "").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let body = out.split_once("\r\n\r\n").unwrap().1;
+    let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    assert_eq!(v["listen"], h.grpc_addr.to_string(), "{v}");
+    assert_eq!(v["trust_domain"], "ward.local", "{v}");
+    assert_eq!(v["storage"]["backend"], "embedded", "{v}");
+    assert_eq!(v["intentions"]["default"], "deny", "{v}");
+    assert!(v["intentions"]["version"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["limits"]["max_connections"], 100_000, "{v}");
+    assert_eq!(v["limits"]["handshake_timeout"], "10s", "{v}");
+    let roots = v["roots"].as_array().unwrap();
+    assert_eq!(roots.len(), 1, "{v}");
+    let ca_pem = std::fs::read_to_string(&h.ca_file).unwrap();
+    let (_, root) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).unwrap();
+    let root = root.parse_x509().unwrap();
+    assert_eq!(roots[0]["serial"], hex::encode(root.raw_serial()), "{v}");
+    assert!(
+        roots[0]["not_after"].as_str().unwrap().ends_with('Z'),
+        "{v}"
+    );
+    assert!(!body.contains(h.admin_token().unwrap()), "{body}");
+    assert!(
+        !body.contains("PRIVATE KEY") && !body.contains("BEGIN"),
+        "{body}"
+    );
+    h.stop().await.unwrap();
+}
+
+/// `POST /drain` starts the same graceful stop as SIGTERM: it is answered, then the server stops.
+#[tokio::test]
+async fn admin_post_drain_stops_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let stop_requested = h.stop_requested();
+    let out = admin_request(h.admin_addr, "POST", "/drain", "").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    tokio::time::timeout(Duration::from_secs(10), stop_requested)
+        .await
+        .expect("POST /drain asks for the stop");
+    tokio::time::timeout(Duration::from_secs(10), h.wait())
+        .await
+        .expect("the server stops within 10 s")
+        .unwrap();
+}
+
+/// Security rule 13 (admin listener, docs/security.md): on a non-loopback `[admin] listen` only the
+/// public GETs are served, even to a loopback peer.
+#[tokio::test]
+async fn admin_config_and_drain_are_refused_on_a_non_loopback_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.admin.listen = "0.0.0.0:0".parse().unwrap();
+    let h = build(cfg).await.expect("server starts");
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], h.admin_addr.port()));
+    for (method, path, want) in [
+        ("GET", "/config", "403"),
+        ("POST", "/drain", "403"),
+        ("GET", "/ready", "200"),
+    ] {
+        let out = admin_request(admin, method, path, "").await;
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {want}")),
+            "{method} {path}: {out}"
+        );
+    }
+    h.stop().await.unwrap();
+}
+
 /// Security rule 13 (admin listener, docs/security.md): an admin POST that carries `Origin` (every
 /// cross-site browser POST does) is refused with 403; without it the answer is what it always was.
 #[tokio::test]
 async fn admin_posts_from_a_web_page_are_forbidden() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let h = start(dir.path()).await;
     for (method, origin, want) in [
@@ -723,18 +811,8 @@ async fn admin_posts_from_a_web_page_are_forbidden() {
         ("POST", None, "405"),
         ("GET", Some("http://evil.example"), "200"),
     ] {
-        let mut s = tokio::net::TcpStream::connect(h.admin_addr).await.unwrap();
         let origin_line = origin.map_or(String::new(), |o| format!("origin: {o}\r\n"));
-        s.write_all(
-            format!(
-                "{method} /metrics HTTP/1.1\r\nhost: x\r\n{origin_line}content-length: 0\r\nconnection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
+        let out = admin_request(h.admin_addr, method, "/metrics", &origin_line).await;
         assert!(
             out.starts_with(&format!("HTTP/1.1 {want}")),
             "{method} with origin {origin:?}: {out}"

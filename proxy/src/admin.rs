@@ -1,5 +1,6 @@
-//! The admin listener: /live, /ready, /metrics, /config, POST /drain (reference:
-//! docs/admin-api.md). /config and /drain answer loopback peers only; on a non-loopback listen
+//! The admin listener of `ward proxy` and `ward server`: /live, /ready, /metrics, /config, POST
+//! /drain (reference: docs/admin-api.md). Both serve the same paths under the same access rules
+//! through [`serve`]: /config and /drain answer loopback peers only; on a non-loopback listen
 //! address only GET /metrics, /ready and /live are served, and a POST that carries `Origin` (sent
 //! by a browser page) is refused (security rule 13, admin listener, docs/security.md).
 
@@ -7,21 +8,33 @@ use crate::inputs::ProxyInputs;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// At most this many admin connections at once; the admin API must not compete with traffic.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
-pub struct Admin {
-    pub inputs: Arc<ProxyInputs>,
-    pub prometheus: Option<PrometheusHandle>,
-    pub local_only: bool,
+/// How long a connection may stay open, and how long a request in flight when the listener
+/// stops may take to be answered.
+const CONNECTION_TIME: Duration = Duration::from_secs(30);
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
+/// What one admin listener answers; the proxy and `ward server` each implement it.
+pub trait Endpoints: Send + Sync + 'static {
+    /// `GET /ready`: `Ok` answers 200, `Err(why)` 503 with `why` as the body.
+    fn ready(&self) -> Result<(), &'static str>;
+    /// `GET /metrics`: Prometheus text format 0.0.4.
+    fn metrics(&self) -> String;
+    /// `GET /config`: what the process runs with; never a key, a token or a token hash.
+    fn config(&self) -> serde_json::Value;
+    /// `POST /drain`: starts the same drain as SIGTERM.
+    fn drain(&self);
 }
 
 type Body = Full<Bytes>;
@@ -34,70 +47,147 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
         .expect("static response parts are valid")
 }
 
-impl Admin {
-    pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                continue;
-            };
-            let this = self.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, std::convert::Infallible>(this.handle(req, peer)) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(5))
-                    .max_buf_size(16 * 1024)
-                    .serve_connection(TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-                drop(permit);
+/// Serves `endpoints` until `stop` resolves; then stops accepting, lets the requests in flight be
+/// answered (the `POST /drain` that stopped it among them) and returns. `local_only`: the listen
+/// address is a loopback one (security rule 13).
+pub async fn serve<E: Endpoints>(
+    listener: TcpListener,
+    endpoints: Arc<E>,
+    local_only: bool,
+    stop: impl Future<Output = ()>,
+) {
+    let stopping = CancellationToken::new();
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut stop => break,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        while conns.try_join_next().is_some() {}
+        if conns.len() >= MAX_ADMIN_CONNECTIONS {
+            continue;
+        }
+        let endpoints = endpoints.clone();
+        let stopping = stopping.clone();
+        conns.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let resp = answer(&*endpoints, &req, local_only, peer);
+                async move { Ok::<_, std::convert::Infallible>(resp) }
             });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "admin connection ended");
+                    }
+                    return;
+                }
+                () = tokio::time::sleep(CONNECTION_TIME) => return,
+                () = stopping.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = tokio::time::timeout(ANSWER_GRACE, conn).await;
+        });
+    }
+    drop(listener);
+    stopping.cancel();
+    let _ = tokio::time::timeout(ANSWER_GRACE, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+fn answer<E: Endpoints, B>(
+    endpoints: &E,
+    req: &Request<B>,
+    local_only: bool,
+    peer: SocketAddr,
+) -> Response<Body> {
+    if !allowed(req.method(), req.uri().path(), local_only, peer) || from_a_web_page(req) {
+        return reply(StatusCode::FORBIDDEN, "text/plain", "forbidden\n");
+    }
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => reply(StatusCode::OK, "text/plain", "live\n"),
+        (&Method::GET, "/ready") => match endpoints.ready() {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n"),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
+        },
+        (&Method::GET, "/metrics") => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            endpoints.metrics(),
+        ),
+        (&Method::GET, "/config") => {
+            let body = serde_json::to_vec_pretty(&endpoints.config()).unwrap_or_default();
+            reply(StatusCode::OK, "application/json", body)
+        }
+        (&Method::POST, "/drain") => {
+            endpoints.drain();
+            reply(StatusCode::OK, "text/plain", "draining\n")
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/config" | "/drain") => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        ),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// The proxy's endpoints.
+pub struct Admin {
+    pub inputs: Arc<ProxyInputs>,
+    pub prometheus: Option<PrometheusHandle>,
+    pub local_only: bool,
+}
+
+impl Admin {
+    /// Serves until the process exits: the admin listener stays up through a drain.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        let local_only = self.local_only;
+        serve(listener, self, local_only, std::future::pending()).await;
+    }
+}
+
+impl Endpoints for Admin {
+    fn ready(&self) -> Result<(), &'static str> {
+        if self.inputs.is_ready() {
+            Ok(())
+        } else if self.inputs.drain.is_draining() {
+            Err("draining")
+        } else {
+            Err("not ready")
         }
     }
 
-    fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        if !allowed(req.method(), req.uri().path(), self.local_only, peer) || from_a_web_page(&req)
-        {
-            return reply(StatusCode::FORBIDDEN, "text/plain", "forbidden\n");
-        }
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, "/live") => reply(StatusCode::OK, "text/plain", "live\n"),
-            (&Method::GET, "/ready") => {
-                if self.inputs.is_ready() {
-                    reply(StatusCode::OK, "text/plain", "ready\n")
-                } else if self.inputs.drain.is_draining() {
-                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
-                } else {
-                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n")
-                }
-            }
-            (&Method::GET, "/metrics") => match &self.prometheus {
-                Some(p) => reply(StatusCode::OK, "text/plain; version=0.0.4", p.render()),
-                None => reply(StatusCode::OK, "text/plain; version=0.0.4", ""),
-            },
-            (&Method::GET, "/config") => {
-                let body = serde_json::to_vec_pretty(&crate::config_dump::dump(&self.inputs))
-                    .unwrap_or_default();
-                reply(StatusCode::OK, "application/json", body)
-            }
-            (&Method::POST, "/drain") => {
-                self.inputs.drain.begin_drain();
-                reply(StatusCode::OK, "text/plain", "draining\n")
-            }
-            (_, "/live" | "/ready" | "/metrics" | "/config" | "/drain") => reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                "method not allowed\n",
-            ),
-            _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
-        }
+    fn metrics(&self) -> String {
+        self.prometheus
+            .as_ref()
+            .map(PrometheusHandle::render)
+            .unwrap_or_default()
+    }
+
+    fn config(&self) -> serde_json::Value {
+        crate::config_dump::dump(&self.inputs)
+    }
+
+    fn drain(&self) {
+        self.inputs.drain.begin_drain();
     }
 }
 

@@ -92,6 +92,8 @@ pub fn run(cmd: ServerCmd) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            // POST /drain on the admin listener starts the same stop.
+            () = handle.stop_requested() => {}
         }
         tracing::info!("stopping");
         handle.stop().await?;
