@@ -8,6 +8,7 @@ use std::process::ExitCode;
 mod cert_inspect;
 mod cli;
 mod demo;
+mod nofile;
 mod proxy_cmd;
 
 /// `0.1.0 (abc1234)`: the version and the git revision it was built from (build.rs).

@@ -5,9 +5,6 @@ use std::path::Path;
 use tokio::signal::unix::{signal, SignalKind};
 use ward_config::proxy::ProxyConfig;
 
-/// File descriptors kept aside for listeners, files and the admin API.
-const RESERVED_FDS: u64 = 64;
-
 pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<()> {
     // Before any thread exists: which libraries the release of startup memory may touch.
     ward_proxy::startup_memory::note_startup_libraries();
@@ -29,7 +26,14 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
         ward_config::proxy::CredentialSource::Files { .. } => None,
     };
     // Warn only once the proxy is up: a config or bind error stays the one line on stderr.
-    let capped = fit_connection_limit(&mut config);
+    // Each forwarded connection holds two sockets.
+    let limits = &mut config.limits;
+    let capped = crate::nofile::fit_connection_limit(
+        "limits.max_connections",
+        &mut limits.max_connections,
+        limits.max_connections_set,
+        2,
+    );
 
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -103,26 +107,4 @@ async fn release_startup_memory_when_ready(ready: impl Fn() -> bool) {
 
 async fn handle_drain_started(handle: &ward_proxy::ProxyHandle) {
     handle.drain_started().await
-}
-
-/// Raises the soft file limit to the hard one and caps `max_connections` to fit (security
-/// rule 15, bounds, docs/security.md); returns the warning to log when it had to cap.
-fn fit_connection_limit(config: &mut ProxyConfig) -> Option<String> {
-    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(l) => l,
-        Err(e) => return Some(format!("cannot raise the open file limit: {e}")),
-    };
-    // Each forwarded connection holds two sockets.
-    let fits = usize::try_from(limit.saturating_sub(RESERVED_FDS) / 2)
-        .unwrap_or(usize::MAX)
-        .max(1);
-    if config.limits.max_connections <= fits {
-        return None;
-    }
-    let warning = format!(
-        "limits.max_connections = {} exceeds what the open file limit {limit} allows; using {fits}",
-        config.limits.max_connections
-    );
-    config.limits.max_connections = fits;
-    Some(warning)
 }

@@ -1,5 +1,6 @@
 //! Logs of a real `ward server --dev`: `--log-format json` / `WARD_LOG_FORMAT`, no colour in a
-//! file, the level filter from `WARD_LOG` or `RUST_LOG`, a bad filter refused naming it.
+//! file, the level filter from `WARD_LOG` or `RUST_LOG`, a bad filter refused naming it; and of
+//! `ward proxy` and `ward server` at start: no open-file-limit warning for the defaults.
 
 use ward_test_support as common;
 
@@ -365,4 +366,48 @@ fn colour_only_on_a_terminal_without_no_color() {
             "NO_COLOR={no_color:?}, colour wanted: {want_colour}:\n{text}"
         );
     }
+}
+
+/// The warning of a `max_connections` capped to fit the open-file limit.
+const CAPPED: &str = "exceeds what the open file limit";
+
+/// Security rule 15 (bounds, docs/security.md): the defaults are capped silently to fit the
+/// open-file limit; only a value the operator wrote is worth a warning.
+#[test]
+fn proxy_defaults_start_without_a_file_limit_warning() {
+    let inv = common::Inventory::start("logs-proxy-defaults");
+    // Asserting that something does not happen: the warning would follow the listening lines.
+    std::thread::sleep(Duration::from_millis(300));
+    let text = inv.proxy.stderr_text();
+    assert!(!text.contains(CAPPED), "warning with the defaults:\n{text}");
+}
+
+#[test]
+fn proxy_max_connections_set_above_the_file_limit_warns() {
+    let dir = TempDir::new("logs-proxy-capped");
+    let pki = common::pki::Pki::new(common::pki::TRUST_DOMAIN);
+    let files = common::write_tls_files(&dir, "inventory", &pki, &pki.leaf("inventory"));
+    let app = common::net::EchoApp::start();
+    let config = dir.join("inventory.toml");
+    let toml = common::proc::ProxyConfig::new("inventory", &files.cert, &files.key, &files.ca)
+        .inbound("127.0.0.1:0", app.addr)
+        .to_toml();
+    // More than any open-file limit allows (two descriptors a connection).
+    std::fs::write(&config, toml + "\n[limits]\nmax_connections = 16777216\n").unwrap();
+    let proxy = common::proc::WardProcess::start("inventory", &config, &["inbound"]);
+    let line = proxy.wait_for_stderr(0, Duration::from_secs(10), |l| l.contains(CAPPED));
+    let line = line.unwrap_or_else(|| panic!("no warning:\n{}", proxy.stderr_text()));
+    assert!(
+        line.contains("WARN") && line.contains("limits.max_connections = 16777216"),
+        "{line}"
+    );
+}
+
+#[test]
+fn server_defaults_start_without_a_file_limit_warning() {
+    let server = Server::start("logs-server-defaults", &[], &[], &[]);
+    // Asserting that something does not happen: the warning would follow the listening lines.
+    std::thread::sleep(Duration::from_millis(300));
+    let text = server.text();
+    assert!(!text.contains(CAPPED), "warning with the defaults:\n{text}");
 }

@@ -94,6 +94,9 @@ pub struct AdminConfig {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
+    /// The file sets `max_connections`: capping it to fit the open-file limit is worth a
+    /// warning then, and silent for the default.
+    pub max_connections_set: bool,
     pub handshake_timeout: std::time::Duration,
     pub idle_timeout: std::time::Duration,
     pub drain_timeout: std::time::Duration,
@@ -114,6 +117,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 100_000,
+            max_connections_set: false,
             handshake_timeout: std::time::Duration::from_secs(10),
             idle_timeout: std::time::Duration::from_secs(3600),
             drain_timeout: std::time::Duration::from_secs(30),
@@ -401,6 +405,7 @@ impl ProxyConfig {
                     l.max_connections,
                     limits.max_connections,
                 )?,
+                max_connections_set: l.max_connections.is_some(),
                 handshake_timeout: nonzero(
                     "handshake_timeout",
                     l.handshake_timeout,
@@ -554,6 +559,10 @@ handshake_timeout = "2s"
             std::time::Duration::from_secs(2)
         );
         assert_eq!(c.limits.max_connections, 100_000);
+        assert!(!c.limits.max_connections_set);
+        let set = parse(&GOOD.replace("[limits]\n", "[limits]\nmax_connections = 7\n")).unwrap();
+        assert_eq!(set.limits.max_connections, 7);
+        assert!(set.limits.max_connections_set);
         let CredentialSource::Files { tls, intentions } = c.credentials else {
             panic!("files")
         };

@@ -97,6 +97,9 @@ pub struct ServerAdminConfig {
 pub struct ConnectionLimits {
     /// Connections open at once, handshaking or established.
     pub max_connections: usize,
+    /// The file sets `max_connections`: capping it to fit the open-file limit is worth a
+    /// warning then, and silent for the default.
+    pub max_connections_set: bool,
     /// TLS handshakes in progress.
     pub max_pending_handshakes: usize,
     /// TLS handshakes in progress from one source IP.
@@ -109,6 +112,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_connections: 100_000,
+            max_connections_set: false,
             max_pending_handshakes: 1024,
             max_pending_handshakes_per_ip: 64,
             handshake_timeout: std::time::Duration::from_secs(10),
@@ -296,6 +300,7 @@ impl ServerConfig {
                 server.max_connections,
                 dl.max_connections,
             )?,
+            max_connections_set: server.max_connections.is_some(),
             max_pending_handshakes: count(
                 "server.max_pending_handshakes",
                 server.max_pending_handshakes,
@@ -592,6 +597,7 @@ listen = "127.0.0.1:8501"
         assert_eq!(c.storage, StorageConfig::Embedded);
         assert_eq!(c.catalog.max_instances_per_identity, 500);
         assert_eq!(c.connections.max_connections, 5000);
+        assert!(c.connections.max_connections_set);
         assert_eq!(c.connections.max_pending_handshakes, 512);
         assert_eq!(c.connections.max_pending_handshakes_per_ip, 16);
         assert_eq!(

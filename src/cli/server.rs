@@ -40,7 +40,7 @@ pub struct ServerCmd {
 
 pub fn run(cmd: ServerCmd) -> anyhow::Result<()> {
     let dev = cmd.dev;
-    let (config, temp_dir) = if cmd.dev {
+    let (mut config, temp_dir) = if cmd.dev {
         let (dir, temp) = match cmd.data_dir {
             Some(d) => (d, None),
             None => {
@@ -63,6 +63,14 @@ pub fn run(cmd: ServerCmd) -> anyhow::Result<()> {
         let path = cmd.config.expect("clap requires --config without --dev");
         (ServerConfig::load(&path)?, None)
     };
+    // Each gRPC connection holds one socket.
+    let limits = &mut config.connections;
+    let capped = crate::nofile::fit_connection_limit(
+        "server.max_connections",
+        &mut limits.max_connections,
+        limits.max_connections_set,
+        1,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -77,6 +85,10 @@ pub fn run(cmd: ServerCmd) -> anyhow::Result<()> {
         })?;
         tracing::info!("listening role=grpc addr={}", handle.grpc_addr);
         tracing::info!("listening role=admin addr={}", handle.admin_addr);
+        // Once up: a config or bind error stays the one line on stderr.
+        if let Some(warning) = capped {
+            tracing::warn!("{warning}");
+        }
         if let Some(lines) = handle.export_lines() {
             use std::io::Write;
             print!("{lines}");
