@@ -4,12 +4,13 @@
 //! an `http://` WARD_ADDR, a bad L7 file).
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use ward_test_support as common;
 
 use common::cp::{self, run_ward, CliOutput};
-use common::proc::TempDir;
+use common::proc::{ward_bin, TempDir};
 
 /// A `ward server --dev` of one test's own (the support crate's, on 127.0.0.1), with a temp
 /// dir for the files the test writes.
@@ -888,7 +889,7 @@ fn completion_scripts_load() {
     let script = |shell: &str| {
         let r = run(&["completion", shell], &[]);
         assert!(r.ok && !r.stdout.is_empty(), "{r:?}");
-        let path = dir.0.join(format!("ward.{shell}"));
+        let path = dir.join(&format!("ward.{shell}"));
         std::fs::write(&path, &r.stdout).unwrap();
         path
     };
@@ -900,7 +901,7 @@ fn completion_scripts_load() {
         .arg("-c")
         .arg(format!(
             "source <({} completion bash) && complete -p ward",
-            ward_bin()
+            ward_bin().display()
         ))
         .output()
         .unwrap();
@@ -986,8 +987,8 @@ fn dev_server_errors_name_the_flag() {
         );
     }
     let dir = TempDir::new("dev-data-dir");
-    std::fs::write(dir.0.join("someone-else.txt"), "x").unwrap();
-    let r = dev(&["--data-dir", dir.0.to_str().unwrap()]);
+    std::fs::write(dir.join("someone-else.txt"), "x").unwrap();
+    let r = dev(&["--data-dir", dir.path().to_str().unwrap()]);
     let e = r.one_line_error();
     assert!(e.contains("--data-dir") && !e.contains("data_dir"), "{e}");
 }
