@@ -72,7 +72,8 @@ enum Command {
         /// The proxy's TOML config file.
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
-        /// Validate the config (and load the certificate files) and exit.
+        /// Check what start would, then exit: the config, the files it reads, and that every
+        /// listen address can be bound (bound, then released).
         #[arg(long)]
         check: bool,
         /// Runtime worker threads (default: one per core).

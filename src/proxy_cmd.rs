@@ -10,10 +10,19 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
     ward_proxy::startup_memory::note_startup_libraries();
     let mut config = ProxyConfig::load(path)?;
     if check {
-        if let ward_config::proxy::CredentialSource::Files { tls, .. } = &config.credentials {
-            ward_proxy::files::load(tls, &config.service)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // What start would refuse, without starting: every file it reads, every address it binds.
+        let at = |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: {e}", path.display());
+        match &config.credentials {
+            ward_config::proxy::CredentialSource::Files { tls, .. } => {
+                ward_proxy::files::load(tls, &config.service)
+                    .map(drop)
+                    .map_err(|e| at(&e))?
+            }
+            ward_config::proxy::CredentialSource::ControlPlane(cp) => {
+                ward_control_client::check(cp, &config.service).map_err(|e| at(&e))?
+            }
         }
+        ward_proxy::check_listeners(&config).map_err(|e| at(&e))?;
         println!("{}: ok", path.display());
         return Ok(());
     }

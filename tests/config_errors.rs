@@ -379,7 +379,19 @@ fn one_caller_in_two_rules() {
 fn check_refuses_one_caller_in_two_rules() {
     let mut fx = fixture("check-same-caller");
     fx.parts.intentions = SAME_CALLER_TWICE.into();
-    let config = fx.dir.join("same-caller.toml");
+    let (ok, _, stderr) = check_config(&fx, "same-caller");
+    assert!(!ok, "--check passed:\n{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("intentions.rules[1].source") && lines[0].contains("same-caller.toml"),
+        "{stderr}"
+    );
+}
+
+/// `ward proxy --check FILE`: its exit status, stdout and stderr (colour stripped).
+fn check_config(fx: &Fixture, name: &str) -> (bool, String, String) {
+    let config = fx.dir.join(&format!("{name}.toml"));
     std::fs::write(&config, fx.parts.render()).unwrap();
     let out = std::process::Command::new(common::proc::ward_bin())
         .args(["proxy", "--check", "--config"])
@@ -387,12 +399,64 @@ fn check_refuses_one_caller_in_two_rules() {
         .env_remove("WARD_LOG")
         .output()
         .unwrap();
-    let stderr = strip_ansi(&String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "--check passed:\n{stderr}");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        strip_ansi(&String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// `--check` refuses what start would refuse: an unreadable `control_plane.token_file`, and a
+/// listen address already taken, each named in one line; a good config still prints ok.
+#[test]
+fn check_refuses_what_start_would_refuse() {
+    let mut fx = fixture("check-start");
+    let tls = fx.parts.tls.clone();
+    let token = fx.dir.join("order.token");
+    std::fs::write(&token, "a-join-token\n").unwrap();
+    let control_plane = |token: &Path| {
+        format!(
+            "[control_plane]\naddress = \"https://127.0.0.1:{}\"\nca_file = {}\ntoken_file = {}\n",
+            free_port(),
+            toml_path(&fx.dir.join("order-roots.pem")),
+            toml_path(token)
+        )
+    };
+    fx.parts.tls = control_plane(&token);
+    fx.parts.intentions = String::new();
+    let (ok, stdout, stderr) = check_config(&fx, "good");
+    assert!(ok && stdout.contains("good.toml: ok"), "{stdout}{stderr}");
+
+    let missing = fx.dir.join("missing.token");
+    fx.parts.tls = control_plane(&missing);
+    let (ok, _, stderr) = check_config(&fx, "no-token");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!ok, "--check passed without its token file:\n{stderr}");
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(
-        lines[0].contains("intentions.rules[1].source") && lines[0].contains("same-caller.toml"),
+        lines[0].contains("control_plane.token_file")
+            && lines[0].contains("missing.token")
+            && lines[0].contains("no-token.toml"),
         "{stderr}"
     );
+
+    // A port in use, with `[tls]` files: the admin listener's, then an upstream's.
+    fx.parts.tls = tls;
+    fx.parts.intentions = "[intentions]\ndefault = \"deny\"\n".into();
+    for (key, addr) in [
+        ("admin.listen", fx.admin),
+        ("upstreams[0].listen", fx.upstream),
+    ] {
+        let holder = TcpListener::bind(addr).unwrap();
+        let (ok, _, stderr) = check_config(&fx, "port-taken");
+        drop(holder);
+        assert!(!ok, "--check passed with {addr} taken:\n{stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(&addr.to_string()),
+            "{stderr}"
+        );
+        assert_eq!(stderr.lines().filter(|l| !l.trim().is_empty()).count(), 1);
+    }
+    let (ok, stdout, stderr) = check_config(&fx, "port-free");
+    assert!(ok && stdout.contains(": ok"), "{stdout}{stderr}");
 }

@@ -68,7 +68,26 @@ fn read_token(path: &Path) -> Result<String, ClientError> {
     Ok(token.to_owned())
 }
 
+fn read_key(path: &Path) -> Result<KeyPair, ClientError> {
+    let pem =
+        std::fs::read_to_string(path).map_err(|e| state_err(path, format!("cannot read: {e}")))?;
+    KeyPair::from_pem(&pem).map_err(|_| state_err(path, "holds no usable private key"))
+}
+
 impl Identity {
+    /// The files [`Identity::prepare`] reads, read and written nothing: a key and valid
+    /// certificate kept in `state_dir` need no token, else the token file must be readable.
+    pub fn check(cfg: &ControlPlaneConfig, service: &ServiceConfig) -> Result<(), ClientError> {
+        if let Some(dir) = &cfg.state_dir {
+            let key_path = dir.join(KEY_FILE);
+            if key_path.exists() && load_stored(dir, &read_key(&key_path)?, service).is_some() {
+                return Ok(());
+            }
+        }
+        let path = cfg.token_file.as_ref().ok_or(ClientError::NoToken)?;
+        read_token(path).map(drop)
+    }
+
     pub fn prepare(cfg: &ControlPlaneConfig, service: &ServiceConfig) -> Result<Self, ClientError> {
         let mut key = None;
         let mut stored = None;
@@ -81,12 +100,7 @@ impl Identity {
                 use std::os::unix::fs::PermissionsExt;
                 std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
                     .map_err(|e| state_err(&key_path, format!("cannot set mode 0600: {e}")))?;
-                let pem = std::fs::read_to_string(&key_path)
-                    .map_err(|e| state_err(&key_path, format!("cannot read: {e}")))?;
-                key = Some(
-                    KeyPair::from_pem(&pem)
-                        .map_err(|_| state_err(&key_path, "holds no usable private key"))?,
-                );
+                key = Some(read_key(&key_path)?);
                 stored = load_stored(dir, key.as_ref().expect("just set"), service);
             }
         }

@@ -57,6 +57,13 @@ pub fn prepare(cfg: &ControlPlaneConfig, service: &ServiceConfig) -> Result<Prep
     })
 }
 
+/// What [`prepare`] checks, for `ward proxy --check`: the server's CA file and address, and the
+/// join token unless `state_dir` holds a valid certificate. Writes nothing.
+pub fn check(cfg: &ControlPlaneConfig, service: &ServiceConfig) -> Result<(), ClientError> {
+    channel::ServerTarget::new(cfg, service.trust_domain.clone())?;
+    identity::Identity::check(cfg, service)
+}
+
 /// Runs until `stop` fires: gets the first certificate, then keeps it renewed and the watches
 /// open.
 pub async fn run(prepared: Prepared, mesh: MeshHandles, stop: CancellationToken) {

@@ -51,6 +51,35 @@ async fn bind(key: String, addr: SocketAddr) -> Result<TcpListener, BuildError> 
         .map_err(|source| BuildError::Bind { key, addr, source })
 }
 
+/// Every address the proxy listens on, with its config key: the admin listener, the inbound
+/// (if any), then the upstreams in order.
+fn listen_keys(config: &ProxyConfig) -> Vec<(String, SocketAddr)> {
+    let mut keys = vec![("admin.listen".to_owned(), config.admin.listen)];
+    if let Some(i) = &config.inbound {
+        keys.push(("inbound.listen".to_owned(), i.listen));
+    }
+    for (n, u) in config.upstreams.iter().enumerate() {
+        keys.push((format!("upstreams[{n}].listen"), u.listen));
+    }
+    keys
+}
+
+/// Binds every listener of `config` at once, as [`build`] would, and releases them: a port
+/// already in use (or used twice in the config) is the same error start would give.
+pub fn check_listeners(config: &ProxyConfig) -> Result<(), BuildError> {
+    let mut held = Vec::new();
+    for (key, addr) in listen_keys(config) {
+        held.push(
+            std::net::TcpListener::bind(addr).map_err(|source| BuildError::Bind {
+                key,
+                addr,
+                source,
+            })?,
+        );
+    }
+    Ok(())
+}
+
 /// Builds and starts the proxy. Must run inside a tokio runtime.
 pub async fn build(
     config: ProxyConfig,
@@ -80,15 +109,14 @@ pub async fn build(
     };
 
     // Bind everything before serving anything.
-    let admin_listener = bind("admin.listen".into(), config.admin.listen).await?;
-    let inbound_listener = match &config.inbound {
-        Some(i) => Some(bind("inbound.listen".into(), i.listen).await?),
-        None => None,
-    };
-    let mut upstream_listeners = Vec::new();
-    for (n, u) in config.upstreams.iter().enumerate() {
-        upstream_listeners.push(bind(format!("upstreams[{n}].listen"), u.listen).await?);
+    let mut listeners = Vec::new();
+    for (key, addr) in listen_keys(&config) {
+        listeners.push(bind(key, addr).await?);
     }
+    let mut listeners = listeners.into_iter();
+    let admin_listener = listeners.next().expect("the admin listener is first");
+    let inbound_listener = config.inbound.as_ref().and_then(|_| listeners.next());
+    let upstream_listeners: Vec<TcpListener> = listeners.collect();
 
     let inputs = Arc::new(ProxyInputs::new(
         config.service.clone(),

@@ -35,5 +35,5 @@ pub mod outbound;
 pub mod startup_memory;
 pub mod tls;
 
-pub use app::{build, BuildError, MeshHandles, ProxyHandle};
+pub use app::{build, check_listeners, BuildError, MeshHandles, ProxyHandle};
 pub(crate) use ward_config::time::now_unix;
