@@ -156,3 +156,65 @@ fn demo_refuses_attacks_confirms_an_order_and_stops_on_ctrl_c() {
         );
     }
 }
+
+/// `ward demo --once` tells the whole story and exits: after the order, the intention turns to
+/// deny (an open connection closed, the next order refused, the caller's sidecar saying why),
+/// is allowed again, and a certificate renews under traffic.
+#[test]
+fn demo_once_turns_the_intention_to_deny_and_back_and_renews_a_certificate() {
+    let mut demo = Demo(
+        Command::new(env!("CARGO_BIN_EXE_ward"))
+            .args(["demo", "--once"])
+            .env_remove("WARD_FORMAT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("ward demo starts"),
+    );
+    let rx = lines_of(&mut demo.0);
+    let seen = read_until(
+        &rx,
+        "stopping the sidecars",
+        Instant::now() + Duration::from_secs(120),
+    );
+    let text = seen.join("\n");
+    let exit = exit_of(&mut demo.0);
+    assert!(
+        exit.is_some_and(|e| e.success()),
+        "ward demo --once: {exit:?}\n{text}"
+    );
+    // The story's lines, in this order.
+    let story = [
+        "order confirmed: 1 x widget",
+        "the operator turns order -> inventory to deny:",
+        "$ ward intention create --source order --destination inventory --action deny --replace",
+        "written at version",
+        "the open connection was closed",
+        "the next order: HTTP/1.1 502",
+        "order's sidecar says why:",
+        "metric: ward_tls_handshakes_total{",
+        "log:",
+        "the operator allows it again:",
+        "--action allow --replace",
+        "order confirmed: 1 x widget",
+        "renewed: serial",
+        "0 failed",
+        "demo succeeded",
+    ];
+    let mut at = 0;
+    for want in story {
+        match seen[at..].iter().position(|l| l.contains(want)) {
+            Some(i) => at += i + 1,
+            None => panic!("missing, or out of order: {want:?}\n{text}"),
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("log:") && l.contains("access_denied")),
+        "the caller's log line names the alert:\n{text}"
+    );
+    assert!(
+        !text.contains("Ctrl-C to stop."),
+        "--once stays up:\n{text}"
+    );
+}

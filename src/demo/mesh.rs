@@ -11,6 +11,8 @@ use ward_proto::v1;
 
 pub struct Mesh {
     pub cp: ControlPlane,
+    /// The admin token, for the `ward intention` commands the demo runs as an operator would.
+    pub admin_token: String,
     admin: admin::Admin,
 }
 
@@ -34,7 +36,7 @@ impl Mesh {
             .ok_or_else(|| anyhow::anyhow!("the dev server printed no WARD_TOKEN"))?;
         let args = ServerArgs {
             address: Some(address.clone()),
-            token: Some(token),
+            token: Some(token.clone()),
             token_file: None,
             ca_cert: Some(ca_file.clone()),
             output: Output::Table,
@@ -42,6 +44,7 @@ impl Mesh {
         let admin = admin::connect(&args).await?;
         Ok(Self {
             cp: ControlPlane { address, ca_file },
+            admin_token: token,
             admin,
         })
     }

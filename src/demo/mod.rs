@@ -1,10 +1,11 @@
 //! `ward demo`: the README's scenario on one machine. A dev `ward server`, two sample services
 //! each behind a real `ward proxy` process that got its identity from a join token, an intention
 //! order -> inventory, and a rogue client that tries the attacks; then an order placed through
-//! the mesh.
+//! the mesh, the intention turned to deny and back, and a certificate renewal under traffic.
 
 mod apps;
 mod mesh;
+mod operator;
 mod pki;
 mod proxies;
 mod rogue;
@@ -14,6 +15,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+
+/// The leaf lifetime of the demo's server: short, so that a renewal comes within the story.
+const LEAF_TTL: &str = "20s";
 
 pub fn run(once: bool, log_format: crate::LogFormat) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -59,7 +63,7 @@ async fn story(
     let server = children.start_server(dir)?;
     let mut mesh = mesh::Mesh::connect(&server.stdout).await?;
     println!(
-        "  dev control plane {} (CA: root -> intermediate; leaves ECDSA P-256, 24 h)",
+        "  dev control plane {} (CA: root -> intermediate; leaves ECDSA P-256, {LEAF_TTL})",
         mesh.cp.address
     );
     let inventory_token = mesh.token_file(dir.path(), "inventory").await?;
@@ -156,7 +160,23 @@ async fn story(
         }
     };
     println!();
-    let ok = refused == attempts.len() && reached == 0 && confirmed;
+
+    let scene = operator::Scene {
+        cli_env: vec![
+            ("WARD_ADDR", mesh.cp.address.clone()),
+            ("WARD_TOKEN", mesh.admin_token.clone()),
+            ("WARD_CACERT", mesh.cp.ca_file.display().to_string()),
+        ],
+        order_app,
+        upstream,
+        order_admin: order.addr("admin"),
+        inventory_admin: inventory.addr("admin"),
+        inventory_hits: inventory_hits.clone(),
+        order_log: dir.path().join("order.log"),
+    };
+    let flipped = confirmed && operator::deny_then_allow(&scene).await?;
+    let renewed = flipped && operator::renewal_under_traffic(&scene, LEAF_TTL).await;
+    let ok = refused == attempts.len() && reached == 0 && confirmed && flipped && renewed;
     println!("demo {}", if ok { "succeeded" } else { "FAILED" });
 
     if !once && ok {

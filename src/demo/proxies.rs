@@ -184,6 +184,8 @@ impl Children {
             "127.0.0.1:0".as_ref(),
             "--admin-listen".as_ref(),
             "127.0.0.1:0".as_ref(),
+            "--leaf-ttl".as_ref(),
+            super::LEAF_TTL.as_ref(),
         ];
         self.spawn(dir, "server", &args, &["grpc", "admin"], 3)
     }
