@@ -361,7 +361,7 @@ fn a_caller_the_inbound_denies_counts_and_logs_the_refusal_on_a_tunnel() {
 
 /// Refuses every client certificate as an intention deny does (access_denied).
 #[derive(Debug)]
-struct DenyEveryone(Arc<rustls::crypto::CryptoProvider>);
+struct DenyEveryone;
 
 impl rustls::server::danger::ClientCertVerifier for DenyEveryone {
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
@@ -377,25 +377,7 @@ impl rustls::server::danger::ClientCertVerifier for DenyEveryone {
             rustls::CertificateError::ApplicationVerificationFailure,
         ))
     }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    ward_proxy::tls13_signatures!();
 }
 
 /// The same on a plain connection: a TLS inbound that is not ward (it selects no ALPN) and
@@ -410,7 +392,7 @@ fn a_caller_the_inbound_denies_counts_and_logs_the_refusal_on_a_plain_connection
         rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
-            .with_client_cert_verifier(Arc::new(DenyEveryone(provider())))
+            .with_client_cert_verifier(Arc::new(DenyEveryone))
             .with_single_cert(id.chain_der.clone(), id.key_der())
             .unwrap(),
     );

@@ -293,7 +293,7 @@ impl Upstream {
             )),
             Err(e) => {
                 let result = tls::verify::result_of(&e);
-                unanswered.settle(result, None, &format_args!("{e:?}"));
+                unanswered.settle(result, None, &e);
                 Err(Attempt::Failed)
             }
         }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod credentials;
 pub mod large_reads;
+pub mod signatures;
 pub mod svid;
 pub mod tickets;
 pub mod verify;

@@ -2,21 +2,19 @@
 //! (chain to our roots, validity, SVID rules); on the inbound it also asks the intentions
 //! snapshot, so a denied caller fails inside the handshake with an `access_denied` alert.
 //!
-//! Each fault maps to one rustls error whose alert docs/security.md ("Handshake refusals")
-//! names, and [`classify`] maps that error back to exactly one handshake result label.
+//! Each refusal is one row of [`REFUSALS`]: the rustls error the verifier returns, the alert
+//! rustls sends for it (as docs/security.md, "Handshake refusals", names it), the handshake
+//! result label it counts as, and its words in the logs.
 
 use super::credentials::{chain_key, CredentialStore, Credentials};
 use super::svid::{check_leaf, path_validity, LeafInfo, PathValidity, SvidError};
 use crate::intentions::IntentionStore;
 use crate::metrics::HandshakeResult;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme,
-};
+use rustls::{AlertDescription, CertificateError, DistinguishedName};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use ward_config::{Name, SpiffeId};
 
 /// Why a peer certificate was refused.
@@ -38,22 +36,176 @@ pub enum VerifyError {
     BadCertificate,
 }
 
+/// Every kind of handshake refusal: the key of [`REFUSALS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The client sent no certificate (rustls refuses it before any verifier runs).
+    NoClientCert,
+    UnknownCa,
+    Expired,
+    BadIdentity,
+    WrongService,
+    Denied,
+    NotReady,
+    BadCertificate,
+}
+
+/// How a refusal reaches rustls, which picks the alert from it.
+enum Raised {
+    Certificate(CertificateError),
+    /// `rustls::Error::NoCertificatesPresented`, raised by rustls itself.
+    NoCertificate,
+    /// `rustls::Error::General` with the row's words: not a certificate fault.
+    General,
+}
+
+/// One row of [`REFUSALS`].
+pub struct RefusalRow {
+    pub refusal: Refusal,
+    raised: Raised,
+    /// The alert rustls sends for `raised` (the tests hold it to what rustls does).
+    pub alert: AlertDescription,
+    /// The `ward_tls_handshakes_total` result it counts as.
+    pub result: HandshakeResult,
+    /// What a log line says about it.
+    pub words: &'static str,
+}
+
+/// The one table of handshake refusals, the contract of docs/security.md ("Handshake
+/// refusals"): `From<VerifyError>`, [`classify`], [`result_of`] and [`result_of_alert`] all
+/// read it, so an alert, its metric label and its log line cannot drift apart. A received
+/// alert reads as the first row that sends it: identity faults come before the other
+/// certificate faults, which are rare enough not to blur `bad_certificate`.
+static REFUSALS: [RefusalRow; 8] = [
+    RefusalRow {
+        refusal: Refusal::Denied,
+        raised: Raised::Certificate(CertificateError::ApplicationVerificationFailure),
+        alert: AlertDescription::AccessDenied,
+        result: HandshakeResult::Denied,
+        words: "intentions deny the caller",
+    },
+    RefusalRow {
+        refusal: Refusal::UnknownCa,
+        raised: Raised::Certificate(CertificateError::UnknownIssuer),
+        alert: AlertDescription::UnknownCA,
+        result: HandshakeResult::UnknownCa,
+        words: "the chain does not lead to our roots",
+    },
+    RefusalRow {
+        refusal: Refusal::Expired,
+        raised: Raised::Certificate(CertificateError::Expired),
+        alert: AlertDescription::CertificateExpired,
+        result: HandshakeResult::Expired,
+        words: "a certificate of the chain is expired or not yet valid",
+    },
+    RefusalRow {
+        refusal: Refusal::BadIdentity,
+        raised: Raised::Certificate(CertificateError::NotValidForName),
+        alert: AlertDescription::BadCertificate,
+        result: HandshakeResult::BadIdentity,
+        words: "not an acceptable mesh identity",
+    },
+    RefusalRow {
+        refusal: Refusal::WrongService,
+        raised: Raised::Certificate(CertificateError::NotValidForName),
+        alert: AlertDescription::BadCertificate,
+        result: HandshakeResult::BadIdentity,
+        words: "the server is not the upstream service",
+    },
+    RefusalRow {
+        refusal: Refusal::BadCertificate,
+        raised: Raised::Certificate(CertificateError::BadEncoding),
+        alert: AlertDescription::BadCertificate,
+        // Not an identity fault.
+        result: HandshakeResult::Error,
+        words: "the certificate is malformed",
+    },
+    RefusalRow {
+        refusal: Refusal::NoClientCert,
+        raised: Raised::NoCertificate,
+        alert: AlertDescription::CertificateRequired,
+        result: HandshakeResult::NoClientCert,
+        words: "no client certificate",
+    },
+    RefusalRow {
+        refusal: Refusal::NotReady,
+        raised: Raised::General,
+        alert: AlertDescription::HandshakeFailure,
+        // Not the peer's fault: counted as `error`, not `denied`.
+        result: HandshakeResult::Error,
+        words: "no credentials are loaded yet",
+    },
+];
+
+impl Refusal {
+    pub fn row(self) -> &'static RefusalRow {
+        REFUSALS
+            .iter()
+            .find(|r| r.refusal == self)
+            .expect("every refusal has a row")
+    }
+}
+
+impl RefusalRow {
+    /// The error the verifier hands rustls.
+    pub fn error(&self) -> rustls::Error {
+        match &self.raised {
+            Raised::Certificate(c) => rustls::Error::InvalidCertificate(c.clone()),
+            Raised::NoCertificate => rustls::Error::NoCertificatesPresented,
+            Raised::General => rustls::Error::General(self.words.into()),
+        }
+    }
+
+    /// Whether `err` is this row's error (rustls's variants with context read as plain ones).
+    fn raised(&self, err: &rustls::Error) -> bool {
+        use CertificateError as C;
+        match (&self.raised, err) {
+            (Raised::Certificate(want), rustls::Error::InvalidCertificate(got)) => {
+                let plain = match got {
+                    C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. } => {
+                        C::Expired
+                    }
+                    C::NotValidForNameContext { .. } => C::NotValidForName,
+                    other => other.clone(),
+                };
+                *want == plain
+            }
+            (Raised::NoCertificate, rustls::Error::NoCertificatesPresented) => true,
+            (Raised::General, rustls::Error::General(message)) => message == self.words,
+            _ => false,
+        }
+    }
+}
+
+impl VerifyError {
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            VerifyError::UnknownCa => Refusal::UnknownCa,
+            VerifyError::Expired => Refusal::Expired,
+            VerifyError::BadIdentity(_) => Refusal::BadIdentity,
+            VerifyError::WrongService => Refusal::WrongService,
+            VerifyError::Denied => Refusal::Denied,
+            VerifyError::NotReady => Refusal::NotReady,
+            VerifyError::BadCertificate => Refusal::BadCertificate,
+        }
+    }
+}
+
+impl std::fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.refusal().row().words)?;
+        match self {
+            VerifyError::BadIdentity(why) => write!(f, ": {why}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
 impl From<VerifyError> for rustls::Error {
     fn from(e: VerifyError) -> Self {
-        let c = match e {
-            VerifyError::UnknownCa => CertificateError::UnknownIssuer,
-            VerifyError::Expired => CertificateError::Expired,
-            VerifyError::BadIdentity(_) | VerifyError::WrongService => {
-                CertificateError::NotValidForName
-            }
-            VerifyError::Denied => CertificateError::ApplicationVerificationFailure,
-            // Not the peer's fault: counted as `error`, not `denied`.
-            VerifyError::NotReady => {
-                return rustls::Error::General("no credentials are loaded yet".into())
-            }
-            VerifyError::BadCertificate => CertificateError::BadEncoding,
-        };
-        rustls::Error::InvalidCertificate(c)
+        e.refusal().row().error()
     }
 }
 
@@ -86,22 +238,10 @@ pub fn classify(err: &std::io::Error) -> HandshakeResult {
     else {
         return HandshakeResult::Error;
     };
-    match tls {
-        rustls::Error::NoCertificatesPresented => HandshakeResult::NoClientCert,
-        rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer => HandshakeResult::UnknownCa,
-            CertificateError::Expired
-            | CertificateError::ExpiredContext { .. }
-            | CertificateError::NotValidYet
-            | CertificateError::NotValidYetContext { .. } => HandshakeResult::Expired,
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                HandshakeResult::BadIdentity
-            }
-            CertificateError::ApplicationVerificationFailure => HandshakeResult::Denied,
-            _ => HandshakeResult::Error,
-        },
-        _ => HandshakeResult::Error,
-    }
+    REFUSALS
+        .iter()
+        .find(|r| r.raised(tls))
+        .map_or(HandshakeResult::Error, |r| r.result)
 }
 
 /// Maps an error on the caller's side of a handshake to its metric label: an alert the server sent
@@ -115,17 +255,12 @@ pub fn classify_refusal(err: &std::io::Error) -> HandshakeResult {
     }
 }
 
-/// The result a refusal alert means. `bad_certificate` stands for an identity fault (the
-/// inbound's other certificate faults are rare enough not to blur it).
+/// The result a refusal alert means (the first row of [`REFUSALS`] that sends it).
 pub fn result_of_alert(alert: AlertDescription) -> HandshakeResult {
-    match alert {
-        AlertDescription::AccessDenied => HandshakeResult::Denied,
-        AlertDescription::CertificateRequired => HandshakeResult::NoClientCert,
-        AlertDescription::UnknownCA => HandshakeResult::UnknownCa,
-        AlertDescription::CertificateExpired => HandshakeResult::Expired,
-        AlertDescription::BadCertificate => HandshakeResult::BadIdentity,
-        _ => HandshakeResult::Error,
-    }
+    REFUSALS
+        .iter()
+        .find(|r| r.alert == alert)
+        .map_or(HandshakeResult::Error, |r| r.result)
 }
 
 /// The alert's name as TLS spells it (`access_denied`), for logs.
@@ -149,15 +284,10 @@ pub fn received_alert(err: &std::io::Error) -> Option<AlertDescription> {
     }
 }
 
-fn provider_algorithms() -> &'static WebPkiSupportedAlgorithms {
-    static ALGS: OnceLock<WebPkiSupportedAlgorithms> = OnceLock::new();
-    ALGS.get_or_init(|| rustls::crypto::ring::default_provider().signature_verification_algorithms)
-}
-
 /// The signature algorithms certificate chains may use.
 pub fn signature_algorithms(
 ) -> &'static [&'static dyn rustls_pki_types::SignatureVerificationAlgorithm] {
-    provider_algorithms().all
+    super::signatures::algorithms().all
 }
 
 /// Verifies `end_entity` + `intermediates` against `creds`' roots and the SVID rules; returns
@@ -247,13 +377,7 @@ fn session_peer_at(
 /// The metric label for a refusal found outside rustls (by [`session_peer`] or an intention
 /// asked after a resumption).
 pub fn result_of(e: &VerifyError) -> HandshakeResult {
-    match e {
-        VerifyError::UnknownCa => HandshakeResult::UnknownCa,
-        VerifyError::Expired => HandshakeResult::Expired,
-        VerifyError::BadIdentity(_) | VerifyError::WrongService => HandshakeResult::BadIdentity,
-        VerifyError::Denied => HandshakeResult::Denied,
-        VerifyError::NotReady | VerifyError::BadCertificate => HandshakeResult::Error,
-    }
+    e.refusal().row().result
 }
 
 /// Inbound: requires a client certificate and decides the intention inside the handshake.
@@ -313,30 +437,7 @@ impl ClientCertVerifier for InboundVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // Mesh connections are TLS 1.3 only; the config never offers 1.2.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, provider_algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider_algorithms().supported_schemes()
-    }
+    crate::tls13_signatures!();
 }
 
 /// Outbound: the server must present exactly the SPIFFE ID of the upstream service.
@@ -386,29 +487,7 @@ impl ServerCertVerifier for OutboundVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, provider_algorithms())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider_algorithms().supported_schemes()
-    }
+    crate::tls13_signatures!();
 }
 
 #[cfg(test)]
@@ -622,6 +701,155 @@ mod tests {
         // Both are counted as unknown_ca, the alert rustls sends for UnknownIssuer.
         let err = std::io::Error::other(rustls::Error::from(VerifyError::UnknownCa));
         assert_eq!(classify(&err), HandshakeResult::UnknownCa);
+    }
+
+    /// The product's contract, written out apart from [`REFUSALS`]: each refusal, the alert
+    /// the peer receives, the result the refusing side counts, how the caller reads that
+    /// alert back, and the words of the logs.
+    const CONTRACT: [(Refusal, AlertDescription, &str, &str, &str); 8] = [
+        (
+            Refusal::Denied,
+            AlertDescription::AccessDenied,
+            "denied",
+            "denied",
+            "intentions deny the caller",
+        ),
+        (
+            Refusal::UnknownCa,
+            AlertDescription::UnknownCA,
+            "unknown_ca",
+            "unknown_ca",
+            "the chain does not lead to our roots",
+        ),
+        (
+            Refusal::Expired,
+            AlertDescription::CertificateExpired,
+            "expired",
+            "expired",
+            "a certificate of the chain is expired or not yet valid",
+        ),
+        (
+            Refusal::BadIdentity,
+            AlertDescription::BadCertificate,
+            "bad_identity",
+            "bad_identity",
+            "not an acceptable mesh identity",
+        ),
+        (
+            Refusal::WrongService,
+            AlertDescription::BadCertificate,
+            "bad_identity",
+            "bad_identity",
+            "the server is not the upstream service",
+        ),
+        (
+            Refusal::BadCertificate,
+            AlertDescription::BadCertificate,
+            "error",
+            "bad_identity",
+            "the certificate is malformed",
+        ),
+        (
+            Refusal::NoClientCert,
+            AlertDescription::CertificateRequired,
+            "no_client_cert",
+            "no_client_cert",
+            "no client certificate",
+        ),
+        (
+            Refusal::NotReady,
+            AlertDescription::HandshakeFailure,
+            "error",
+            "error",
+            "no credentials are loaded yet",
+        ),
+    ];
+
+    /// The verifier's error of each kind, where the verifier raises it.
+    fn verify_error(refusal: Refusal) -> Option<VerifyError> {
+        Some(match refusal {
+            Refusal::NoClientCert => return None,
+            Refusal::UnknownCa => VerifyError::UnknownCa,
+            Refusal::Expired => VerifyError::Expired,
+            Refusal::BadIdentity => VerifyError::BadIdentity(SvidError::NoUri),
+            Refusal::WrongService => VerifyError::WrongService,
+            Refusal::Denied => VerifyError::Denied,
+            Refusal::NotReady => VerifyError::NotReady,
+            Refusal::BadCertificate => VerifyError::BadCertificate,
+        })
+    }
+
+    fn io_error(e: rustls::Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn every_refusal_keeps_its_alert_result_and_words() {
+        for (refusal, alert, result, read_back, words) in CONTRACT {
+            let row = refusal.row();
+            let error = row.error();
+            assert_eq!(row.alert, alert, "{refusal:?}: alert");
+            if let rustls::Error::InvalidCertificate(c) = &error {
+                // What rustls sends for the error the verifier returns.
+                assert_eq!(AlertDescription::from(c.clone()), alert, "{refusal:?}");
+            }
+            assert_eq!(classify(&io_error(error)).as_str(), result, "{refusal:?}");
+            assert_eq!(result_of_alert(alert).as_str(), read_back, "{refusal:?}");
+            assert_eq!(row.words, words, "{refusal:?}");
+            if let Some(e) = verify_error(refusal) {
+                assert_eq!(e.refusal(), refusal);
+                assert_eq!(rustls::Error::from(e.clone()), row.error(), "{refusal:?}");
+                assert_eq!(result_of(&e).as_str(), result, "{refusal:?}");
+                assert!(e.to_string().starts_with(words), "{refusal:?}: {e}");
+            }
+        }
+        // One row per refusal, each in the contract.
+        assert_eq!(REFUSALS.len(), CONTRACT.len());
+        for row in &REFUSALS {
+            let n = CONTRACT.iter().filter(|c| c.0 == row.refusal).count();
+            assert_eq!(n, 1, "{:?}", row.refusal);
+        }
+    }
+
+    #[test]
+    fn rustls_errors_with_context_count_as_their_plain_kind() {
+        use rustls_pki_types::UnixTime;
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(1));
+        for (c, result) in [
+            (
+                CertificateError::ExpiredContext {
+                    time: at,
+                    not_after: at,
+                },
+                "expired",
+            ),
+            (CertificateError::NotValidYet, "expired"),
+            (
+                CertificateError::NotValidYetContext {
+                    time: at,
+                    not_before: at,
+                },
+                "expired",
+            ),
+            (
+                CertificateError::NotValidForNameContext {
+                    expected: ServerName::try_from("web").unwrap().to_owned(),
+                    presented: vec![],
+                },
+                "bad_identity",
+            ),
+            (CertificateError::Revoked, "error"),
+        ] {
+            let e = io_error(rustls::Error::InvalidCertificate(c.clone()));
+            assert_eq!(classify(&e).as_str(), result, "{c:?}");
+        }
+        // Not a TLS error at all, or another General message than NotReady's.
+        assert_eq!(
+            classify(&std::io::Error::other("reset")),
+            HandshakeResult::Error
+        );
+        let other = io_error(rustls::Error::General("other".into()));
+        assert_eq!(classify(&other), HandshakeResult::Error);
     }
 
     /// The caller reads each refusal's alert back as the result the inbound counted for it.
