@@ -14,7 +14,7 @@ use ward_test_support as common;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,21 +28,6 @@ use common::wait_until;
 use ward_config::time::now_unix;
 
 const SHORT: Duration = Duration::from_secs(3);
-
-/// The deny test measures the 1 s bounds of security rule 10 (deny closes what it no longer
-/// allows, docs/security.md), so it runs alone: the other tests of this file (a burst of 200 CLI
-/// processes, two minutes of traffic) share the 2 CI cores with whatever runs beside them, and
-/// would be measured as well. (std's RwLock on Linux lets a waiting writer in before new readers;
-/// elsewhere the deny test may wait longer, not fail.)
-static TIMED: RwLock<()> = RwLock::new(());
-
-fn beside_others() -> RwLockReadGuard<'static, ()> {
-    TIMED.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn alone() -> RwLockWriteGuard<'static, ()> {
-    TIMED.write().unwrap_or_else(|e| e.into_inner())
-}
 
 fn inbound_denied(p: &WardProcess) -> f64 {
     metric(
@@ -146,7 +131,6 @@ fn raw_admin_create_token(server: &DevServer, bearer: Option<&str>) -> Result<()
 
 #[test]
 fn join_tokens_give_certificates_traffic_flows_and_bad_credentials_are_refused() {
-    let _timed = beside_others();
     let mesh = Mesh::start("cp-join", None);
 
     // Both proxies run with a certificate from the server for their own identity.
@@ -324,7 +308,6 @@ fn join_tokens_give_certificates_traffic_flows_and_bad_credentials_are_refused()
 
 #[test]
 fn two_minutes_of_traffic_across_20s_leaf_renewals_has_zero_failures() {
-    let _timed = beside_others();
     let mesh = Mesh::start("cp-renew", Some("20s"));
     mesh.allow_order();
     for p in [&mesh.inventory, &mesh.order] {
@@ -405,7 +388,6 @@ fn two_minutes_of_traffic_across_20s_leaf_renewals_has_zero_failures() {
 
 #[test]
 fn server_kill9_keeps_traffic_flowing_and_proxies_apply_a_change_after_restart() {
-    let _timed = beside_others();
     let mut mesh = Mesh::start("cp-crash", None);
     mesh.allow_order();
     let up = mesh.upstream();
@@ -544,9 +526,12 @@ fn server_kill9_keeps_traffic_flowing_and_proxies_apply_a_change_after_restart()
     assert!(notes.is_empty(), "{}", notes.join("\n"));
 }
 
+/// Measures the 1 s bounds of security rule 10 (deny closes what it no longer allows,
+/// docs/security.md), so nextest runs it with no other test beside it (`threads-required` in
+/// .config/nextest.toml): a burst of 200 CLI processes or two minutes of traffic sharing the 2
+/// CI cores would be measured as well.
 #[test]
 fn allow_to_deny_refuses_new_handshakes_and_closes_the_open_connection_within_1s() {
-    let _timed = alone();
     let mesh = Mesh::start("cp-deny", None);
     mesh.allow_order();
     let up = mesh.upstream();
@@ -653,7 +638,6 @@ fn allow_to_deny_refuses_new_handshakes_and_closes_the_open_connection_within_1s
 
 #[test]
 fn every_acknowledged_intention_write_survives_kill9_during_a_burst() {
-    let _timed = beside_others();
     const WRITES: usize = 200;
     const WORKERS: usize = 4;
     let dir = TempDir::new("cp-burst");
@@ -772,7 +756,6 @@ fn every_acknowledged_intention_write_survives_kill9_during_a_burst() {
 /// key that keeps the proxy's own.
 #[test]
 fn a_sidecar_registered_at_another_ip_than_its_inbound_warns() {
-    let _timed = beside_others();
     let dir = TempDir::new("cp-register-elsewhere");
     let server = DevServer::start("cp-register-elsewhere-server", &dir.join("data"), None);
     let app = EchoApp::start();
