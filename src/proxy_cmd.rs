@@ -44,7 +44,7 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
         2,
     );
 
-    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+    let prometheus = ward_proxy::metrics::exporter()
         .install_recorder()
         .context("cannot install the metrics recorder")?;
 

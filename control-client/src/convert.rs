@@ -72,7 +72,7 @@ pub fn intentions_for(
             (Ok(v1::Action::Allow), true) => Action::Allow,
             (Ok(v1::Action::Deny), true) => Action::Deny,
             _ => {
-                metrics::counter!("ward_intention_errors_total").increment(1);
+                metrics::counter!(ward_proxy::metrics::INTENTION_ERRORS).increment(1);
                 tracing::warn!(
                     source = %i.source,
                     "an intention this tcp inbound cannot enforce as written denies its source"

@@ -245,11 +245,13 @@ impl Identity {
         loop {
             match self.sign_with_token(server, store).await {
                 Ok(()) => {
-                    metrics::counter!("ward_cert_renewals_total", "result" => "ok").increment(1);
+                    metrics::counter!(ward_proxy::metrics::CERT_RENEWALS, "result" => "ok")
+                        .increment(1);
                     return true;
                 }
                 Err(e) => {
-                    metrics::counter!("ward_cert_renewals_total", "result" => "error").increment(1);
+                    metrics::counter!(ward_proxy::metrics::CERT_RENEWALS, "result" => "error")
+                        .increment(1);
                     tracing::warn!("cannot get a certificate from the control plane: {e}");
                 }
             }
@@ -346,12 +348,12 @@ impl Identity {
                 };
                 match result {
                     Ok(()) => {
-                        metrics::counter!("ward_cert_renewals_total", "result" => "ok")
+                        metrics::counter!(ward_proxy::metrics::CERT_RENEWALS, "result" => "ok")
                             .increment(1);
                         break;
                     }
                     Err(e) => {
-                        metrics::counter!("ward_cert_renewals_total", "result" => "error")
+                        metrics::counter!(ward_proxy::metrics::CERT_RENEWALS, "result" => "error")
                             .increment(1);
                         tracing::warn!("certificate renewal failed; keeping the current one: {e}");
                     }

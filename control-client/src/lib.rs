@@ -74,7 +74,7 @@ pub async fn run(prepared: Prepared, mesh: MeshHandles, stop: CancellationToken)
     } = prepared;
     let server = Arc::new(server);
     let identity = Arc::new(identity);
-    metrics::gauge!("ward_control_plane_connected").set(0.0);
+    metrics::gauge!(ward_proxy::metrics::CONTROL_PLANE_CONNECTED).set(0.0);
     let first = tokio::select! {
         _ = stop.cancelled() => return,
         r = identity.obtain(&server, &mesh.credentials) => r,

@@ -76,7 +76,7 @@ impl Watches {
                 r = ended => r,
             };
             if what == "intentions" {
-                metrics::gauge!("ward_control_plane_connected").set(0.0);
+                metrics::gauge!(ward_proxy::metrics::CONTROL_PLANE_CONNECTED).set(0.0);
             }
             if progressed {
                 backoff.reset();
@@ -94,7 +94,7 @@ impl Watches {
             .watch_intentions(v1::WatchIntentionsRequest {})
             .await;
         follow(opened, |snap| {
-            metrics::gauge!("ward_control_plane_connected").set(1.0);
+            metrics::gauge!(ward_proxy::metrics::CONTROL_PLANE_CONNECTED).set(1.0);
             self.apply_intentions(snap);
         })
         .await
@@ -113,7 +113,7 @@ impl Watches {
                 }
             }
             Err(e) => {
-                metrics::counter!("ward_intention_errors_total").increment(1);
+                metrics::counter!(ward_proxy::metrics::INTENTION_ERRORS).increment(1);
                 tracing::warn!(
                     version = snap.version,
                     "refused an intentions snapshot, keeping the previous one: {e}"

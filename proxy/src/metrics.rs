@@ -3,6 +3,7 @@
 //! Labels are enums or service names, never addresses, paths or full SPIFFE IDs.
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 pub const HANDSHAKES: &str = "ward_tls_handshakes_total";
 pub const HANDSHAKE_DURATION: &str = "ward_tls_handshake_duration_seconds";
@@ -15,6 +16,29 @@ pub const INTENTION_ERRORS: &str = "ward_intention_errors_total";
 pub const CERT_EXPIRY: &str = "ward_cert_expiry_timestamp_seconds";
 pub const CERT_RELOADS: &str = "ward_cert_reloads_total";
 pub const MUX_STREAMS: &str = "ward_mux_streams_total";
+/// Counted by the control-plane client (`[control_plane]` only), described here with the rest.
+pub const CERT_RENEWALS: &str = "ward_cert_renewals_total";
+pub const CONTROL_PLANE_CONNECTED: &str = "ward_control_plane_connected";
+
+/// Upper bounds, in seconds, of the buckets of every `*_duration_seconds` histogram. A
+/// handshake takes from well under a millisecond (a resumption on loopback) to seconds (a slow
+/// peer, up to `handshake_timeout`, 10 s by default). Buckets, unlike a summary's quantiles,
+/// add up across sidecars: `histogram_quantile(0.99, sum by (le) (rate(..._bucket[5m])))`.
+pub const DURATION_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The exporter's settings for ward's metrics: durations as histograms with
+/// [`DURATION_BUCKETS`]. `ward proxy` installs it as the global recorder; `ward server` keeps
+/// one per server.
+pub fn exporter() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("_duration_seconds".to_string()),
+            &DURATION_BUCKETS,
+        )
+        .expect("DURATION_BUCKETS is not empty")
+}
 
 /// Which side of the sidecar a connection is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -105,6 +129,14 @@ pub fn describe() {
     describe_counter!(
         MUX_STREAMS,
         "ward-mux/1 tunnel streams by direction and result (ok, refused)"
+    );
+    describe_counter!(
+        CERT_RENEWALS,
+        "Certificates obtained from the control plane (first and renewals) by result"
+    );
+    describe_gauge!(
+        CONTROL_PLANE_CONNECTED,
+        "1 while the intentions stream from ward server is delivering, 0 otherwise"
     );
     for d in [Direction::Inbound, Direction::Outbound] {
         for r in HandshakeResult::ALL {

@@ -1,0 +1,235 @@
+//! The metrics as a Prometheus server sees them: `promtool check metrics` accepts every
+//! `/metrics` (two sidecars and `ward server`), and a real `prometheus` scraping them answers
+//! `up` and a handshake p99 aggregated across the sidecars from the histogram buckets.
+//!
+//! Both tools come from Debian's `prometheus` package (`.ci/run` installs it); where one is
+//! missing the test prints `SKIPPED:` and returns.
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::cp::Mesh;
+use common::net::{free_port, http_get};
+use common::proc::TempDir;
+use common::tls::{probe, ServerCheck};
+use common::{tool_available, wait_until};
+
+/// The `/metrics` body of an admin listener.
+fn scrape(label: &str, admin: SocketAddr) -> String {
+    let r = http_get(admin, "/metrics").unwrap_or_else(|e| panic!("[{label}] GET /metrics: {e}"));
+    assert_eq!(r.status, 200, "[{label}] GET /metrics status");
+    r.body
+}
+
+/// `promtool check metrics` on `text`: `Err` with what promtool printed when it refuses it.
+fn promtool_check(text: &str) -> Result<(), String> {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("wait for promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(format!("promtool check metrics: {}\n{}", out.status, said))
+    }
+}
+
+/// A mesh whose metrics have seen traffic: an allowed connection (a handshake each side, a
+/// certificate obtained, bytes) and a refused one on the inbound.
+fn mesh_with_traffic(prefix: &str) -> Mesh {
+    let mesh = Mesh::start(prefix, None);
+    mesh.allow_order();
+    let refused = probe(mesh.inventory.inbound(), None, &ServerCheck::any());
+    assert!(
+        refused.result.is_err(),
+        "a client without a certificate was admitted"
+    );
+    mesh
+}
+
+#[test]
+fn promtool_accepts_the_metrics_of_the_proxy_and_the_server() {
+    if !tool_available("promtool", &["--version"]) {
+        return;
+    }
+    let mesh = mesh_with_traffic("promtool");
+    let mut refused = Vec::new();
+    for (label, admin) in [
+        ("order", mesh.order.admin()),
+        ("inventory", mesh.inventory.admin()),
+        ("server", mesh.server.admin),
+    ] {
+        let text = scrape(label, admin);
+        if let Err(e) = promtool_check(&text) {
+            refused.push(format!("[{label}] {e}\n--- /metrics ---\n{text}"));
+        }
+    }
+    assert!(refused.is_empty(), "{}", refused.join("\n"));
+}
+
+/// A `prometheus` server on 127.0.0.1 with its own config and storage, killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    dir: TempDir,
+}
+
+impl Prometheus {
+    /// Scrapes `jobs` (name, targets) every second.
+    fn start(jobs: &[(&str, Vec<SocketAddr>)]) -> Self {
+        let dir = TempDir::new("prometheus");
+        let mut config = String::from(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
+        );
+        for (job, targets) in jobs {
+            let targets: Vec<String> = targets.iter().map(|a| format!("'{a}'")).collect();
+            config.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+                targets.join(", ")
+            ));
+        }
+        let config_file = dir.join("prometheus.yml");
+        std::fs::write(&config_file, &config).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn prometheus");
+        let p = Prometheus { child, addr, dir };
+        let ready = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            http_get(addr, "/-/ready")
+                .ok()
+                .filter(|r| r.status == 200)
+                .map(|_| ())
+        });
+        assert!(
+            ready.is_some(),
+            "prometheus on {addr} not ready within 30 s\n{}",
+            p.log()
+        );
+        p
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// The result vector of an instant query (`None` if the query failed).
+    fn query(&self, promql: &str) -> Option<Vec<serde_json::Value>> {
+        let r = http_get(
+            self.addr,
+            &format!("/api/v1/query?query={}", percent_encode(promql)),
+        )
+        .ok()?;
+        let v: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+        if v["status"] != "success" {
+            return None;
+        }
+        v["data"]["result"].as_array().cloned()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("===== prometheus log =====\n{}", self.log());
+        }
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The sample value of one result of an instant query.
+fn sample_value(result: &serde_json::Value) -> f64 {
+    result["value"][1]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[test]
+fn prometheus_scrapes_two_sidecars_and_the_server_and_aggregates_the_handshake_p99() {
+    if !tool_available("prometheus", &["--version"]) {
+        return;
+    }
+    let mesh = mesh_with_traffic("prometheus");
+    let prom = Prometheus::start(&[
+        (
+            "ward-sidecars",
+            vec![mesh.order.admin(), mesh.inventory.admin()],
+        ),
+        ("ward-server", vec![mesh.server.admin]),
+    ]);
+
+    // Every target scraped and up.
+    let mut last = None;
+    let up = wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
+        let results = prom.query("up")?;
+        let all_up = results.len() == 3 && results.iter().all(|r| sample_value(r) == 1.0);
+        last = Some(results);
+        all_up.then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "`up` is not 1 for the three targets within 30 s; last answer: {last:?}\n{}",
+        prom.log()
+    );
+
+    // Handshakes keep coming (one refused handshake on inventory's inbound per round) until
+    // the p99 across the sidecars is a number: rate() needs two scrapes that differ.
+    let p99 = "histogram_quantile(0.99, sum by (le) \
+               (rate(ward_tls_handshake_duration_seconds_bucket[1m])))";
+    let mut last = None;
+    let answered = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let _ = probe(mesh.inventory.inbound(), None, &ServerCheck::any());
+        let results = prom.query(p99)?;
+        let value = results.first().map(sample_value);
+        last = Some(results);
+        value.filter(|v| v.is_finite() && *v > 0.0)
+    });
+    assert!(
+        answered.is_some(),
+        "`{p99}` returned no finite series within 30 s; last answer: {last:?}\n{}",
+        prom.log()
+    );
+}
