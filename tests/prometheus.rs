@@ -5,7 +5,7 @@
 //! Both tools come from Debian's `prometheus` package (`.ci/run` installs it); where one is
 //! missing the test prints `SKIPPED:` and returns.
 
-mod common;
+use ward_test_support as common;
 
 use std::io::Write;
 use std::net::SocketAddr;
