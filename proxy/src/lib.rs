@@ -33,6 +33,8 @@ pub mod metrics;
 pub mod mux;
 pub mod outbound;
 pub mod startup_memory;
+#[cfg(test)]
+mod test_pki;
 pub mod tls;
 
 pub use app::{build, check_listeners, BuildError, MeshHandles, ProxyHandle};

@@ -493,95 +493,13 @@ impl ServerCertVerifier for OutboundVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose, SanType,
-    };
-    use rustls_pki_types::PrivateKeyDer;
-    use time::{Duration, OffsetDateTime};
-
-    /// A certificate, and the issuer it makes for the next one.
-    struct Signer {
-        der: CertificateDer<'static>,
-        issuer: Issuer<'static, KeyPair>,
-        not_after: i64,
-    }
+    use crate::test_pki::{ca, id, intentions, key_der, leaf, store, store_for, svid, Signer};
+    use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
+    use time::Duration;
+    use ward_config::intentions::Action;
 
     fn unix(t: i64) -> UnixTime {
         UnixTime::since_unix_epoch(std::time::Duration::from_secs(t as u64))
-    }
-
-    /// A CA named `name` (pathLen 0 unless it is a root), signed by `by` (a root if `None`),
-    /// valid until `days` from now, with `key` (a new one if `None`).
-    fn ca(name: &str, by: Option<&Signer>, days: i64, key: Option<&KeyPair>) -> Signer {
-        let now = OffsetDateTime::now_utc();
-        let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.is_ca = IsCa::Ca(match by {
-            Some(_) => BasicConstraints::Constrained(0),
-            None => BasicConstraints::Unconstrained,
-        });
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p.not_before = now - Duration::days(3);
-        p.not_after = now + Duration::days(days);
-        let key = match key {
-            Some(k) => KeyPair::from_pem(&k.serialize_pem()).unwrap(),
-            None => KeyPair::generate().unwrap(),
-        };
-        let cert = match by {
-            Some(by) => p.signed_by(&key, &by.issuer),
-            None => p.self_signed(&key),
-        }
-        .unwrap();
-        Signer {
-            der: cert.der().clone(),
-            not_after: p.not_after.unix_timestamp(),
-            issuer: Issuer::new(p, key),
-        }
-    }
-
-    /// An X.509-SVID for `service`, valid for two more days, signed by `by`.
-    fn leaf(service: &str, by: &Signer) -> (Signer, KeyPair) {
-        let now = OffsetDateTime::now_utc();
-        let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::CommonName, service);
-        p.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://mesh.test/ns/default/svc/{service}")
-                .try_into()
-                .unwrap(),
-        )];
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.not_before = now - Duration::hours(1);
-        p.not_after = now + Duration::days(2);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &by.issuer).unwrap();
-        let copy = KeyPair::from_pem(&key.serialize_pem()).unwrap();
-        let signer = Signer {
-            der: cert.der().clone(),
-            not_after: p.not_after.unix_timestamp(),
-            issuer: Issuer::new(p, key),
-        };
-        (signer, copy)
-    }
-
-    /// A store holding `inventory`'s credentials under `root`, through `int`.
-    fn store(root: &Signer, int: &Signer) -> CredentialStore {
-        let (own, key) = leaf("inventory", int);
-        let store = CredentialStore::default();
-        store.store(
-            Credentials::from_der(
-                vec![own.der, int.der.clone()],
-                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-                vec![root.der.clone()],
-            )
-            .unwrap(),
-        );
-        store
     }
 
     fn client_auth() -> webpki::KeyUsage {
@@ -701,6 +619,215 @@ mod tests {
         // Both are counted as unknown_ca, the alert rustls sends for UnknownIssuer.
         let err = std::io::Error::other(rustls::Error::from(VerifyError::UnknownCa));
         assert_eq!(classify(&err), HandshakeResult::UnknownCa);
+    }
+
+    type Chain = (
+        Vec<CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    );
+
+    /// `leaf` and its issuer `int`, as a client presents them.
+    fn chain((leaf, key): (Signer, rcgen::KeyPair), int: &Signer) -> Chain {
+        (vec![leaf.der, int.der.clone()], key_der(&key))
+    }
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    /// The inbound of `inventory` under `store`'s credentials, asking `intentions`.
+    fn inbound(store: &Arc<CredentialStore>, intentions: Arc<IntentionStore>) -> Arc<ServerConfig> {
+        let verifier = InboundVerifier::new(store.clone(), intentions, name("inventory"));
+        super::super::config::server_config(store.clone(), verifier, None)
+    }
+
+    /// A TLS 1.3 client that expects `expected` (namespace `namespace`) by `roots`' roots, and
+    /// presents `chain` if any.
+    fn client(
+        roots: &Arc<CredentialStore>,
+        namespace: &str,
+        expected: &str,
+        chain: Option<Chain>,
+    ) -> Arc<ClientConfig> {
+        let verifier = OutboundVerifier::new(roots.clone(), name(namespace), name(expected));
+        let builder =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier));
+        Arc::new(match chain {
+            Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+            None => builder.with_no_client_auth(),
+        })
+    }
+
+    /// Moves what `from` has to send into `to`; false when there was nothing to move.
+    fn transfer(
+        from: &mut rustls::Connection,
+        to: &mut rustls::Connection,
+        to_err: &mut Option<rustls::Error>,
+    ) -> bool {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).unwrap();
+        }
+        if buf.is_empty() || to_err.is_some() {
+            return false;
+        }
+        let mut rest = buf.as_slice();
+        while !rest.is_empty() && to_err.is_none() {
+            to.read_tls(&mut rest).unwrap();
+            if let Err(e) = to.process_new_packets() {
+                *to_err = Some(e);
+            }
+        }
+        true
+    }
+
+    /// A real TLS 1.3 handshake in memory; the error each side ended with (client, server).
+    fn handshake(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+    ) -> (Option<rustls::Error>, Option<rustls::Error>) {
+        let server_name = ServerName::try_from("inventory").unwrap();
+        let mut c = rustls::Connection::from(ClientConnection::new(client, server_name).unwrap());
+        let mut s = rustls::Connection::from(ServerConnection::new(server).unwrap());
+        let (mut c_err, mut s_err) = (None, None);
+        for _ in 0..10 {
+            let to_server = transfer(&mut c, &mut s, &mut s_err);
+            let to_client = transfer(&mut s, &mut c, &mut c_err);
+            if !to_server && !to_client {
+                break;
+            }
+        }
+        assert!(
+            c_err.is_some() || s_err.is_some() || !(c.is_handshaking() || s.is_handshaking()),
+            "the handshake neither finished nor failed"
+        );
+        (c_err, s_err)
+    }
+
+    /// The alert and result [`CONTRACT`] promises for `refusal`.
+    fn promised(refusal: Refusal) -> (AlertDescription, &'static str) {
+        let c = CONTRACT.iter().find(|c| c.0 == refusal).unwrap();
+        (c.1, c.2)
+    }
+
+    #[test]
+    fn the_inbound_admits_an_allowed_caller_and_refuses_each_fault_with_its_alert() {
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 30, None);
+        let other_root = ca("other root", None, 3650, None);
+        let other_int = ca("other intermediate", Some(&other_root), 30, None);
+        let server = store_for("inventory", &int, &[&root]);
+        let order = store_for("order", &int, &[&root]);
+        let order_id = id("order").to_string();
+        let days = Duration::days;
+        let cases = [
+            ("allowed", Some(chain(leaf("order", &int), &int)), None),
+            (
+                "denied",
+                Some(chain(leaf("rogue", &int), &int)),
+                Some(Refusal::Denied),
+            ),
+            (
+                "issuer not in the roots",
+                Some(chain(leaf("order", &other_int), &other_int)),
+                Some(Refusal::UnknownCa),
+            ),
+            (
+                "self-signed",
+                Some(chain(leaf("order", &other_root), &other_root)),
+                Some(Refusal::UnknownCa),
+            ),
+            (
+                "expired",
+                Some(chain(svid(&order_id, &int, -days(3), -days(1)), &int)),
+                Some(Refusal::Expired),
+            ),
+            (
+                "not yet valid",
+                Some(chain(svid(&order_id, &int, days(1), days(2)), &int)),
+                Some(Refusal::Expired),
+            ),
+            (
+                "another trust domain",
+                Some(chain(
+                    svid(
+                        "spiffe://other.test/ns/default/svc/order",
+                        &int,
+                        -days(1),
+                        days(1),
+                    ),
+                    &int,
+                )),
+                Some(Refusal::BadIdentity),
+            ),
+            ("no certificate", None, Some(Refusal::NoClientCert)),
+        ];
+        for (what, presented, refused) in cases {
+            let allow_order = intentions(Action::Deny, &["order"]);
+            let config = client(&order, "default", "inventory", presented);
+            let (client_err, server_err) = handshake(inbound(&server, allow_order), config);
+            let Some(refusal) = refused else {
+                assert_eq!((client_err, server_err), (None, None), "{what}");
+                continue;
+            };
+            let (alert, result) = promised(refusal);
+            assert_eq!(
+                client_err,
+                Some(rustls::Error::AlertReceived(alert)),
+                "{what}"
+            );
+            let server_err = io_error(server_err.expect(what));
+            assert_eq!(classify(&server_err).as_str(), result, "{what}");
+        }
+    }
+
+    #[test]
+    fn before_the_first_intentions_every_caller_is_denied() {
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 30, None);
+        let server = store_for("inventory", &int, &[&root]);
+        let order = store_for("order", &int, &[&root]);
+        let none_yet = Arc::new(IntentionStore::default());
+        let config = client(
+            &order,
+            "default",
+            "inventory",
+            Some(chain(leaf("order", &int), &int)),
+        );
+        let (client_err, _) = handshake(inbound(&server, none_yet), config);
+        let (alert, _) = promised(Refusal::Denied);
+        assert_eq!(client_err, Some(rustls::Error::AlertReceived(alert)));
+    }
+
+    #[test]
+    fn the_outbound_refuses_a_server_of_another_service_or_namespace() {
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 30, None);
+        let server = store_for("inventory", &int, &[&root]);
+        let order = store_for("order", &int, &[&root]);
+        for (namespace, expected) in [("default", "payments"), ("prod", "inventory")] {
+            let allow_all = intentions(Action::Allow, &[]);
+            let config = client(
+                &order,
+                namespace,
+                expected,
+                Some(chain(leaf("order", &int), &int)),
+            );
+            let (client_err, server_err) = handshake(inbound(&server, allow_all), config);
+            let what = format!("{expected}.{namespace}");
+            let client_err = io_error(client_err.expect(&what));
+            assert_eq!(classify(&client_err).as_str(), "bad_identity", "{what}");
+            let (alert, _) = promised(Refusal::WrongService);
+            assert_eq!(
+                server_err,
+                Some(rustls::Error::AlertReceived(alert)),
+                "{what}"
+            );
+        }
     }
 
     /// The product's contract, written out apart from [`REFUSALS`]: each refusal, the alert
