@@ -116,3 +116,90 @@ pub async fn watch_intentions(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_pki::{id, intentions, snapshot};
+    use ward_config::intentions::Action;
+
+    fn local() -> Name {
+        Name::new("inventory").unwrap()
+    }
+
+    /// Replaces the intentions with `default` and `allow` as exceptions, at `version`.
+    fn publish(store: &IntentionStore, version: u64, default: Action, allow: &[&str]) {
+        assert!(store.publish(snapshot(version, default, allow)));
+    }
+
+    #[test]
+    fn a_connection_denied_by_the_time_it_registers_is_closed_at_once() {
+        let registry = Arc::new(ConnectionRegistry::default());
+        let allow_order = intentions(Action::Deny, &["order"]);
+        let order = registry.register(
+            id("order"),
+            CancellationToken::new(),
+            &allow_order,
+            &local(),
+        );
+        assert!(!order.close.is_cancelled(), "allowed");
+        let rogue = registry.register(
+            id("rogue"),
+            CancellationToken::new(),
+            &allow_order,
+            &local(),
+        );
+        assert!(rogue.close.is_cancelled(), "denied");
+        let none_yet = IntentionStore::default();
+        let early = registry.register(id("order"), CancellationToken::new(), &none_yet, &local());
+        assert!(early.close.is_cancelled(), "no intentions yet: denied");
+    }
+
+    #[test]
+    fn revalidation_closes_only_what_the_new_intentions_deny() {
+        let registry = Arc::new(ConnectionRegistry::default());
+        let store = intentions(Action::Deny, &["order", "payments"]);
+        let register =
+            |peer: &str| registry.register(id(peer), CancellationToken::new(), &store, &local());
+        let (order, payments) = (register("order"), register("payments"));
+        assert_eq!(registry.revalidate(&store, &local()), 0, "nothing changed");
+        publish(&store, 2, Action::Deny, &["payments"]);
+        assert_eq!(registry.revalidate(&store, &local()), 1);
+        assert!(order.close.is_cancelled());
+        assert!(!payments.close.is_cancelled());
+        // A connection already closed is not counted again.
+        assert_eq!(registry.revalidate(&store, &local()), 0);
+    }
+
+    #[test]
+    fn a_connection_leaves_the_registry_when_it_ends() {
+        let registry = Arc::new(ConnectionRegistry::default());
+        let store = intentions(Action::Allow, &[]);
+        let order = registry.register(id("order"), CancellationToken::new(), &store, &local());
+        assert_eq!(registry.len(), 1);
+        drop(order);
+        assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_new_intentions_version_closes_the_connections_it_denies() {
+        let registry = Arc::new(ConnectionRegistry::default());
+        let store = intentions(Action::Deny, &["order"]);
+        let order = registry.register(id("order"), CancellationToken::new(), &store, &local());
+        let stop = CancellationToken::new();
+        let watch = tokio::spawn(watch_intentions(
+            registry.clone(),
+            store.clone(),
+            local(),
+            stop.clone(),
+        ));
+        // Let the watch subscribe (this runtime has one thread: it runs until it waits).
+        tokio::task::yield_now().await;
+        publish(&store, 2, Action::Deny, &[]);
+        let closed =
+            tokio::time::timeout(std::time::Duration::from_secs(10), order.close.cancelled()).await;
+        assert!(closed.is_ok(), "the deny closed the connection");
+        stop.cancel();
+        watch.await.unwrap();
+    }
+}

@@ -115,8 +115,8 @@ pub fn store(root: &Signer, int: &Signer) -> CredentialStore {
     Arc::into_inner(store_for("inventory", int, &[root])).unwrap()
 }
 
-/// Intentions of `default` namespace's services: `default`, and `allow` as exceptions.
-pub fn intentions(default: Action, allow: &[&str]) -> Arc<IntentionStore> {
+/// Intentions for a service of namespace `default`: `default`, with `allow` as exceptions.
+pub fn snapshot(version: u64, default: Action, allow: &[&str]) -> IntentionSnapshot {
     let rules = allow
         .iter()
         .map(|s| Rule {
@@ -124,12 +124,12 @@ pub fn intentions(default: Action, allow: &[&str]) -> Arc<IntentionStore> {
             action: Action::Allow,
         })
         .collect();
+    IntentionSnapshot::new(version, default, rules, &Name::new("default").unwrap())
+}
+
+/// A store holding [`snapshot`] version 1.
+pub fn intentions(default: Action, allow: &[&str]) -> Arc<IntentionStore> {
     let store = IntentionStore::default();
-    store.publish(IntentionSnapshot::new(
-        1,
-        default,
-        rules,
-        &Name::new("default").unwrap(),
-    ));
+    store.publish(snapshot(1, default, allow));
     Arc::new(store)
 }

@@ -241,3 +241,102 @@ impl CredentialStore {
         self.roots_changed.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_pki::{ca, key_der, leaf, Signer};
+
+    fn from(
+        chain: &[&Signer],
+        key: &rcgen::KeyPair,
+        roots: &[&Signer],
+    ) -> Result<Credentials, CredentialError> {
+        Credentials::from_der(
+            chain.iter().map(|c| c.der.clone()).collect(),
+            key_der(key),
+            roots.iter().map(|r| r.der.clone()).collect(),
+        )
+    }
+
+    #[test]
+    fn credentials_are_refused_with_the_part_at_fault() {
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 30, None);
+        let other_root = ca("other root", None, 3650, None);
+        let (own, key) = leaf("inventory", &int);
+        let (_, other_key) = leaf("inventory", &int);
+        let creds = from(&[&own, &int], &key, &[&root]).unwrap();
+        assert_eq!(creds.leaf.id, crate::test_pki::id("inventory"));
+
+        let part = |r: Result<Credentials, CredentialError>| {
+            r.map(|_| ()).map_err(|e| (e.part(), e.to_string()))
+        };
+        let (p, e) = part(from(&[&own, &int], &other_key, &[&root])).unwrap_err();
+        assert_eq!(
+            (p, e.as_str()),
+            (
+                CredentialPart::Key,
+                "private key does not match the certificate"
+            )
+        );
+        let (p, e) = part(from(&[&own, &int], &key, &[])).unwrap_err();
+        assert_eq!(
+            (p, e.as_str()),
+            (CredentialPart::Roots, "holds no root certificate")
+        );
+        let (p, e) = part(from(&[&own, &int], &key, &[&other_root])).unwrap_err();
+        assert_eq!(p, CredentialPart::Certificate);
+        assert!(
+            e.starts_with("certificate does not chain to the roots"),
+            "{e}"
+        );
+        // A CA certificate is no workload identity.
+        let (p, e) = part(from(&[&int, &root], &key, &[&root])).unwrap_err();
+        assert_eq!(p, CredentialPart::Certificate);
+        assert_eq!(
+            e,
+            "leaf certificate is not a valid SVID: a CA certificate is used as a leaf"
+        );
+        let (p, e) = part(Credentials::from_pem(b"", b"", b"")).unwrap_err();
+        assert_eq!(
+            (p, e.as_str()),
+            (CredentialPart::Key, "holds no PEM private key")
+        );
+        let key_pem = key.serialize_pem();
+        let (p, e) = part(Credentials::from_pem(b"", key_pem.as_bytes(), b"")).unwrap_err();
+        assert_eq!(
+            (p, e.as_str()),
+            (CredentialPart::Certificate, "holds no PEM certificate")
+        );
+    }
+
+    #[test]
+    fn roots_watchers_wake_only_when_the_roots_change() {
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 30, None);
+        let next_root = ca("next root", None, 3650, None);
+        let store = CredentialStore::default();
+        let (mut changed, mut roots) = (store.subscribe(), store.subscribe_roots());
+        let renewed = |roots: &[&Signer]| {
+            let (own, key) = leaf("inventory", &int);
+            from(&[&own, &int], &key, roots).unwrap()
+        };
+        store.store(renewed(&[&root]));
+        assert!(
+            changed.has_changed().unwrap() && roots.has_changed().unwrap(),
+            "first"
+        );
+        changed.mark_unchanged();
+        roots.mark_unchanged();
+        store.store(renewed(&[&root]));
+        assert!(changed.has_changed().unwrap(), "a new certificate");
+        assert!(!roots.has_changed().unwrap(), "the same roots");
+        changed.mark_unchanged();
+        store.store(renewed(&[&root, &next_root]));
+        assert!(
+            changed.has_changed().unwrap() && roots.has_changed().unwrap(),
+            "new roots"
+        );
+    }
+}
