@@ -1,6 +1,7 @@
 //! Real certificates for the unit tests: CAs, X.509-SVIDs and the stores and configs built
 //! from them.
 
+use crate::inputs::ProxyInputs;
 use crate::intentions::{IntentionSnapshot, IntentionStore};
 use crate::tls::{CredentialStore, Credentials};
 use rcgen::{
@@ -11,6 +12,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
 use ward_config::intentions::{Action, Rule, Source};
+use ward_config::proxy::{Limits, ServiceConfig};
 use ward_config::{Name, SpiffeId};
 
 pub const TRUST_DOMAIN: &str = "mesh.test";
@@ -132,4 +134,23 @@ pub fn intentions(default: Action, allow: &[&str]) -> Arc<IntentionStore> {
     let store = IntentionStore::default();
     store.publish(snapshot(1, default, allow));
     Arc::new(store)
+}
+
+/// What the listeners of `service` (namespace `default`) read, with default limits.
+pub fn inputs(
+    service: &str,
+    credentials: Arc<CredentialStore>,
+    intentions: Arc<IntentionStore>,
+) -> Arc<ProxyInputs> {
+    let service = ServiceConfig {
+        name: Name::new(service).unwrap(),
+        namespace: Name::new("default").unwrap(),
+        trust_domain: None,
+    };
+    Arc::new(ProxyInputs::new(
+        service,
+        credentials,
+        intentions,
+        Limits::default(),
+    ))
 }

@@ -266,6 +266,9 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_pki::{ca, id, inputs, intentions, store_for};
+    use tokio::net::{TcpListener, TcpStream};
+    use ward_config::intentions::Action;
 
     fn check(method: Method, uri: &str) -> Result<(), StatusCode> {
         check_request(&method, &uri.parse().unwrap(), "web.default")
@@ -292,5 +295,124 @@ mod tests {
                 "{other}"
             );
         }
+    }
+
+    /// A local_app that echoes what each connection sends.
+    async fn echo_app() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tcp.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A tunnel from `order` (its chain valid until `not_after`) to `inventory`'s inbound,
+    /// whose intentions allow `allowed`, in front of `local_app`.
+    async fn tunnel(
+        allowed: &[&str],
+        not_after: i64,
+        local_app: SocketAddr,
+    ) -> (Arc<ProxyInputs>, h2::client::SendRequest<Bytes>) {
+        let root = ca("root", None, 3650, None);
+        let int = ca("intermediate", Some(&root), 30, None);
+        let credentials = store_for("inventory", &int, &[&root]);
+        let inputs = inputs("inventory", credentials, intentions(Action::Deny, allowed));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let peer = TunnelPeer {
+            id: id("order"),
+            not_after,
+        };
+        let close = CancellationToken::new();
+        tokio::spawn(serve(inputs.clone(), local_app, server, peer, close));
+        let max = inputs.limits.max_tunnel_buffer_bytes;
+        let (send, conn) = super::super::client_builder(max)
+            .handshake(client)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        (inputs, send)
+    }
+
+    /// Opens a stream to `authority`: its status, and the stream when admitted.
+    async fn open(
+        send: &h2::client::SendRequest<Bytes>,
+        authority: &str,
+    ) -> Result<(StatusCode, h2::SendStream<Bytes>, h2::RecvStream), h2::Error> {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .unwrap();
+        let (answer, body) = send.clone().ready().await?.send_request(req, false)?;
+        let answer = answer.await?;
+        Ok((answer.status(), body, answer.into_body()))
+    }
+
+    fn tomorrow() -> i64 {
+        crate::now_unix() + 86_400
+    }
+
+    #[tokio::test]
+    async fn an_admitted_stream_reaches_local_app() {
+        let (_, send) = tunnel(&["order"], tomorrow(), echo_app().await).await;
+        let (status, mut to_app, mut from_app) = open(&send, "inventory.default").await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        to_app
+            .send_data(Bytes::from_static(b"ping"), false)
+            .unwrap();
+        let echo = from_app.data().await.unwrap().unwrap();
+        assert_eq!(&echo[..], b"ping");
+    }
+
+    #[tokio::test]
+    async fn streams_are_refused_once_the_chain_expired_or_the_intentions_deny() {
+        let app = echo_app().await;
+        let (_, send) = tunnel(&["order"], crate::now_unix() - 1, app).await;
+        let refused = open(&send, "inventory.default").await.unwrap().0;
+        assert_eq!(refused, StatusCode::FORBIDDEN, "expired");
+        let (_, send) = tunnel(&["payments"], tomorrow(), app).await;
+        let refused = open(&send, "inventory.default").await.unwrap().0;
+        assert_eq!(refused, StatusCode::FORBIDDEN, "denied");
+        let (_, send) = tunnel(&["order"], tomorrow(), app).await;
+        let refused = open(&send, "payments.default").await.unwrap().0;
+        assert_eq!(refused, StatusCode::MISDIRECTED_REQUEST, "another target");
+    }
+
+    #[tokio::test]
+    async fn a_stream_to_an_unreachable_local_app_gets_bad_gateway() {
+        // A port with nothing listening: bound, then closed.
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = gone.local_addr().unwrap();
+        drop(gone);
+        let (_, send) = tunnel(&["order"], tomorrow(), app).await;
+        let status = open(&send, "inventory.default").await.unwrap().0;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+
+    #[tokio::test]
+    async fn with_max_connections_taken_a_stream_is_refused_for_a_retry() {
+        let (inputs, send) = tunnel(&["order"], tomorrow(), echo_app().await).await;
+        let all = inputs.limits.max_connections as u32;
+        let _taken = inputs
+            .conn_slots
+            .clone()
+            .acquire_many_owned(all)
+            .await
+            .unwrap();
+        let refused = open(&send, "inventory.default").await.err();
+        assert_eq!(
+            refused.and_then(|e| e.reason()),
+            Some(h2::Reason::REFUSED_STREAM)
+        );
     }
 }
