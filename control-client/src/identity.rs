@@ -457,3 +457,188 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose};
+    use std::os::unix::fs::PermissionsExt;
+    use ward_config::Name;
+
+    /// A root CA that signs certificates for identities' keys.
+    pub(crate) struct Ca {
+        pub der: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl Ca {
+        pub(crate) fn new(name: &str) -> Self {
+            let mut p = CertificateParams::default();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let key = KeyPair::generate().unwrap();
+            let der = p.self_signed(&key).unwrap().der().clone();
+            Self {
+                der,
+                issuer: Issuer::new(p, key),
+            }
+        }
+
+        pub(crate) fn pem(&self) -> String {
+            pem_of("CERTIFICATE", std::slice::from_ref(&self.der))
+        }
+
+        /// What the server's Sign answers for `identity`'s key as `service` (namespace
+        /// `default`); long expired when `expired`.
+        pub(crate) fn issue(&self, identity: &Identity, service: &str, expired: bool) -> Issued {
+            let mut p = CertificateParams::default();
+            let uri = format!("spiffe://mesh.test/ns/default/svc/{service}");
+            p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+            p.is_ca = IsCa::ExplicitNoCa;
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            if expired {
+                p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+            }
+            let cert = p.signed_by(&identity.key, &self.issuer).unwrap();
+            Issued {
+                chain: vec![cert.der().clone()],
+                roots: vec![self.der.clone()],
+            }
+        }
+    }
+
+    pub(crate) fn service(name: &str) -> ServiceConfig {
+        ServiceConfig {
+            name: Name::new(name).unwrap(),
+            namespace: Name::new("default").unwrap(),
+            trust_domain: None,
+        }
+    }
+
+    pub(crate) fn config(
+        token_file: Option<&Path>,
+        state_dir: Option<&Path>,
+    ) -> ControlPlaneConfig {
+        ControlPlaneConfig {
+            address: "https://127.0.0.1:8502".into(),
+            ca_file: "ca.pem".into(),
+            token_file: token_file.map(Path::to_owned),
+            state_dir: state_dir.map(Path::to_owned),
+        }
+    }
+
+    /// A token file in `dir`.
+    pub(crate) fn token(dir: &Path) -> PathBuf {
+        let path = dir.join("token");
+        std::fs::write(&path, "a-join-token\n").unwrap();
+        path
+    }
+
+    fn state_dir(dir: &Path) -> PathBuf {
+        let path = dir.join("state");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        path
+    }
+
+    fn refusal(cfg: &ControlPlaneConfig) -> String {
+        match Identity::prepare(cfg, &service("order")) {
+            Ok(_) => "prepared".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn without_a_valid_stored_certificate_a_readable_token_is_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let no_token = ClientError::NoToken.to_string();
+        assert_eq!(refusal(&config(None, None)), no_token);
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, " \n").unwrap();
+        let e = refusal(&config(Some(&empty), None));
+        assert!(e.contains("token_file") && e.ends_with("is empty"), "{e}");
+        let missing = dir.path().join("missing");
+        let e = refusal(&config(Some(&missing), None));
+        assert!(e.contains("cannot read"), "{e}");
+        // A state_dir whose certificate has expired holds none.
+        let state = state_dir(dir.path());
+        let first = Identity::prepare(
+            &config(Some(&token(dir.path())), Some(&state)),
+            &service("order"),
+        )
+        .unwrap();
+        persist(&state, &Ca::new("root").issue(&first, "order", true)).unwrap();
+        assert_eq!(refusal(&config(None, Some(&state))), no_token);
+    }
+
+    #[test]
+    fn a_restart_uses_the_key_and_certificate_kept_in_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state_dir(dir.path());
+        let cfg = config(Some(&token(dir.path())), Some(&state));
+        let first = Identity::prepare(&cfg, &service("order")).unwrap();
+        let store = CredentialStore::default();
+        let root = Ca::new("root");
+        first
+            .install(root.issue(&first, "order", false), &store)
+            .unwrap();
+        // A key file left readable by others is tightened, not used as is.
+        let key_file = state.join(KEY_FILE);
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let again = Identity::prepare(&config(None, Some(&state)), &service("order")).unwrap();
+        assert_eq!(again.key.serialize_der(), first.key.serialize_der());
+        assert!(again.stored.lock().unwrap().is_some(), "no token needed");
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_certificate_for_another_service_is_not_installed() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity =
+            Identity::prepare(&config(Some(&token(dir.path())), None), &service("order")).unwrap();
+        let store = CredentialStore::default();
+        let e = identity
+            .install(Ca::new("root").issue(&identity, "payments", false), &store)
+            .unwrap_err();
+        assert!(e.contains("not for service \"order\""), "{e}");
+        assert!(store.load().is_none());
+        assert!(identity.current().is_none());
+    }
+
+    #[test]
+    fn roots_from_the_roots_stream_replace_and_outlive_a_renewals() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity =
+            Identity::prepare(&config(Some(&token(dir.path())), None), &service("order")).unwrap();
+        let store = CredentialStore::default();
+        let (root, next) = (Ca::new("root"), Ca::new("next root"));
+        let roots = |store: &CredentialStore| store.load().unwrap().root_ders.len();
+        // No certificate yet: nothing to republish.
+        assert_eq!(
+            identity.replace_roots(vec![root.der.clone()], &store),
+            Ok(false)
+        );
+        identity
+            .install(root.issue(&identity, "order", false), &store)
+            .unwrap();
+        assert_eq!(
+            identity.replace_roots(vec![root.der.clone()], &store),
+            Ok(false)
+        );
+        let both = vec![root.der.clone(), next.der.clone()];
+        assert_eq!(identity.replace_roots(both, &store), Ok(true));
+        assert_eq!(roots(&store), 2);
+        // A renewal answers with the roots of its moment; the stream's are newer.
+        identity
+            .install(root.issue(&identity, "order", false), &store)
+            .unwrap();
+        assert_eq!(roots(&store), 2);
+    }
+}

@@ -256,7 +256,139 @@ fn apply_endpoints(snap: v1::EndpointsSnapshot, upstreams: &[Arc<Upstream>]) {
 
 #[cfg(test)]
 mod tests {
-    use super::registered_elsewhere;
+    use super::*;
+    use crate::identity::tests::{config, service, token, Ca};
+    use ward_config::proxy::Limits;
+    use ward_config::Name;
+    use ward_proxy::inputs::ProxyInputs;
+    use ward_proxy::intentions::IntentionStore;
+    use ward_proxy::tls::CredentialStore;
+
+    fn inputs() -> Arc<ProxyInputs> {
+        Arc::new(ProxyInputs::new(
+            service("order"),
+            Arc::default(),
+            Arc::default(),
+            Limits::default(),
+        ))
+    }
+
+    fn upstream(inputs: &Arc<ProxyInputs>, name: &str, ns: &str, at: &[&str]) -> Arc<Upstream> {
+        Arc::new(Upstream::new(
+            inputs.clone(),
+            Name::new(name).unwrap(),
+            Name::new(ns).unwrap(),
+            at.iter().map(|a| a.parse().unwrap()).collect(),
+        ))
+    }
+
+    fn service_ref(name: &str, namespace: &str) -> Option<v1::ServiceRef> {
+        Some(v1::ServiceRef {
+            name: name.into(),
+            namespace: namespace.into(),
+        })
+    }
+
+    fn endpoint(address: &str, connected: bool) -> v1::Endpoint {
+        v1::Endpoint {
+            address: address.into(),
+            connected,
+            ..Default::default()
+        }
+    }
+
+    fn addresses(u: &Upstream) -> Vec<String> {
+        u.endpoints.load().iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn endpoints_go_to_the_upstream_they_name_connected_ones_first() {
+        let inputs = inputs();
+        let inventory = upstream(&inputs, "inventory", "default", &[]);
+        let payments = upstream(&inputs, "payments", "prod", &["10.0.0.9:20000"]);
+        let snap = v1::EndpointsSnapshot {
+            version: 1,
+            services: vec![
+                v1::ServiceEndpoints {
+                    // An empty namespace is `default`.
+                    service: service_ref("inventory", ""),
+                    endpoints: vec![
+                        endpoint("10.0.0.1:20000", false),
+                        endpoint("not an address", true),
+                        endpoint("10.0.0.2:20000", true),
+                    ],
+                },
+                v1::ServiceEndpoints {
+                    // payments of another namespace than the one watched.
+                    service: service_ref("payments", "default"),
+                    endpoints: vec![endpoint("10.0.0.3:20000", true)],
+                },
+            ],
+        };
+        apply_endpoints(snap, &[inventory.clone(), payments.clone()]);
+        assert_eq!(addresses(&inventory), ["10.0.0.2:20000", "10.0.0.1:20000"]);
+        assert_eq!(addresses(&payments), ["10.0.0.9:20000"]);
+    }
+
+    /// The watches of `order`, with a certificate installed under `root`.
+    fn watches(dir: &std::path::Path, root: &Ca) -> Watches {
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, root.pem()).unwrap();
+        let server = ServerTarget::parse("https://127.0.0.1:8502", &ca_file, None).unwrap();
+        let identity =
+            Identity::prepare(&config(Some(&token(dir)), None), &service("order")).unwrap();
+        let credentials = Arc::new(CredentialStore::default());
+        identity
+            .install(root.issue(&identity, "order", false), &credentials)
+            .unwrap();
+        Watches {
+            server: Arc::new(server),
+            identity: Arc::new(identity),
+            mesh: MeshHandles {
+                credentials,
+                intentions: Arc::new(IntentionStore::default()),
+                upstreams: vec![],
+                inbound_addr: None,
+            },
+            service: service("order"),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_for_another_service_or_without_roots_leaves_the_last_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, next) = (Ca::new("root"), Ca::new("next root"));
+        let w = watches(dir.path(), &root);
+        let intentions = |version, destination: &str| v1::IntentionsSnapshot {
+            version,
+            destination: service_ref(destination, "default"),
+            default_action: v1::Action::Allow as i32,
+            intentions: vec![],
+        };
+        let version = || w.mesh.intentions.load().map(|s| s.version);
+        w.apply_intentions(intentions(5, "order"));
+        assert_eq!(version(), Some(5));
+        w.apply_intentions(intentions(6, "payments"));
+        assert_eq!(version(), Some(5), "not ours");
+
+        let roots = |certs: &[&Ca]| v1::RootsSnapshot {
+            version: 2,
+            roots: certs
+                .iter()
+                .map(|c| v1::Root {
+                    cert: c.der.to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let held = || w.mesh.credentials.load().unwrap().root_ders.len();
+        w.apply_roots(roots(&[]));
+        assert_eq!(held(), 1, "an empty snapshot is refused");
+        w.apply_roots(roots(&[&root, &next]));
+        assert_eq!(held(), 2);
+    }
 
     #[test]
     fn another_ip_than_the_inbounds_is_elsewhere() {
