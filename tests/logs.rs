@@ -1,6 +1,7 @@
 //! Logs of a real `ward server --dev`: `--log-format json` / `WARD_LOG_FORMAT`, no colour in a
 //! file, the level filter from `WARD_LOG` or `RUST_LOG`, a bad filter refused naming it; and of
-//! `ward proxy` and `ward server` at start: no open-file-limit warning for the defaults.
+//! `ward proxy` and `ward server` at start: no open-file-limit warning for the defaults; the
+//! proxy's connection log.
 
 use ward_test_support as common;
 
@@ -375,26 +376,51 @@ const CAPPED: &str = "exceeds what the open file limit";
 /// open-file limit; only a value the operator wrote is worth a warning.
 #[test]
 fn proxy_defaults_start_without_a_file_limit_warning() {
-    let inv = common::Inventory::start("logs-proxy-defaults");
+    let inv = Inventory::start("logs-proxy-defaults", |toml| toml);
     // Asserting that something does not happen: the warning would follow the listening lines.
     std::thread::sleep(Duration::from_millis(300));
     let text = inv.proxy.stderr_text();
     assert!(!text.contains(CAPPED), "warning with the defaults:\n{text}");
 }
 
+/// `inventory`'s proxy in front of an echo app, allowing `order` (default deny), with `edit`
+/// applied to its config text.
+struct Inventory {
+    _dir: TempDir,
+    pki: common::pki::Pki,
+    _app: common::net::EchoApp,
+    proxy: common::proc::WardProcess,
+}
+
+impl Inventory {
+    fn start(prefix: &str, edit: impl FnOnce(String) -> String) -> Self {
+        let dir = TempDir::new(prefix);
+        let pki = common::pki::Pki::new(common::pki::TRUST_DOMAIN);
+        let files = common::write_tls_files(&dir, "inventory", &pki, &pki.leaf("inventory"));
+        let app = common::net::EchoApp::start();
+        let config = dir.join("inventory.toml");
+        let toml = common::proc::ProxyConfig::new("inventory", &files.cert, &files.key, &files.ca)
+            .inbound("127.0.0.1:0", app.addr)
+            .rule("order", "allow")
+            .to_toml();
+        std::fs::write(&config, edit(toml)).unwrap();
+        let proxy = common::proc::WardProcess::start("inventory", &config, &["inbound"]);
+        Inventory {
+            _dir: dir,
+            pki,
+            _app: app,
+            proxy,
+        }
+    }
+}
+
 #[test]
 fn proxy_max_connections_set_above_the_file_limit_warns() {
-    let dir = TempDir::new("logs-proxy-capped");
-    let pki = common::pki::Pki::new(common::pki::TRUST_DOMAIN);
-    let files = common::write_tls_files(&dir, "inventory", &pki, &pki.leaf("inventory"));
-    let app = common::net::EchoApp::start();
-    let config = dir.join("inventory.toml");
-    let toml = common::proc::ProxyConfig::new("inventory", &files.cert, &files.key, &files.ca)
-        .inbound("127.0.0.1:0", app.addr)
-        .to_toml();
     // More than any open-file limit allows (two descriptors a connection).
-    std::fs::write(&config, toml + "\n[limits]\nmax_connections = 16777216\n").unwrap();
-    let proxy = common::proc::WardProcess::start("inventory", &config, &["inbound"]);
+    let inv = Inventory::start("logs-proxy-capped", |toml| {
+        toml + "\n[limits]\nmax_connections = 16777216\n"
+    });
+    let proxy = &inv.proxy;
     let line = proxy.wait_for_stderr(0, Duration::from_secs(10), |l| l.contains(CAPPED));
     let line = line.unwrap_or_else(|| panic!("no warning:\n{}", proxy.stderr_text()));
     assert!(
@@ -410,4 +436,84 @@ fn server_defaults_start_without_a_file_limit_warning() {
     std::thread::sleep(Duration::from_millis(300));
     let text = server.text();
     assert!(!text.contains(CAPPED), "warning with the defaults:\n{text}");
+}
+
+/// An admitted connection that echoes `hello\n` and closes cleanly, and a refused one from
+/// `legacy` (denied by default); the proxy's `ward_connections_closed_total` has counted the
+/// first when this returns.
+fn one_admitted_one_refused(inv: &Inventory) {
+    use common::tls::{probe, tls_connect, ServerCheck};
+    use std::io::Read;
+    let inbound = inv.proxy.inbound();
+    let order = inv.pki.leaf("order");
+    let mut conn = tls_connect(inbound, Some(&order), &ServerCheck::any()).unwrap();
+    assert_eq!(conn.echo(b"hello\n").unwrap(), b"hello\n");
+    conn.stream.conn.send_close_notify();
+    let mut rest = Vec::new();
+    let _ = conn.stream.read_to_end(&mut rest);
+    drop(conn);
+    let refused = probe(inbound, Some(&inv.pki.leaf("legacy")), &ServerCheck::any());
+    assert!(refused.result.is_err(), "legacy was admitted");
+    let closed = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        let text = inv.proxy.metrics();
+        let closed = common::net::metric_sum(&text, "ward_connections_closed_total", &[]);
+        let denied =
+            common::net::metric_sum(&text, "ward_tls_handshakes_total", &[("result", "denied")]);
+        (closed == 1.0 && denied == 1.0).then_some(())
+    });
+    assert!(closed.is_some(), "{}", inv.proxy.metrics());
+}
+
+/// The connection log: one info line per admitted inbound connection at its close, one per
+/// refused handshake.
+#[test]
+fn connection_log_has_a_line_per_admitted_and_refused_connection() {
+    let inv = Inventory::start("logs-connlog", |toml| toml);
+    one_admitted_one_refused(&inv);
+    // The line whose message is `message`; it has each of `fields`.
+    let line = |message: &str, fields: &[&str]| {
+        let proxy = &inv.proxy;
+        let line = proxy
+            .wait_for_stderr(0, Duration::from_secs(10), |l| l.contains(message))
+            .unwrap_or_else(|| panic!("no `{message}` line:\n{}", proxy.stderr_text()));
+        for field in fields {
+            assert!(line.contains(field), "no `{field}` in: {line}");
+        }
+    };
+    line(
+        "inbound connection closed",
+        &[
+            " INFO ",
+            "peer=spiffe://ward.local/ns/default/svc/order",
+            "peer_addr=127.0.0.1:",
+            "rx_bytes=6",
+            "tx_bytes=6",
+            "duration_s=",
+            "reason=ended",
+        ],
+    );
+    line(
+        "inbound connection refused",
+        &[
+            " INFO ",
+            "peer_addr=127.0.0.1:",
+            "presented=spiffe://ward.local/ns/default/svc/legacy",
+            "result=denied",
+        ],
+    );
+}
+
+#[test]
+fn connection_log_false_turns_the_lines_off() {
+    let inv = Inventory::start("logs-connlog-off", |toml| {
+        toml.replace("[admin]\n", "[admin]\nconnection_log = false\n")
+    });
+    one_admitted_one_refused(&inv);
+    // Asserting that something does not happen: both connections are over by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let text = inv.proxy.stderr_text();
+    assert!(
+        !text.contains("inbound connection closed") && !text.contains("inbound connection refused"),
+        "connection log lines with connection_log = false:\n{text}"
+    );
 }

@@ -89,6 +89,8 @@ pub struct ControlPlaneConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// One info line per admitted inbound connection at its close and per refused handshake.
+    pub connection_log: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -210,7 +212,8 @@ struct RawRule {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
+    connection_log: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -443,8 +446,14 @@ impl ProxyConfig {
         let admin = AdminConfig {
             listen: raw
                 .admin
-                .map(|a| a.listen)
+                .as_ref()
+                .and_then(|a| a.listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 19000))),
+            connection_log: raw
+                .admin
+                .as_ref()
+                .and_then(|a| a.connection_log)
+                .unwrap_or(true),
         };
 
         // Two listeners on one fixed address would fail at bind; say which keys clash first.
@@ -563,6 +572,10 @@ handshake_timeout = "2s"
         let set = parse(&GOOD.replace("[limits]\n", "[limits]\nmax_connections = 7\n")).unwrap();
         assert_eq!(set.limits.max_connections, 7);
         assert!(set.limits.max_connections_set);
+        assert!(c.admin.connection_log);
+        let quiet = parse(&format!("{GOOD}\n[admin]\nconnection_log = false\n")).unwrap();
+        assert!(!quiet.admin.connection_log);
+        assert_eq!(quiet.admin.listen, c.admin.listen);
         let CredentialSource::Files { tls, intentions } = c.credentials else {
             panic!("files")
         };

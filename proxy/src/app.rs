@@ -144,7 +144,8 @@ pub async fn build(
             intentions.rotate_on_change(t.clone());
             credentials.rotate_on_change(t.clone());
         }
-        let inbound = Arc::new(Inbound::new(inputs.clone(), cfg.local_app, tickets));
+        let log = crate::connlog::ConnectionLog::new(config.admin.connection_log);
+        let inbound = Arc::new(Inbound::new(inputs.clone(), cfg.local_app, tickets, log));
         tokio::spawn(inbound.run(listener));
         tokio::spawn(crate::connections::watch_intentions(
             inputs.connections.clone(),

@@ -1,6 +1,7 @@
 //! Forwarding an admitted connection or tunnel stream, inbound or outbound: connecting to
 //! `local_app`, copying the bytes, and the connection metrics around the copy.
 
+use crate::connlog::Admitted;
 use crate::copy::{self, CopyEnd};
 use crate::inputs::ProxyInputs;
 use crate::metrics::{self as m, Direction};
@@ -29,11 +30,13 @@ pub(crate) async fn connect_app(local_app: SocketAddr) -> Option<TcpStream> {
     }
 }
 
-/// Forwards one admitted connection and keeps the connection metrics.
+/// Forwards one admitted connection and keeps the connection metrics (and its line in the
+/// connection log, when `admitted`).
 pub(crate) async fn forward<P, L>(
     inputs: &ProxyInputs,
     direction: Direction,
     peer: String,
+    admitted: Option<Admitted>,
     peer_io: P,
     local_io: L,
     close: &tokio_util::sync::CancellationToken,
@@ -42,15 +45,20 @@ pub(crate) async fn forward<P, L>(
     L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let idle = inputs.limits.idle_timeout;
-    forward_with(direction, peer, |rx, tx| async move {
+    forward_with(direction, peer, admitted, |rx, tx| async move {
         copy::bidirectional(peer_io, local_io, idle, close, &rx, &tx).await
     })
     .await
 }
 
-/// Keeps the connection metrics around `copy`, which gets the rx and tx byte counters.
-pub(crate) async fn forward_with<F, Fut>(direction: Direction, peer: String, copy: F)
-where
+/// Keeps the connection metrics around `copy`, which gets the rx and tx byte counters; writes
+/// the connection log's line at the close, when `admitted`.
+pub(crate) async fn forward_with<F, Fut>(
+    direction: Direction,
+    peer: String,
+    admitted: Option<Admitted>,
+    copy: F,
+) where
     F: FnOnce(metrics::Counter, metrics::Counter) -> Fut,
     Fut: std::future::Future<Output = CopyEnd>,
 {
@@ -60,8 +68,12 @@ where
     active.increment(1.0);
     let rx = metrics::counter!(m::BYTES, "direction" => d, "peer" => peer.clone(), "flow" => "rx");
     let tx = metrics::counter!(m::BYTES, "direction" => d, "peer" => peer.clone(), "flow" => "tx");
+    let (rx, tx) = match &admitted {
+        Some(a) => a.count(rx, tx),
+        None => (rx, tx),
+    };
     let end = copy(rx, tx).await;
-    match end {
+    match &end {
         CopyEnd::Done => {}
         CopyEnd::Idle => tracing::debug!(direction = d, "connection closed after idle_timeout"),
         CopyEnd::Closed => tracing::debug!(direction = d, "connection closed by the proxy"),
@@ -71,4 +83,7 @@ where
     }
     active.decrement(1.0);
     metrics::counter!(m::CONNECTIONS_CLOSED, "direction" => d, "peer" => peer).increment(1);
+    if let Some(a) = admitted {
+        a.closed(&end);
+    }
 }

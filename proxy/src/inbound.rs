@@ -1,5 +1,6 @@
 //! Inbound: terminate mTLS, decide in the handshake, forward allowed connections to the app.
 
+use crate::connlog::ConnectionLog;
 use crate::forward::{connect_app, forward};
 use crate::inputs::ProxyInputs;
 use crate::metrics::{self as m, Direction, HandshakeResult};
@@ -19,6 +20,7 @@ pub struct Inbound {
     /// sidecars, docs/security.md: chosen by ALPN only).
     mux: Arc<rustls::ServerConfig>,
     local_app: SocketAddr,
+    log: Arc<ConnectionLog>,
 }
 
 impl Inbound {
@@ -26,6 +28,7 @@ impl Inbound {
         inputs: Arc<ProxyInputs>,
         local_app: SocketAddr,
         tickets: Option<Arc<tls::tickets::EpochTicketer>>,
+        log: ConnectionLog,
     ) -> Self {
         let verifier = tls::InboundVerifier::new(
             inputs.credentials.clone(),
@@ -40,6 +43,7 @@ impl Inbound {
             plain,
             mux: Arc::new(mux),
             local_app,
+            log: Arc::new(log),
         }
     }
 
@@ -67,19 +71,27 @@ impl Inbound {
             tracing::debug!("pending handshake cap reached; connection refused");
             return;
         };
-        let handshake =
-            tokio::time::timeout(inputs.limits.handshake_timeout, self.handshake(tcp)).await;
+        let (handshake, presented) = self
+            .log
+            .handshake(tokio::time::timeout(
+                inputs.limits.handshake_timeout,
+                self.handshake(tcp),
+            ))
+            .await;
         drop(pending);
         let elapsed = started.elapsed().as_secs_f64();
         let tls = match handshake {
             Err(_) => {
                 m::handshake(Direction::Inbound, HandshakeResult::Timeout, elapsed);
+                self.log
+                    .refused(peer, presented.as_deref(), HandshakeResult::Timeout);
                 return;
             }
             Ok(Err(e)) => {
                 let result = tls::classify(&e);
                 m::handshake(Direction::Inbound, result, elapsed);
                 tracing::debug!(result = result.as_str(), error = %e, "inbound handshake refused");
+                self.log.refused(peer, presented.as_deref(), result);
                 return;
             }
             Ok(Ok(s)) => s,
@@ -115,6 +127,10 @@ impl Inbound {
                     resumed,
                     "inbound session refused after its handshake"
                 );
+                if let Some(leaf) = chain.first() {
+                    let presented = crate::connlog::presented_identity(leaf);
+                    self.log.refused(peer, Some(&presented), result);
+                }
                 // The handshake is over, so no alert can carry the reason; close cleanly.
                 let mut tls = tls;
                 tls.get_mut().1.send_close_notify();
@@ -137,10 +153,12 @@ impl Inbound {
             tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), "inbound tunnel admitted");
             let peer = crate::mux::server::TunnelPeer {
                 id: peer_id,
+                addr: peer,
                 not_after: session.not_after,
             };
             let close = registration.close.clone();
-            crate::mux::server::serve(inputs.clone(), self.local_app, tls, peer, close).await;
+            let log = self.log.clone();
+            crate::mux::server::serve(inputs.clone(), self.local_app, tls, peer, close, log).await;
             return;
         }
 
@@ -150,10 +168,12 @@ impl Inbound {
 
         let peer_name = peer_id.service.to_string();
         tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), "inbound connection admitted");
+        let admitted = self.log.admitted(peer, &peer_id);
         forward(
             inputs,
             Direction::Inbound,
             peer_name,
+            admitted,
             tls,
             app,
             &registration.close,

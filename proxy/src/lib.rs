@@ -7,6 +7,7 @@
 //!   [`mux`] carries many connections between two sidecars over one (`ward-mux/1`);
 //!   `forward` connects to `local_app` and keeps the connection metrics for all three.
 //! - [`connections`]: open connections by peer, closed when intentions turn to deny.
+//! - [`connlog`]: the connection log (`[admin] connection_log`).
 //! - [`handshakes`]: handshakes in progress, capped globally and per source IP (also used by
 //!   `ward server`).
 //! - [`files`]: `[tls]` files, polled and hot-swapped.
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod app;
 mod config_dump;
 pub mod connections;
+pub mod connlog;
 pub mod copy;
 pub mod drain;
 pub mod files;

@@ -1,6 +1,7 @@
 //! Outbound: a plain listener on localhost per upstream; each connection is carried over mTLS
 //! to one of the upstream's endpoints, which must prove the upstream's exact identity.
 
+use crate::connlog::LineBudget;
 use crate::inputs::ProxyInputs;
 use crate::metrics::{self as m, Direction, HandshakeResult};
 use crate::mux;
@@ -10,7 +11,7 @@ use rustls_pki_types::ServerName;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -44,7 +45,7 @@ pub struct Upstream {
     pool: mux::pool::Pool,
     /// The `:authority` of our tunnel streams.
     authority: String,
-    failure_log: Arc<FailureLog>,
+    failure_log: Arc<LineBudget>,
 }
 
 impl Upstream {
@@ -71,7 +72,7 @@ impl Upstream {
             next: AtomicUsize::new(0),
             pool: mux::pool::Pool::default(),
             authority,
-            failure_log: Arc::default(),
+            failure_log: Arc::new(LineBudget::new(1, FAILURE_LOG_EVERY)),
         }
     }
 
@@ -312,13 +313,14 @@ impl Upstream {
             Carrier::Stream(stream) => {
                 m::mux_stream(Direction::Outbound, true);
                 let idle = inputs.limits.idle_timeout;
-                crate::forward::forward_with(Direction::Outbound, peer, |rx, tx| {
+                crate::forward::forward_with(Direction::Outbound, peer, None, |rx, tx| {
                     mux::io::forward(stream, local, idle, &close, rx, tx)
                 })
                 .await
             }
             Carrier::Plain(tls) => {
-                crate::forward::forward(inputs, Direction::Outbound, peer, tls, local, &close).await
+                let (direction, close) = (Direction::Outbound, &close);
+                crate::forward::forward(inputs, direction, peer, None, tls, local, close).await
             }
         }
     }
@@ -370,7 +372,7 @@ struct Unanswered {
     /// From the TCP connect to the end of our side of the handshake: the duration recorded.
     started: Instant,
     finished: Option<Instant>,
-    log: Arc<FailureLog>,
+    log: Arc<LineBudget>,
 }
 
 impl Unanswered {
@@ -401,27 +403,6 @@ impl Unanswered {
                 %upstream, %endpoint, result, %error, left_out, "outbound handshake failed"
             ),
         }
-    }
-}
-
-/// Rate limit of an upstream's failed-handshake lines.
-#[derive(Default)]
-struct FailureLog {
-    next: std::sync::Mutex<Option<Instant>>,
-    left_out: AtomicU64,
-}
-
-impl FailureLog {
-    /// `Some(lines left out since the last one)` when a line may be written now.
-    fn admit(&self) -> Option<u64> {
-        let now = Instant::now();
-        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        if next.is_some_and(|at| now < at) {
-            self.left_out.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *next = Some(now + FAILURE_LOG_EVERY);
-        Some(self.left_out.swap(0, Ordering::Relaxed))
     }
 }
 

@@ -3,6 +3,7 @@
 
 use super::io::StreamIo;
 use super::keepalive::Keepalive;
+use crate::connlog::ConnectionLog;
 use crate::inputs::ProxyInputs;
 use crate::metrics::{self as m, Direction};
 use bytes::Bytes;
@@ -22,6 +23,8 @@ use ward_config::SpiffeId;
 /// Who is at the other end of a tunnel connection, as its handshake established.
 pub struct TunnelPeer {
     pub id: SpiffeId,
+    /// Its address, for the connection log.
+    pub addr: SocketAddr,
     /// When the peer's chain stops being valid (Unix seconds; the earliest not_after of its
     /// leaf and the intermediates on its verified path): no stream is admitted after it.
     pub not_after: i64,
@@ -36,6 +39,7 @@ pub async fn serve<T>(
     io: T,
     peer: TunnelPeer,
     close: CancellationToken,
+    log: Arc<ConnectionLog>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -61,6 +65,7 @@ pub async fn serve<T>(
         streams: Arc::new(Semaphore::new(super::MAX_STREAMS as usize)),
         early_resets: AtomicUsize::new(0),
         calm: CancellationToken::new(),
+        log,
     });
     let idle_timeout = inputs.limits.idle_timeout;
     let period = idle_timeout.clamp(Duration::from_millis(100), Duration::from_secs(30));
@@ -157,6 +162,8 @@ struct Tunnel {
     /// Streams the peer reset before they were answered; past the bound the tunnel closes.
     early_resets: AtomicUsize,
     calm: CancellationToken,
+    /// Each stream is one connection in the connection log.
+    log: Arc<ConnectionLog>,
 }
 
 struct Stream {
@@ -256,7 +263,9 @@ impl Stream {
         let stream = StreamIo::accepted(send, req.into_body());
         let idle = inputs.limits.idle_timeout;
         let close = &self.close;
-        crate::forward::forward_with(Direction::Inbound, peer.id.service.to_string(), |rx, tx| {
+        let admitted = self.tunnel.log.admitted(peer.addr, &peer.id);
+        let name = peer.id.service.to_string();
+        crate::forward::forward_with(Direction::Inbound, name, admitted, |rx, tx| {
             super::io::forward(stream, app, idle, close, rx, tx)
         })
         .await;

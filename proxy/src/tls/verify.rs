@@ -419,6 +419,9 @@ impl ClientCertVerifier for InboundVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        // Every return but the admission below notes the presented identity for the connection
+        // log.
+        let refusal = crate::connlog::NoteIfRefused(end_entity);
         let creds = self.credentials.load().ok_or(VerifyError::NotReady)?;
         let (leaf, validity) = verify_peer(
             &creds,
@@ -431,6 +434,7 @@ impl ClientCertVerifier for InboundVerifier {
         let allowed = self.intentions.authorize(&leaf.id, &self.local_service);
         if allowed {
             creds.remember_path(chain_key(end_entity, intermediates), validity);
+            refusal.admitted();
             Ok(ClientCertVerified::assertion())
         } else {
             Err(VerifyError::Denied.into())
