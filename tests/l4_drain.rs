@@ -20,6 +20,11 @@ struct Setup {
 }
 
 fn start(drain_timeout: &str) -> Setup {
+    start_with(&format!("drain_timeout = \"{drain_timeout}\"\n"))
+}
+
+/// The proxy with `limits` as its `[limits]` table.
+fn start_with(limits: &str) -> Setup {
     let dir = TempDir::new("drain");
     let pki = Pki::new(TRUST_DOMAIN);
     let identity = pki.leaf("inventory");
@@ -30,7 +35,8 @@ fn start(drain_timeout: &str) -> Setup {
         .inbound("127.0.0.1:0", app.addr)
         .rule("order", "allow")
         .to_toml()
-        + &format!("\n[limits]\ndrain_timeout = \"{drain_timeout}\"\n");
+        + "\n[limits]\n"
+        + limits;
     std::fs::write(&config, toml).unwrap();
     let proxy = WardProcess::start("inventory", &config, &["inbound"]);
     Setup {
@@ -87,6 +93,60 @@ fn sigterm_drains_open_connections_then_exits_zero() {
     let st = wait_exit(&mut s.proxy, Duration::from_secs(5));
     assert_eq!(st.code(), Some(0), "drained exit is 0");
     assert_eq!(s.app.accepted(), 1);
+}
+
+/// With `drain_delay`, SIGTERM turns `/ready` 503 at once while the listener keeps accepting for
+/// the delay (so an orchestrator's probe sees the drain before new connections are refused); then
+/// the listener closes and the process exits 0 once the open connections end.
+#[test]
+fn drain_delay_keeps_accepting_while_ready_is_503() {
+    let mut s = start_with("drain_timeout = \"20s\"\ndrain_delay = \"4s\"\n");
+    let order = s.pki.leaf("order");
+    let inbound = s.proxy.inbound();
+    let any = common::tls::ServerCheck::any();
+    let mut before = tls_connect(inbound, Some(&order), &any).unwrap();
+    assert_eq!(before.echo(b"before\n").unwrap(), b"before\n");
+
+    sigterm(s.proxy.pid());
+    let not_ready = wait_until(Duration::from_secs(3), Duration::from_millis(10), || {
+        (s.proxy.ready_status() == Some(503)).then_some(())
+    });
+    assert!(
+        not_ready.is_some(),
+        "/ready turns 503 when the drain starts"
+    );
+    // Within drain_delay: a new connection is still accepted and served.
+    let mut during = tls_connect(inbound, Some(&order), &any).unwrap();
+    assert_eq!(during.echo(b"during\n").unwrap(), b"during\n");
+    assert_eq!(
+        s.proxy.ready_status(),
+        Some(503),
+        "still 503 while accepting"
+    );
+
+    let closed = wait_until(Duration::from_secs(15), Duration::from_millis(20), || {
+        (!is_listening(inbound)).then_some(())
+    });
+    assert!(
+        closed.is_some(),
+        "the inbound listener closes after drain_delay"
+    );
+    assert!(
+        tls_connect(inbound, Some(&order), &any).is_err(),
+        "a new connection is refused once the listener closed"
+    );
+    // Both open connections keep working, and the process waits for them.
+    assert_eq!(before.echo(b"after\n").unwrap(), b"after\n");
+    assert_eq!(during.echo(b"after\n").unwrap(), b"after\n");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        s.proxy.try_wait().is_none(),
+        "still running while connections are open"
+    );
+    drop((before, during));
+    let st = wait_exit(&mut s.proxy, Duration::from_secs(5));
+    assert_eq!(st.code(), Some(0), "drained exit is 0");
+    assert_eq!(s.app.accepted(), 2);
 }
 
 #[test]

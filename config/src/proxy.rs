@@ -102,6 +102,8 @@ pub struct Limits {
     pub handshake_timeout: std::time::Duration,
     pub idle_timeout: std::time::Duration,
     pub drain_timeout: std::time::Duration,
+    /// How long listeners keep accepting after a drain starts, while `/ready` answers 503.
+    pub drain_delay: std::time::Duration,
     pub max_pending_handshakes: usize,
     pub max_pending_handshakes_per_ip: usize,
     /// What one `ward-mux/1` tunnel may buffer each way: the bytes its peer may send before
@@ -123,6 +125,7 @@ impl Default for Limits {
             handshake_timeout: std::time::Duration::from_secs(10),
             idle_timeout: std::time::Duration::from_secs(3600),
             drain_timeout: std::time::Duration::from_secs(30),
+            drain_delay: std::time::Duration::ZERO,
             max_pending_handshakes: 1024,
             max_pending_handshakes_per_ip: 64,
             // 640 KiB per stream: several times a bulk stream's bandwidth-delay product within
@@ -223,6 +226,7 @@ struct RawLimits {
     handshake_timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
     drain_timeout: Option<Duration>,
+    drain_delay: Option<Duration>,
     max_pending_handshakes: Option<usize>,
     max_pending_handshakes_per_ip: Option<usize>,
     max_tunnel_buffer_bytes: Option<usize>,
@@ -416,6 +420,7 @@ impl ProxyConfig {
                 )?,
                 idle_timeout: nonzero("idle_timeout", l.idle_timeout, limits.idle_timeout)?,
                 drain_timeout: l.drain_timeout.map(|d| d.0).unwrap_or(limits.drain_timeout),
+                drain_delay: l.drain_delay.map(|d| d.0).unwrap_or(limits.drain_delay),
                 max_pending_handshakes: positive(
                     "max_pending_handshakes",
                     l.max_pending_handshakes,
@@ -572,6 +577,13 @@ handshake_timeout = "2s"
         let set = parse(&GOOD.replace("[limits]\n", "[limits]\nmax_connections = 7\n")).unwrap();
         assert_eq!(set.limits.max_connections, 7);
         assert!(set.limits.max_connections_set);
+        assert_eq!(c.limits.drain_delay, std::time::Duration::ZERO);
+        let delayed =
+            parse(&GOOD.replace("[limits]\n", "[limits]\ndrain_delay = \"5s\"\n")).unwrap();
+        assert_eq!(
+            delayed.limits.drain_delay,
+            std::time::Duration::from_secs(5)
+        );
         assert!(c.admin.connection_log);
         let quiet = parse(&format!("{GOOD}\n[admin]\nconnection_log = false\n")).unwrap();
         assert!(!quiet.admin.connection_log);

@@ -237,11 +237,11 @@ impl ProxyHandle {
 
     /// Resolves once a drain has started (signal or `POST /drain`).
     pub async fn drain_started(&self) {
-        self.inputs.drain.stop_accepting.cancelled().await
+        self.inputs.drain.started.cancelled().await
     }
 
-    /// Waits for the drain to start, then for open connections to end, closing what is left at
-    /// `drain_timeout`.
+    /// Waits for the drain to start and the listeners to close (`drain_delay` later), then for
+    /// open connections to end, closing what is left at `drain_timeout`.
     pub async fn wait(&self) {
         self.inputs.drain.stop_accepting.cancelled().await;
         let tracker = &self.inputs.drain.tracker;

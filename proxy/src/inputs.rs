@@ -45,8 +45,8 @@ impl ProxyInputs {
                 limits.max_pending_handshakes,
                 limits.max_pending_handshakes_per_ip,
             ),
+            drain: Drain::new(limits.drain_delay),
             limits,
-            drain: Drain::default(),
             listeners: std::sync::Mutex::new(Vec::new()),
         }
     }

@@ -227,7 +227,7 @@ impl Stream {
             return refuse(&mut respond, StatusCode::FORBIDDEN);
         }
         // A stream that arrived while our GOAWAY was on its way: the peer may retry it.
-        if inputs.drain.is_draining() {
+        if inputs.drain.stop_accepting.is_cancelled() {
             return refuse_for_now(&mut respond);
         }
         let Ok(_slot) = inputs.conn_slots.clone().try_acquire_owned() else {
