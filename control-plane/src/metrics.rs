@@ -1,23 +1,44 @@
 //! The server's metrics, rendered as Prometheus text on the admin listener's `/metrics`.
 //!
-//! Kept per server instance (not in a process-global recorder) so several servers can run in
-//! one process, as the tests do. Every label value is from a small fixed set.
+//! Kept per server instance (a recorder of its own, not the process-global one) so several
+//! servers can run in one process, as the tests do. The handles are made once, at start, so
+//! counting is an atomic add. Every label value is from a small fixed set.
 
 use crate::grpc::StreamKind;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge, Unit};
+use metrics_exporter_prometheus::PrometheusHandle;
 
-#[derive(Debug, Default)]
+const SIGN: &str = "ward_server_sign_total";
+const TOKENS_CREATED: &str = "ward_server_tokens_created_total";
+const INTENTION_WRITES: &str = "ward_server_intention_writes_total";
+const INTENTIONS: &str = "ward_server_intentions";
+const CATALOG_INSTANCES: &str = "ward_server_catalog_instances";
+const STREAMS: &str = "ward_server_streams";
+const CA_EXPIRY: &str = "ward_server_ca_expiry_timestamp_seconds";
+
+const STREAM_KINDS: [StreamKind; 4] = [
+    StreamKind::Roots,
+    StreamKind::Intentions,
+    StreamKind::Endpoints,
+    StreamKind::Register,
+];
+
+#[derive(Debug)]
 pub struct Metrics {
-    sign_ok: AtomicU64,
-    sign_unauthenticated: AtomicU64,
-    sign_invalid: AtomicU64,
-    sign_denied: AtomicU64,
-    sign_limited: AtomicU64,
-    sign_error: AtomicU64,
-    tokens_created: AtomicU64,
-    intention_writes: AtomicU64,
-    streams: [AtomicI64; 4],
+    prometheus: PrometheusHandle,
+    sign_ok: Counter,
+    sign_unauthenticated: Counter,
+    sign_invalid: Counter,
+    sign_denied: Counter,
+    sign_limited: Counter,
+    sign_error: Counter,
+    tokens_created: Counter,
+    intention_writes: Counter,
+    /// By [`idx`] of the stream kind.
+    streams: [Gauge; 4],
+    intentions: Gauge,
+    instances: Gauge,
+    ca_expiry: Gauge,
 }
 
 fn idx(k: StreamKind) -> usize {
@@ -26,6 +47,55 @@ fn idx(k: StreamKind) -> usize {
         StreamKind::Intentions => 1,
         StreamKind::Endpoints => 2,
         StreamKind::Register => 3,
+    }
+}
+
+impl Default for Metrics {
+    /// Every series exists from the start, at zero.
+    fn default() -> Self {
+        let recorder = ward_proxy::metrics::exporter().build_recorder();
+        let prometheus = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe_counter!(SIGN, "Identity.Sign calls by result");
+            describe_counter!(TOKENS_CREATED, "Join tokens created");
+            describe_counter!(INTENTION_WRITES, "Intentions created or deleted");
+            describe_gauge!(INTENTIONS, "Intentions stored");
+            describe_gauge!(CATALOG_INSTANCES, "Instances in the catalog");
+            describe_gauge!(STREAMS, "Open Mesh streams by kind");
+            describe_gauge!(
+                CA_EXPIRY,
+                Unit::Seconds,
+                "notAfter of the intermediate CA, as a Unix timestamp"
+            );
+            let sign = |result: &'static str| {
+                let c = counter!(SIGN, "result" => result);
+                c.absolute(0);
+                c
+            };
+            let zero = |g: Gauge| {
+                g.set(0.0);
+                g
+            };
+            let (tokens_created, intention_writes) =
+                (counter!(TOKENS_CREATED), counter!(INTENTION_WRITES));
+            tokens_created.absolute(0);
+            intention_writes.absolute(0);
+            Metrics {
+                prometheus,
+                sign_ok: sign("ok"),
+                sign_unauthenticated: sign("unauthenticated"),
+                sign_invalid: sign("invalid_argument"),
+                sign_denied: sign("permission_denied"),
+                sign_limited: sign("resource_exhausted"),
+                sign_error: sign("error"),
+                tokens_created,
+                intention_writes,
+                streams: STREAM_KINDS.map(|k| zero(gauge!(STREAMS, "kind" => k.as_str()))),
+                intentions: zero(gauge!(INTENTIONS)),
+                instances: zero(gauge!(CATALOG_INSTANCES)),
+                ca_expiry: zero(gauge!(CA_EXPIRY)),
+            }
+        })
     }
 }
 
@@ -39,98 +109,70 @@ impl Metrics {
             Err(tonic::Code::ResourceExhausted) => &self.sign_limited,
             Err(_) => &self.sign_error,
         };
-        c.fetch_add(1, Relaxed);
+        c.increment(1);
     }
 
     pub(crate) fn token_created(&self) {
-        self.tokens_created.fetch_add(1, Relaxed);
+        self.tokens_created.increment(1);
     }
 
     pub(crate) fn intention_written(&self) {
-        self.intention_writes.fetch_add(1, Relaxed);
+        self.intention_writes.increment(1);
     }
 
     pub(crate) fn stream_opened(&self, k: StreamKind) {
-        self.streams[idx(k)].fetch_add(1, Relaxed);
+        self.streams[idx(k)].increment(1.0);
     }
 
     pub(crate) fn stream_closed(&self, k: StreamKind) {
-        self.streams[idx(k)].fetch_sub(1, Relaxed);
+        self.streams[idx(k)].decrement(1.0);
     }
 
     /// Prometheus text exposition; `intentions`, `instances` and `ca_expiry` are gauges read
     /// at render time.
     pub fn render(&self, intentions: usize, instances: usize, ca_expiry: i64) -> String {
-        let mut o = String::new();
-        let _ = writeln!(
-            o,
-            "# HELP ward_server_sign_total Identity.Sign calls by result."
-        );
-        let _ = writeln!(o, "# TYPE ward_server_sign_total counter");
-        for (result, c) in [
-            ("ok", &self.sign_ok),
-            ("unauthenticated", &self.sign_unauthenticated),
-            ("invalid_argument", &self.sign_invalid),
-            ("permission_denied", &self.sign_denied),
-            ("resource_exhausted", &self.sign_limited),
-            ("error", &self.sign_error),
+        self.intentions.set(intentions as f64);
+        self.instances.set(instances as f64);
+        self.ca_expiry.set(ca_expiry as f64);
+        self.prometheus.render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two servers in one process count apart.
+    #[test]
+    fn each_instance_counts_its_own() {
+        let (a, b) = (Metrics::default(), Metrics::default());
+        a.sign(Ok(()));
+        a.sign(Err(tonic::Code::ResourceExhausted));
+        a.stream_opened(StreamKind::Register);
+        a.stream_opened(StreamKind::Register);
+        a.stream_closed(StreamKind::Register);
+        let text = a.render(3, 2, 1_800_000_000);
+        for line in [
+            "ward_server_sign_total{result=\"ok\"} 1",
+            "ward_server_sign_total{result=\"resource_exhausted\"} 1",
+            "ward_server_sign_total{result=\"error\"} 0",
+            "ward_server_streams{kind=\"Register\"} 1",
+            "ward_server_streams{kind=\"WatchRoots\"} 0",
+            "ward_server_intentions 3",
+            "ward_server_catalog_instances 2",
+            "ward_server_ca_expiry_timestamp_seconds 1800000000",
+            "ward_server_tokens_created_total 0",
+            "# HELP ward_server_sign_total Identity.Sign calls by result",
+            "# TYPE ward_server_streams gauge",
         ] {
-            let _ = writeln!(
-                o,
-                "ward_server_sign_total{{result=\"{result}\"}} {}",
-                c.load(Relaxed)
-            );
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
         }
-        let _ = writeln!(
-            o,
-            "# HELP ward_server_tokens_created_total Join tokens created."
+        let other = b.render(0, 0, 0);
+        assert!(
+            other
+                .lines()
+                .any(|l| l == "ward_server_sign_total{result=\"ok\"} 0"),
+            "{other}"
         );
-        let _ = writeln!(o, "# TYPE ward_server_tokens_created_total counter");
-        let _ = writeln!(
-            o,
-            "ward_server_tokens_created_total {}",
-            self.tokens_created.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "# HELP ward_server_intention_writes_total Intentions created or deleted."
-        );
-        let _ = writeln!(o, "# TYPE ward_server_intention_writes_total counter");
-        let _ = writeln!(
-            o,
-            "ward_server_intention_writes_total {}",
-            self.intention_writes.load(Relaxed)
-        );
-        let _ = writeln!(o, "# HELP ward_server_intentions Intentions stored.");
-        let _ = writeln!(o, "# TYPE ward_server_intentions gauge");
-        let _ = writeln!(o, "ward_server_intentions {intentions}");
-        let _ = writeln!(
-            o,
-            "# HELP ward_server_catalog_instances Instances in the catalog."
-        );
-        let _ = writeln!(o, "# TYPE ward_server_catalog_instances gauge");
-        let _ = writeln!(o, "ward_server_catalog_instances {instances}");
-        let _ = writeln!(o, "# HELP ward_server_streams Open Mesh streams by kind.");
-        let _ = writeln!(o, "# TYPE ward_server_streams gauge");
-        for k in [
-            StreamKind::Roots,
-            StreamKind::Intentions,
-            StreamKind::Endpoints,
-            StreamKind::Register,
-        ] {
-            let _ = writeln!(
-                o,
-                "ward_server_streams{{kind=\"{}\"}} {}",
-                k.as_str(),
-                self.streams[idx(k)].load(Relaxed)
-            );
-        }
-        let _ = writeln!(
-            o,
-            "# HELP ward_server_ca_expiry_timestamp_seconds notAfter of the intermediate CA."
-        );
-        let _ = writeln!(o, "# TYPE ward_server_ca_expiry_timestamp_seconds gauge");
-        let _ = writeln!(o, "ward_server_ca_expiry_timestamp_seconds {ca_expiry}");
-        o
     }
 }
