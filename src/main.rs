@@ -182,6 +182,8 @@ fn init_logging(format: LogFormat) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // The revision the root build script found, for `ward_build_info` on /metrics.
+    ward_proxy::process_metrics::set_revision(env!("WARD_REVISION"));
     let matches = Cli::command().get_matches();
     if let Some(e) = cli::Output::env_error(&matches) {
         return usage_error(&e);

@@ -86,6 +86,61 @@ fn promtool_accepts_the_metrics_of_the_proxy_and_the_server() {
     assert!(refused.is_empty(), "{}", refused.join("\n"));
 }
 
+/// Every family the proxy and the server promise beyond their own `ward_` set.
+#[test]
+fn process_and_build_info_metrics_are_served_by_the_proxy_and_the_server() {
+    let mesh = Mesh::start("process-metrics", None);
+    for (label, admin) in [("order", mesh.order.admin()), ("server", mesh.server.admin)] {
+        let text = scrape(label, admin);
+        let samples = common::net::parse_prometheus(&text);
+        let value = |name: &str| {
+            samples
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.value)
+                .unwrap_or_else(|| panic!("[{label}] no {name} in /metrics:\n{text}"))
+        };
+        assert!(value("process_resident_memory_bytes") > 0.0, "[{label}]");
+        assert!(value("process_virtual_memory_bytes") > 0.0, "[{label}]");
+        assert!(value("process_cpu_seconds_total") >= 0.0, "[{label}]");
+        assert!(value("process_open_fds") >= 3.0, "[{label}]");
+        assert!(
+            value("process_max_fds") >= value("process_open_fds"),
+            "[{label}]"
+        );
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let started = value("process_start_time_seconds");
+        assert!(
+            started > now - 600.0 && started <= now + 1.0,
+            "[{label}] process_start_time_seconds {started} is not a moment ago ({now})"
+        );
+        let info: Vec<_> = samples
+            .iter()
+            .filter(|s| s.name == "ward_build_info")
+            .collect();
+        assert_eq!(info.len(), 1, "[{label}] one ward_build_info:\n{text}");
+        assert_eq!(info[0].value, 1.0, "[{label}]");
+        let label_of = |k: &str| {
+            info[0]
+                .labels
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("[{label}] ward_build_info without {k}"))
+        };
+        assert_eq!(label_of("version"), env!("CARGO_PKG_VERSION"), "[{label}]");
+        let revision = label_of("revision");
+        assert!(
+            revision == "unknown"
+                || (revision.len() >= 7 && revision.chars().all(|c| c.is_ascii_hexdigit())),
+            "[{label}] revision {revision:?} is neither a git revision nor \"unknown\""
+        );
+    }
+}
+
 /// A `prometheus` server on 127.0.0.1 with its own config and storage, killed on drop.
 struct Prometheus {
     child: Child,

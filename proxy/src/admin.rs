@@ -29,7 +29,8 @@ const ANSWER_GRACE: Duration = Duration::from_secs(2);
 pub trait Endpoints: Send + Sync + 'static {
     /// `GET /ready`: `Ok` answers 200, `Err(why)` 503 with `why` as the body.
     fn ready(&self) -> Result<(), &'static str>;
-    /// `GET /metrics`: Prometheus text format 0.0.4.
+    /// `GET /metrics`: Prometheus text format 0.0.4; the process's own metrics
+    /// ([`crate::process_metrics`]) are appended to it.
     fn metrics(&self) -> String;
     /// `GET /config`: what the process runs with; never a key, a token or a token hash.
     fn config(&self) -> serde_json::Value;
@@ -127,11 +128,11 @@ fn answer<E: Endpoints, B>(
                 format!("{why}\n"),
             ),
         },
-        (&Method::GET, "/metrics") => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            endpoints.metrics(),
-        ),
+        (&Method::GET, "/metrics") => {
+            let mut body = endpoints.metrics();
+            crate::process_metrics::render(&mut body);
+            reply(StatusCode::OK, "text/plain; version=0.0.4", body)
+        }
         (&Method::GET, "/config") => {
             let body = serde_json::to_vec_pretty(&endpoints.config()).unwrap_or_default();
             reply(StatusCode::OK, "application/json", body)

@@ -13,7 +13,8 @@
 //! - [`files`]: `[tls]` files, polled and hot-swapped.
 //! - [`inputs`]: what every listener reads (service, stores, limits); [`drain`]: the drain
 //!   signals and the connection tasks a drain waits for.
-//! - [`admin`]: /live /ready /metrics /config /drain.
+//! - [`admin`]: /live /ready /metrics /config /drain; [`process_metrics`]: the `process_*` set
+//!   and `ward_build_info`, which the proxy and the server both serve.
 //! - [`startup_memory`]: gives back the memory only startup needed, once ready.
 //! - [`app`]: binds everything and returns a handle; [`app::ProxyHandle::wait`] drains.
 
@@ -34,6 +35,7 @@ mod listener;
 pub mod metrics;
 pub mod mux;
 pub mod outbound;
+pub mod process_metrics;
 pub mod startup_memory;
 #[cfg(test)]
 mod test_pki;
