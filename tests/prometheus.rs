@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::cp::Mesh;
+use common::cp::{metric, Mesh};
 use common::net::{free_port, http_get};
 use common::proc::TempDir;
 use common::tls::{probe, ServerCheck};
@@ -54,7 +54,7 @@ fn promtool_check(text: &str) -> Result<(), String> {
 }
 
 /// A mesh whose metrics have seen traffic: an allowed connection (a handshake each side, a
-/// certificate obtained, bytes) and a refused one on the inbound.
+/// certificate obtained, bytes), closed on both sides, and a refused one on the inbound.
 fn mesh_with_traffic(prefix: &str) -> Mesh {
     let mesh = Mesh::start(prefix, None);
     mesh.allow_order();
@@ -63,6 +63,16 @@ fn mesh_with_traffic(prefix: &str) -> Mesh {
         refused.result.is_err(),
         "a client without a certificate was admitted"
     );
+    for p in [&mesh.order, &mesh.inventory] {
+        let closed = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            (metric(p, "ward_connections_closed_total", &[]) >= 1.0).then_some(())
+        });
+        assert!(
+            closed.is_some(),
+            "[{}] the echo's connection is not counted closed within 10 s",
+            p.label
+        );
+    }
     mesh
 }
 
@@ -286,5 +296,235 @@ fn prometheus_scrapes_two_sidecars_and_the_server_and_aggregates_the_handshake_p
         answered.is_some(),
         "`{p99}` returned no finite series within 30 s; last answer: {last:?}\n{}",
         prom.log()
+    );
+}
+
+// ---- the Grafana dashboard -----------------------------------------------------------------
+
+/// `contrib/grafana/ward.json`.
+fn dashboard() -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/grafana/ward.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// The PromQL of every panel target, with its panel's title.
+fn panel_queries(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            let title = panel["title"].as_str().unwrap_or_default();
+            out.push((title.to_string(), expr.to_string()));
+        }
+    }
+    out
+}
+
+/// The queries of the dashboard's variables (`label_values(...)`, not PromQL).
+fn variable_queries(dashboard: &serde_json::Value) -> Vec<String> {
+    let vars = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating");
+    vars.iter()
+        .filter(|v| v["type"] == "query")
+        .map(|v| {
+            let q = &v["query"];
+            q["query"]
+                .as_str()
+                .or(q.as_str())
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+/// The `ward_*` and `process_*` metric names in a query; label values (quoted) are skipped.
+fn metric_names(query: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut chars = query.chars().peekable();
+    let is_start = |c: char| c.is_ascii_alphabetic() || c == '_' || c == ':';
+    while let Some(c) = chars.next() {
+        if c == '"' {
+            // a quoted string, escapes included
+            while let Some(q) = chars.next() {
+                match q {
+                    '\\' => {
+                        chars.next();
+                    }
+                    '"' => break,
+                    _ => {}
+                }
+            }
+        } else if is_start(c) {
+            let mut word = c.to_string();
+            while let Some(&n) = chars.peek() {
+                if n.is_ascii_alphanumeric() || n == '_' || n == ':' {
+                    word.push(n);
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            if word.starts_with("ward_") || word.starts_with("process_") {
+                names.push(word);
+            }
+        } else if c.is_ascii_digit() {
+            // a number such as 0.99 or 1e3: not the start of a name
+            while chars
+                .peek()
+                .is_some_and(|n| n.is_ascii_alphanumeric() || *n == '.')
+            {
+                chars.next();
+            }
+        }
+    }
+    names
+}
+
+/// `name -> type` from the `# TYPE` lines of an exposition.
+fn families(text: &str) -> std::collections::HashMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            Some((parts.next()?.to_string(), parts.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// Whether a queried series name is served: a counter or gauge by its own name, a histogram's
+/// `_bucket`, `_sum` or `_count`, a summary's `_sum` or `_count`.
+fn served(name: &str, families: &std::collections::HashMap<String, String>) -> Result<(), String> {
+    if let Some(kind) = families.get(name) {
+        return match kind.as_str() {
+            "counter" | "gauge" | "untyped" => Ok(()),
+            other => Err(format!(
+                "{name} is a {other}: query its series (_bucket, _sum, _count)"
+            )),
+        };
+    }
+    for (suffix, kinds) in [
+        ("_bucket", &["histogram"][..]),
+        ("_sum", &["histogram", "summary"][..]),
+        ("_count", &["histogram", "summary"][..]),
+    ] {
+        if let Some(kind) = name
+            .strip_suffix(suffix)
+            .and_then(|base| families.get(base))
+        {
+            return if kinds.contains(&kind.as_str()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{name}: its family is a {kind}, which has no {suffix}"
+                ))
+            };
+        }
+    }
+    Err(format!(
+        "{name} is in no /metrics of a sidecar or the server"
+    ))
+}
+
+#[test]
+fn metric_names_are_read_from_promql() {
+    assert_eq!(
+        metric_names(
+            "histogram_quantile(0.99, sum by (le) (rate(ward_tls_handshake_duration_seconds_bucket\
+             {job=~\"$job\",result=\"ward_not_a_name\\\"\"}[$__rate_interval]))) \
+             / process_max_fds - 1e3"
+        ),
+        [
+            "ward_tls_handshake_duration_seconds_bucket",
+            "process_max_fds"
+        ]
+    );
+    let families = families(
+        "# TYPE ward_a_total counter\n# TYPE ward_h_seconds histogram\n# TYPE ward_g gauge\n",
+    );
+    assert!(served("ward_a_total", &families).is_ok());
+    assert!(served("ward_h_seconds_bucket", &families).is_ok());
+    assert!(served("ward_h_seconds_count", &families).is_ok());
+    assert!(served("ward_h_seconds", &families).is_err());
+    assert!(served("ward_g_count", &families).is_err());
+    assert!(served("ward_a", &families).is_err());
+}
+
+/// Every metric the dashboard queries is served by a running sidecar or server; where
+/// prometheus is installed, every panel's query also evaluates against them.
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_that_exist() {
+    let dashboard = dashboard();
+    let panels = panel_queries(&dashboard);
+    assert!(
+        panels.len() >= 10,
+        "only {} panel queries in the dashboard",
+        panels.len()
+    );
+    for (title, expr) in &panels {
+        assert!(
+            !expr.trim().is_empty(),
+            "panel {title:?} has a target without expr"
+        );
+    }
+    let mesh = mesh_with_traffic("dashboard");
+    let mut known = std::collections::HashMap::new();
+    for (label, admin) in [
+        ("order", mesh.order.admin()),
+        ("inventory", mesh.inventory.admin()),
+        ("server", mesh.server.admin),
+    ] {
+        known.extend(families(&scrape(label, admin)));
+    }
+    let queries = panels
+        .iter()
+        .map(|(title, expr)| (format!("panel {title:?}"), expr.clone()))
+        .chain(
+            variable_queries(&dashboard)
+                .into_iter()
+                .map(|q| ("a variable".to_string(), q)),
+        );
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for (place, query) in queries {
+        for name in metric_names(&query) {
+            checked += 1;
+            if let Err(e) = served(&name, &known) {
+                missing.push(format!("{place}: {e}"));
+            }
+        }
+    }
+    assert!(
+        checked >= 10,
+        "only {checked} metric names found in the dashboard"
+    );
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+
+    if !tool_available("prometheus", &["--version"]) {
+        return;
+    }
+    let prom = Prometheus::start(&[
+        (
+            "ward-sidecars",
+            vec![mesh.order.admin(), mesh.inventory.admin()],
+        ),
+        ("ward-server", vec![mesh.server.admin]),
+    ]);
+    let mut refused = Vec::new();
+    for (title, expr) in &panels {
+        let promql = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$job", ".*")
+            .replace("$instance", ".*");
+        if prom.query(&promql).is_none() {
+            refused.push(format!("panel {title:?}: {promql}"));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "prometheus does not evaluate:\n{}",
+        refused.join("\n")
     );
 }
