@@ -254,7 +254,12 @@ mod tests {
         let tickets = tickets
             .then(|| tls::tickets::EpochTicketer::new().map(Arc::new))
             .flatten();
-        let server = Arc::new(Inbound::new(inputs.clone(), app, tickets));
+        let server = Arc::new(Inbound::new(
+            inputs.clone(),
+            app,
+            tickets,
+            ConnectionLog::new(false),
+        ));
         tokio::spawn(server.run(listener));
         Mesh {
             root,

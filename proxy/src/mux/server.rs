@@ -336,13 +336,15 @@ mod tests {
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
+        let (server, addr) = listener.accept().await.unwrap();
         let peer = TunnelPeer {
             id: id("order"),
+            addr,
             not_after,
         };
         let close = CancellationToken::new();
-        tokio::spawn(serve(inputs.clone(), local_app, server, peer, close));
+        let log = Arc::new(ConnectionLog::new(false));
+        tokio::spawn(serve(inputs.clone(), local_app, server, peer, close, log));
         let max = inputs.limits.max_tunnel_buffer_bytes;
         let (send, conn) = super::super::client_builder(max)
             .handshake(client)
