@@ -127,6 +127,9 @@ pub async fn build(
     let local = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
     let mut roles = vec![("admin".to_owned(), local(&admin_listener))];
 
+    if let Some(handle) = &prometheus {
+        tokio::spawn(crate::metrics::upkeep(handle.clone()));
+    }
     let admin = Arc::new(Admin {
         inputs: inputs.clone(),
         prometheus,

@@ -3,7 +3,8 @@
 //! Labels are enums or service names, never addresses, paths or full SPIFFE IDs.
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::time::Duration;
 
 pub const HANDSHAKES: &str = "ward_tls_handshakes_total";
 pub const HANDSHAKE_DURATION: &str = "ward_tls_handshake_duration_seconds";
@@ -38,6 +39,20 @@ pub fn exporter() -> PrometheusBuilder {
             &DURATION_BUCKETS,
         )
         .expect("DURATION_BUCKETS is not empty")
+}
+
+/// How often histogram samples are folded into their buckets between scrapes.
+const UPKEEP_PERIOD: Duration = Duration::from_secs(5);
+
+/// The exporter keeps each histogram sample until a scrape or an upkeep folds it into the
+/// buckets: without this task, a sidecar that nobody scrapes grows by a sample per handshake.
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(UPKEEP_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
 }
 
 /// Which side of the sidecar a connection is on.
