@@ -915,9 +915,9 @@ fn completion_scripts_load() {
         let path = script(shell);
         match Command::new(shell).arg("-n").arg(&path).output() {
             Ok(o) => assert!(o.status.success(), "{shell} -n: {o:?}"),
-            Err(_) => eprintln!(
-                "SKIPPED: {shell} is not installed; its completion script was not checked"
-            ),
+            Err(_) => common::skipped(&format!(
+                "{shell} is not installed; its completion script was not checked"
+            )),
         }
     }
     assert!(run(&["completion", "tcsh"], &[]).code == Some(2));

@@ -151,9 +151,9 @@ fn the_readme_walkthrough_runs_to_the_end() {
             .map(|o| !o.status.success())
             .unwrap_or(true)
         {
-            eprintln!("==============================================================");
-            eprintln!("SKIPPED: the README walk-through needs {tool}, which is missing");
-            eprintln!("==============================================================");
+            common::skipped(&format!(
+                "the README walk-through needs {tool}, which is missing"
+            ));
             return;
         }
     }

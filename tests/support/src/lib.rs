@@ -238,7 +238,7 @@ pub fn refusal_cases(pki: &Pki) -> Vec<RefusalCase> {
     ]
 }
 
-/// Whether `program args` runs and exits 0; prints a loud SKIPPED line otherwise.
+/// Whether `program args` runs and exits 0; says SKIPPED (see [`skipped`]) otherwise.
 pub fn tool_available(program: &str, args: &[&str]) -> bool {
     match std::process::Command::new(program)
         .args(args)
@@ -249,8 +249,32 @@ pub fn tool_available(program: &str, args: &[&str]) -> bool {
     {
         Ok(s) if s.success() => true,
         _ => {
-            eprintln!("SKIPPED: `{program}` is not available here (CI installs it)");
+            skipped(&format!(
+                "`{program}` is not available here (CI installs it)"
+            ));
             false
         }
+    }
+}
+
+/// Says loudly that a check did not run, where a passing run shows it: the test runners hide
+/// what a passing test prints, so the line also goes to `ward-skipped-tests.txt` beside the
+/// `ward` binary (`target/debug/`), which `.ci/run` prints after the tests.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    // libtest names a test's thread after it; a runner that runs the test on the main thread
+    // names it in the arguments.
+    let test = match std::thread::current().name() {
+        Some(name) if name != "main" => name.to_owned(),
+        _ => std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+    };
+    let line = format!("SKIPPED: {test}: {why}");
+    let _ = writeln!(std::io::stderr(), "==========\n{line}\n==========");
+    if let Some(dir) = proc::ward_bin().parent() {
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("ward-skipped-tests.txt"))
+            .and_then(|mut f| writeln!(f, "{line}"));
     }
 }
