@@ -49,8 +49,9 @@
 //! # Modules
 //! [`ca`] (root, intermediate, CSR checks, leaf template), [`storage`] (the `Storage` trait and
 //! redb), [`tokens`] and [`admin_token`] (secrets), [`intentions`] (store and `check`),
-//! [`catalog`] (registered instances), `grpc` (the tonic services and auth), [`peer`] (TLS and
-//! caller identity), [`server`] (`build`).
+//! [`catalog`] (registered instances), `grpc` (the tonic services and auth, a file each, and
+//! the Sign rate limit and stream limits), [`peer`] (TLS and caller identity), [`server`]
+//! (`build`).
 
 mod admin_http;
 pub mod admin_token;
