@@ -42,6 +42,28 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
     path: &std::path::Path,
     text: &str,
 ) -> Result<T, ConfigError> {
+    deserialize_toml(text).map_err(|TomlError { key, message }| {
+        let message = if key.is_empty() {
+            message
+        } else {
+            format!("key `{key}`: {message}")
+        };
+        ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        }
+    })
+}
+
+/// Where a TOML document failed to parse: the key path of the first bad value (empty for the
+/// document itself) and a one-line message.
+pub(crate) struct TomlError {
+    pub key: String,
+    pub message: String,
+}
+
+/// Parses TOML into `T`, naming the key path of the first bad value.
+pub(crate) fn deserialize_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, TomlError> {
     let de = toml::Deserializer::new(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         // Keys and values are quoted back as written: escape what would break the line or
@@ -60,14 +82,9 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
                 )
             })
             .unwrap_or_default();
-        let message = if key.is_empty() || key == "." {
-            format!("{msg}{line}")
-        } else {
-            format!("key `{key}`: {msg}{line}")
-        };
-        ConfigError::Parse {
-            path: path.to_owned(),
-            message,
+        TomlError {
+            key: if key == "." { String::new() } else { key },
+            message: format!("{msg}{line}"),
         }
     })
 }

@@ -6,6 +6,7 @@ pub mod duration;
 pub mod error;
 pub mod identity;
 pub mod intentions;
+pub mod permission;
 pub mod private_dir;
 pub mod proxy;
 pub mod server;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use ward_config::identity::{IdentityError, Name};
 use ward_config::intentions::{Action, Source};
+use ward_config::permission::PermissionError;
 use ward_proto::v1;
 
 /// A service in a namespace.
@@ -106,8 +107,8 @@ pub enum IntentionError {
     ActionAndPermissions,
     #[error("action is required: allow or deny (or permissions for an http destination)")]
     NoAction,
-    #[error("{0}")]
-    Permission(String),
+    #[error(transparent)]
+    Permission(#[from] PermissionError),
     #[error("L7 permissions need an http destination; {0} is not registered as http")]
     NotHttp(String),
     #[error("an intention from {from} to {to} already exists")]
@@ -247,63 +248,6 @@ pub fn action_to_proto(a: Action) -> v1::Action {
     }
 }
 
-fn check_permissions(perms: &[v1::Permission]) -> Result<(), IntentionError> {
-    let bad = |n: usize, m: &str| IntentionError::Permission(format!("permissions[{n}]: {m}"));
-    if perms.len() > 256 {
-        return Err(IntentionError::Permission(
-            "more than 256 permissions".into(),
-        ));
-    }
-    for (n, p) in perms.iter().enumerate() {
-        if action_from_proto(p.action).is_none() {
-            return Err(bad(n, "action must be allow or deny"));
-        }
-        match &p.path {
-            Some(v1::permission::Path::PathExact(s))
-            | Some(v1::permission::Path::PathPrefix(s))
-                if !s.starts_with('/') || s.len() > 1024 =>
-            {
-                return Err(bad(
-                    n,
-                    "a path must start with '/' and be at most 1024 bytes",
-                ));
-            }
-            Some(v1::permission::Path::PathRegex(s)) if s.is_empty() || s.len() > 1024 => {
-                return Err(bad(n, "path_regex must be 1 to 1024 bytes"));
-            }
-            _ => {}
-        }
-        for m in &p.methods {
-            if m.is_empty() || m.len() > 32 || !m.bytes().all(|c| c.is_ascii_uppercase()) {
-                return Err(bad(
-                    n,
-                    &format!("method {m:?} must be an upper-case HTTP method"),
-                ));
-            }
-        }
-        for (h, hm) in p.headers.iter().enumerate() {
-            let ok_name = !hm.name.is_empty()
-                && hm.name.len() <= 256
-                && hm.name.bytes().all(|c| {
-                    c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_'
-                });
-            if !ok_name {
-                return Err(bad(
-                    n,
-                    &format!("headers[{h}].name must be a lower-case header name"),
-                ));
-            }
-            if hm.r#match.is_none() {
-                return Err(bad(
-                    n,
-                    &format!("headers[{h}] needs exact, prefix or present"),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
 impl Intention {
     /// Validates a proto intention. `is_http` tells whether a destination is registered as http.
     pub fn from_proto(
@@ -322,7 +266,7 @@ impl Intention {
             (Some(a), true) => Kind::L4(a),
             (None, true) => return Err(IntentionError::NoAction),
             (None, false) => {
-                check_permissions(&p.permissions)?;
+                ward_proto::permission::parse(&p.permissions)?;
                 if !is_http(&destination) {
                     return Err(IntentionError::NotHttp(destination.display_short()));
                 }
@@ -554,6 +498,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ward_config::permission::Problem;
 
     fn intention(source: &str, dest: &str, action: v1::Action) -> v1::Intention {
         v1::Intention {
@@ -645,6 +590,33 @@ mod tests {
             headers: vec![],
         }];
         assert!(matches!(ok(&l7).unwrap_err(), IntentionError::NotHttp(_)));
+        // Permissions are checked by the one parser the CLI uses too.
+        let mut bad = l7.clone();
+        bad.permissions[0].path = Some(v1::permission::Path::PathPrefix(format!(
+            "/{}",
+            "a".repeat(1024)
+        )));
+        assert!(matches!(
+            Intention::from_proto(&bad, |_| true).unwrap_err(),
+            IntentionError::Permission(PermissionError {
+                problem: Problem::PathLength,
+                ..
+            })
+        ));
+        bad.permissions[0].path = None;
+        bad.permissions[0].headers = vec![v1::HeaderMatch {
+            name: "x-env".into(),
+            r#match: Some(v1::header_match::Match::Present(false)),
+        }];
+        let e = Intention::from_proto(&bad, |_| true).unwrap_err();
+        assert!(
+            matches!(&e, IntentionError::Permission(p) if p.problem == Problem::PresentFalse),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("permissions[0].headers[0].present"),
+            "{e}"
+        );
         assert!(Intention::from_proto(&l7, |_| true).is_ok());
         l7.action = v1::Action::Allow as i32;
         assert!(matches!(

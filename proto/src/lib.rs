@@ -10,6 +10,8 @@ pub mod v1 {
     tonic::include_proto!("ward.v1");
 }
 
+pub mod permission;
+
 /// Largest message the server accepts or a client should send (security rule 15, bounds,
 /// docs/security.md).
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;

@@ -16,10 +16,11 @@
 use super::output::{print_json, table, unix_time};
 use super::{admin, Output, ServerArgs};
 use anyhow::anyhow;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use ward_config::intentions::{Action, Source};
+use ward_config::permission::{PermissionError, Problem, RawRule};
 use ward_proto::v1;
 
 #[derive(Debug, clap::Subcommand)]
@@ -327,7 +328,7 @@ fn grpc_error(what: &str, s: tonic::Status) -> anyhow::Error {
 
 // ---- the L7 file ---------------------------------------------------------------------------
 
-/// Reads `--file`: the ordered permissions of an L7 rule.
+/// Reads `--file`: the ordered permissions of an L7 rule, checked as the server checks them.
 fn load_permissions(
     path: &Path,
     source: &str,
@@ -335,71 +336,36 @@ fn load_permissions(
 ) -> anyhow::Result<Vec<v1::Permission>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow!("--file: cannot read {}: {e}", path.display()))?;
-    let doc: Value =
-        ward_config::error::parse_toml(path, &text).map_err(|e| anyhow!("--file: {e}"))?;
-    permissions_of(&doc, source, destination)
-        .map_err(|(key, msg)| anyhow!("--file: {}: key `{key}`: {msg}", path.display()))
+    permissions_of(&text, source, destination)
+        .map_err(|e| anyhow!("--file: {}: {e}", path.display()))
 }
 
-/// A key path and what is wrong with it.
-type KeyError = (String, String);
-
 fn permissions_of(
-    doc: &Value,
+    text: &str,
     source: &str,
     destination: &str,
-) -> Result<Vec<v1::Permission>, KeyError> {
-    let err = |k: &str, m: &str| (k.to_owned(), m.to_owned());
-    let top = doc
-        .as_object()
-        .ok_or_else(|| err("permissions", "the file must be a TOML table"))?;
-    for (k, v) in top {
-        match k.as_str() {
-            "permissions" => {}
-            "source" => {
-                let s = v.as_str().ok_or_else(|| err("source", "must be a string"))?;
-                let same = matches!(
-                    (canonical(s, destination), canonical(source, destination)),
-                    (Some(a), Some(b)) if a == b
-                );
-                if !same {
-                    return Err(err(
-                        "source",
-                        &format!("{s:?} does not match --source {source:?}"),
-                    ));
-                }
-            }
-            "action" => {
-                return Err(err(
-                    "action",
-                    "a file holds an L7 rule (permissions); for an L4 rule use --action instead of --file",
-                ))
-            }
-            other => {
-                return Err(err(
-                    other,
-                    "unknown key; the file holds `permissions` (and optionally `source`)",
-                ))
-            }
+) -> Result<Vec<v1::Permission>, PermissionError> {
+    let rule = RawRule::from_toml(text)?;
+    if let Some(s) = &rule.source {
+        let same = matches!(
+            (canonical(s, destination), canonical(source, destination)),
+            (Some(a), Some(b)) if a == b
+        );
+        if !same {
+            return Err(PermissionError {
+                key: "source".into(),
+                problem: Problem::OtherSource {
+                    written: s.clone(),
+                    given: source.to_owned(),
+                },
+            });
         }
     }
-    let list = top
-        .get("permissions")
-        .ok_or_else(|| {
-            err(
-                "permissions",
-                "is missing; an L7 rule needs a list of permissions",
-            )
-        })?
-        .as_array()
-        .ok_or_else(|| err("permissions", "must be an array of tables"))?;
-    if list.is_empty() {
-        return Err(err("permissions", "must hold at least one permission"));
-    }
-    list.iter()
-        .enumerate()
-        .map(|(n, p)| permission(&format!("permissions[{n}]"), p))
-        .collect()
+    Ok(rule
+        .permissions()?
+        .iter()
+        .map(ward_proto::permission::to_proto)
+        .collect())
 }
 
 /// `source` as stored: a service in the destination's namespace loses its `ns/`.
@@ -418,156 +384,6 @@ fn canonical(source: &str, destination: &str) -> Option<Source> {
         },
         other => other,
     })
-}
-
-fn permission(at: &str, p: &Value) -> Result<v1::Permission, KeyError> {
-    let err = |k: &str, m: &str| (format!("{at}{k}"), m.to_owned());
-    let table = p.as_object().ok_or_else(|| err("", "must be a table"))?;
-    let mut out = v1::Permission::default();
-    let mut action = None;
-    let mut path_key: Option<&str> = None;
-    for (k, v) in table {
-        let key = format!(".{k}");
-        match k.as_str() {
-            "action" => {
-                let s = v.as_str().ok_or_else(|| err(&key, "must be a string"))?;
-                action = Some(match Action::parse(s) {
-                    Some(Action::Allow) => v1::Action::Allow,
-                    Some(Action::Deny) => v1::Action::Deny,
-                    None => return Err(err(&key, &format!("{s:?} must be allow or deny"))),
-                });
-            }
-            "path_exact" | "path_prefix" | "path_regex" => {
-                if let Some(first) = path_key {
-                    return Err(err(
-                        &key,
-                        &format!("a permission has at most one path matcher, and `{first}` is already set"),
-                    ));
-                }
-                path_key = Some(k.as_str());
-                let s = v
-                    .as_str()
-                    .ok_or_else(|| err(&key, "must be a string"))?
-                    .to_owned();
-                if k != "path_regex" && !s.starts_with('/') {
-                    return Err(err(&key, &format!("{s:?} must start with '/'")));
-                }
-                if s.is_empty() {
-                    return Err(err(&key, "must not be empty"));
-                }
-                use v1::permission::Path as P;
-                out.path = Some(match k.as_str() {
-                    "path_exact" => P::PathExact(s),
-                    "path_prefix" => P::PathPrefix(s),
-                    _ => P::PathRegex(s),
-                });
-            }
-            "methods" => {
-                let list = v
-                    .as_array()
-                    .ok_or_else(|| err(&key, "must be an array of strings"))?;
-                for (i, m) in list.iter().enumerate() {
-                    let mkey = format!("{key}[{i}]");
-                    let m = m.as_str().ok_or_else(|| err(&mkey, "must be a string"))?;
-                    if m.is_empty() || m.len() > 32 || !m.bytes().all(|c| c.is_ascii_uppercase())
-                    {
-                        return Err(err(
-                            &mkey,
-                            &format!("{m:?} must be an upper-case HTTP method such as \"GET\""),
-                        ));
-                    }
-                    out.methods.push(m.to_owned());
-                }
-            }
-            "headers" => {
-                let list = v
-                    .as_array()
-                    .ok_or_else(|| err(&key, "must be an array of tables"))?;
-                for (i, h) in list.iter().enumerate() {
-                    out.headers
-                        .push(header(&format!("{at}{key}[{i}]"), h)?);
-                }
-            }
-            _ => {
-                return Err(err(
-                    &key,
-                    "unknown key; a permission has action, path_exact | path_prefix | path_regex, methods, headers",
-                ))
-            }
-        }
-    }
-    out.action = action.ok_or_else(|| err(".action", "is missing: allow or deny"))? as i32;
-    Ok(out)
-}
-
-fn header(at: &str, h: &Value) -> Result<v1::HeaderMatch, KeyError> {
-    use v1::header_match::Match as M;
-    let err = |k: &str, m: &str| (format!("{at}{k}"), m.to_owned());
-    let table = h.as_object().ok_or_else(|| err("", "must be a table"))?;
-    let mut out = v1::HeaderMatch::default();
-    let mut name = None;
-    for (k, v) in table {
-        let key = format!(".{k}");
-        let matcher = match k.as_str() {
-            "name" => {
-                let s = v.as_str().ok_or_else(|| err(&key, "must be a string"))?;
-                let ok = !s.is_empty()
-                    && s.len() <= 256
-                    && s.bytes().all(|c| {
-                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_'
-                    });
-                if !ok {
-                    return Err(err(
-                        &key,
-                        &format!("{s:?} must be a lower-case header name"),
-                    ));
-                }
-                name = Some(s.to_owned());
-                None
-            }
-            "exact" | "prefix" => {
-                let s = v
-                    .as_str()
-                    .ok_or_else(|| err(&key, "must be a string"))?
-                    .to_owned();
-                Some(if k == "exact" {
-                    M::Exact(s)
-                } else {
-                    M::Prefix(s)
-                })
-            }
-            "present" => match v.as_bool() {
-                Some(true) => Some(M::Present(true)),
-                // What `present = false` should mean is not defined; refuse it rather than
-                // guess (a rule the proxy cannot enforce as written fails closed there anyway).
-                Some(false) => return Err(err(
-                    &key,
-                    "only `present = true` is supported; leave the header out to not require it",
-                )),
-                None => return Err(err(&key, "must be true")),
-            },
-            _ => {
-                return Err(err(
-                    &key,
-                    "unknown key; a header match has name and one of exact, prefix, present",
-                ))
-            }
-        };
-        if let Some(m) = matcher {
-            if out.r#match.is_some() {
-                return Err(err(
-                    &key,
-                    "a header match has exactly one of exact, prefix, present",
-                ));
-            }
-            out.r#match = Some(m);
-        }
-    }
-    out.name = name.ok_or_else(|| err(".name", "is missing"))?;
-    if out.r#match.is_none() {
-        return Err(err("", "needs one of exact, prefix, present"));
-    }
-    Ok(out)
 }
 
 // ---- rendering -----------------------------------------------------------------------------
@@ -603,43 +419,15 @@ fn intention_json(i: &v1::Intention) -> Value {
 
 /// The same shape as the TOML form.
 fn permission_json(p: &v1::Permission) -> Value {
-    use v1::header_match::Match as M;
-    use v1::permission::Path as P;
-    let mut m = Map::new();
-    m.insert("action".into(), action_name(p.action).into());
-    match &p.path {
-        Some(P::PathExact(s)) => m.insert("path_exact".into(), s.as_str().into()),
-        Some(P::PathPrefix(s)) => m.insert("path_prefix".into(), s.as_str().into()),
-        Some(P::PathRegex(s)) => m.insert("path_regex".into(), s.as_str().into()),
-        None => None,
-    };
-    m.insert("methods".into(), p.methods.clone().into());
-    let headers: Vec<Value> = p
-        .headers
-        .iter()
-        .map(|h| {
-            let mut o = Map::new();
-            o.insert("name".into(), h.name.as_str().into());
-            match &h.r#match {
-                Some(M::Exact(s)) => o.insert("exact".into(), s.as_str().into()),
-                Some(M::Prefix(s)) => o.insert("prefix".into(), s.as_str().into()),
-                Some(M::Present(b)) => o.insert("present".into(), (*b).into()),
-                None => None,
-            };
-            Value::Object(o)
-        })
-        .collect();
-    m.insert("headers".into(), headers.into());
-    Value::Object(m)
+    serde_json::to_value(ward_proto::permission::to_raw(p)).unwrap_or(Value::Null)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Vec<v1::Permission>, KeyError> {
-        let doc: Value = ward_config::error::parse_toml(Path::new("l7.toml"), text).unwrap();
-        permissions_of(&doc, "order", "inventory")
+    fn parse(text: &str) -> Result<Vec<v1::Permission>, PermissionError> {
+        permissions_of(text, "order", "inventory")
     }
 
     #[test]
@@ -695,7 +483,7 @@ permissions = [
             ("source = \"web\"\npermissions = [{ action = \"allow\" }]", "source"),
         ];
         for (text, key) in cases {
-            let (k, _) = parse(text).expect_err(text);
+            let k = parse(text).expect_err(text).key;
             assert!(k.starts_with(key), "{text}: key {k}, want {key}");
         }
         assert!(
@@ -718,5 +506,56 @@ permissions = [
             .unwrap_err()
             .to_string()
             .contains("--action"));
+    }
+
+    /// The CLI refuses exactly what the server refuses: a path over 1024 bytes passed the
+    /// CLI and was refused by the server, and `present = false` the other way round.
+    #[test]
+    fn cli_and_server_agree_on_permissions() {
+        use v1::header_match::Match as M;
+        use v1::permission::Path as P;
+        use ward_control_plane::intentions::Intention;
+        let long = format!("/{}", "a".repeat(1024));
+        let allow = |path: Option<P>, headers: Vec<v1::HeaderMatch>| v1::Permission {
+            action: v1::Action::Allow as i32,
+            path,
+            methods: vec![],
+            headers,
+        };
+        let header = |m: M| {
+            vec![v1::HeaderMatch {
+                name: "x-env".into(),
+                r#match: Some(m),
+            }]
+        };
+        let cases = [
+            (
+                format!("{{ action = \"allow\", path_prefix = \"{long}\" }}"),
+                allow(Some(P::PathPrefix(long.clone())), vec![]),
+            ),
+            (
+                format!("{{ action = \"allow\", path_regex = \"{long}\" }}"),
+                allow(Some(P::PathRegex(long.clone())), vec![]),
+            ),
+            (
+                "{ action = \"allow\", headers = [{ name = \"x-env\", present = false }] }".into(),
+                allow(None, header(M::Present(false))),
+            ),
+            (
+                "{ action = \"allow\", path_prefix = \"/stock/\", headers = [{ name = \"x-env\", present = true }] }".into(),
+                allow(Some(P::PathPrefix("/stock/".into())), header(M::Present(true))),
+            ),
+        ];
+        for (text, proto) in cases {
+            let cli = parse(&format!("permissions = [{text}]")).is_ok();
+            let rule = v1::Intention {
+                source: "order".into(),
+                destination: "inventory".into(),
+                permissions: vec![proto],
+                ..Default::default()
+            };
+            let server = Intention::from_proto(&rule, |_| true).is_ok();
+            assert_eq!(cli, server, "CLI and server disagree on {text:.80}");
+        }
     }
 }
