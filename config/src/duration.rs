@@ -2,6 +2,11 @@
 
 use std::fmt;
 
+/// A duration that does not parse: the text as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a duration like \"500ms\", \"2s\", \"15m\" or \"1h\"")]
+pub struct DurationError(pub String);
+
 /// A duration parsed from the config's human form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Duration(pub std::time::Duration);
@@ -12,8 +17,8 @@ impl Duration {
     }
 
     /// Parses a sequence of `<integer><unit>` with units ms, s, m, h, d.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not a duration like \"500ms\", \"2s\", \"15m\" or \"1h\"");
+    pub fn parse(s: &str) -> Result<Self, DurationError> {
+        let bad = || DurationError(s.to_owned());
         if s.is_empty() {
             return Err(bad());
         }
@@ -65,7 +70,7 @@ impl fmt::Display for Duration {
 }
 
 impl std::str::FromStr for Duration {
-    type Err = String;
+    type Err = DurationError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Self::parse(s)
     }
@@ -94,7 +99,11 @@ mod tests {
             D::from_secs(87600 * 3600)
         );
         for bad in ["", "ten", "10", "s", "1x", "-1s", "1.5s", " 1s"] {
-            assert!(Duration::parse(bad).is_err(), "{bad}");
+            assert_eq!(
+                Duration::parse(bad),
+                Err(DurationError(bad.to_owned())),
+                "{bad}"
+            );
         }
     }
 

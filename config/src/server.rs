@@ -36,6 +36,11 @@ pub struct ServerConfig {
     pub limits: ServerLimits,
 }
 
+/// An `advertise` entry that is neither an IP address nor a DNS name: the text as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IP address or a DNS name")]
+pub struct AdvertiseError(pub String);
+
 /// A `[server] advertise` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdvertiseName {
@@ -275,7 +280,7 @@ impl ServerConfig {
         let mut advertise = Vec::with_capacity(server.advertise.len());
         for (n, a) in server.advertise.iter().enumerate() {
             let name = AdvertiseName::parse(a)
-                .map_err(|m| invalid(&format!("server.advertise[{n}]"), m))?;
+                .map_err(|e| invalid(&format!("server.advertise[{n}]"), e.to_string()))?;
             advertise.push(name);
         }
         let data_dir = server
@@ -527,7 +532,7 @@ impl ServerConfig {
 
 impl AdvertiseName {
     /// An IP address, or a DNS name of letters, digits, `-` and `.` labels.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, AdvertiseError> {
         if let Ok(ip) = s.parse::<IpAddr>() {
             return Ok(Self::Ip(ip));
         }
@@ -539,7 +544,7 @@ impl AdvertiseName {
                 && !l.ends_with('-')
         };
         if s.is_empty() || s.len() > 253 || !s.split('.').all(label_ok) {
-            return Err(format!("{s:?} is not an IP address or a DNS name"));
+            return Err(AdvertiseError(s.to_owned()));
         }
         Ok(Self::Dns(s.to_ascii_lowercase()))
     }
@@ -577,8 +582,13 @@ backend = "embedded"
 listen = "127.0.0.1:8501"
 "#;
 
-    fn parse(text: &str) -> Result<ServerConfig, String> {
-        ServerConfig::parse(Path::new("/etc/ward/server.toml"), text).map_err(|e| e.to_string())
+    fn parse(text: &str) -> Result<ServerConfig, ConfigError> {
+        ServerConfig::parse(Path::new("/etc/ward/server.toml"), text)
+    }
+
+    /// The one-line error for `text`.
+    fn refused(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
     }
 
     #[test]
@@ -737,7 +747,7 @@ listen = "127.0.0.1:8501"
         ];
         for (from, to, key) in cases {
             assert!(GOOD.contains(from), "{from}");
-            let err = parse(&GOOD.replacen(from, to, 1)).unwrap_err();
+            let err = refused(&GOOD.replacen(from, to, 1));
             assert!(err.contains(key), "{to}: {err}");
             assert!(err.contains("/etc/ward/server.toml"), "{err}");
             assert!(!err.contains('\n'), "one line: {err}");
@@ -745,9 +755,29 @@ listen = "127.0.0.1:8501"
     }
 
     #[test]
+    fn advertise_names_are_ips_or_dns_names() {
+        assert_eq!(
+            AdvertiseName::parse("Ward.Internal"),
+            Ok(AdvertiseName::Dns("ward.internal".into()))
+        );
+        for bad in ["", "-ward.internal", "ward..internal", "ward internal"] {
+            assert_eq!(
+                AdvertiseName::parse(bad),
+                Err(AdvertiseError(bad.to_owned())),
+                "{bad}"
+            );
+        }
+        let err = refused(&GOOD.replacen("\"ward.internal\"", "\"ward internal\"", 1));
+        assert!(
+            err.contains("server.advertise[0]") && err.contains("\"ward internal\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn etcd_is_not_built_yet() {
-        let err = parse("[storage]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n")
-            .unwrap_err();
+        let err =
+            refused("[storage]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n");
         assert!(err.contains("not supported by this build yet"), "{err}");
     }
 

@@ -19,11 +19,42 @@ use ward_config::proxy::{ControlPlaneConfig, ServiceConfig};
 use ward_config::time::now_unix;
 use ward_config::{SpiffeId, TrustDomain};
 use ward_proto::v1;
-use ward_proxy::tls::{CredentialStore, Credentials};
+use ward_proxy::files::{check_own_identity, WrongIdentity};
+use ward_proxy::tls::{CredentialError, CredentialStore, Credentials};
 
 const KEY_FILE: &str = "key.pem";
 const CERT_FILE: &str = "cert.pem";
 const ROOTS_FILE: &str = "roots.pem";
+
+/// Why a certificate could not be obtained or put in use; the current one stays in use.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    #[error("credential lock poisoned")]
+    Poisoned,
+    #[error("{0}")]
+    Roots(CredentialError),
+    #[error("the server's certificate is unusable: {0}")]
+    Unusable(CredentialError),
+    #[error(transparent)]
+    NotOurs(#[from] WrongIdentity),
+    #[error("no token_file is configured")]
+    NoTokenFile,
+    #[error(transparent)]
+    Token(ClientError),
+    #[error("cannot connect: {0}")]
+    Connect(tonic::transport::Error),
+    #[error("the server proved no trust domain")]
+    NoTrustDomain,
+    #[error("{0}")]
+    Csr(#[from] rcgen::Error),
+    #[error("the token file holds characters a header cannot carry")]
+    TokenNotAHeader,
+    #[error("Sign refused: {code:?}: {message}")]
+    SignRefused { code: tonic::Code, message: String },
+    #[error("renewal refused: {code:?}: {message}")]
+    RenewalRefused { code: tonic::Code, message: String },
+}
 
 /// What the last successful Sign gave us, kept to rebuild credentials when roots change.
 #[derive(Clone)]
@@ -142,8 +173,8 @@ impl Identity {
         &self,
         roots: Vec<CertificateDer<'static>>,
         store: &CredentialStore,
-    ) -> Result<bool, String> {
-        let _swap = self.swap.lock().map_err(|_| "credential lock poisoned")?;
+    ) -> Result<bool, CertError> {
+        let _swap = self.swap.lock().map_err(|_| CertError::Poisoned)?;
         if let Ok(mut r) = self.stream_roots.lock() {
             *r = Some(roots.clone());
         }
@@ -159,7 +190,7 @@ impl Identity {
             self.private_key(),
             issued.roots.clone(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(CertError::Roots)?;
         store.store(creds);
         if let Some(dir) = &self.state_dir {
             if let Err(e) = persist(dir, &issued) {
@@ -191,8 +222,8 @@ impl Identity {
     }
 
     /// Builds credentials from `issued`, checks they are ours, and publishes them.
-    pub fn install(&self, mut issued: Issued, store: &CredentialStore) -> Result<i64, String> {
-        let _swap = self.swap.lock().map_err(|_| "credential lock poisoned")?;
+    pub fn install(&self, mut issued: Issued, store: &CredentialStore) -> Result<i64, CertError> {
+        let _swap = self.swap.lock().map_err(|_| CertError::Poisoned)?;
         if let Some(roots) = self.stream_roots.lock().ok().and_then(|r| r.clone()) {
             issued.roots = roots;
         }
@@ -201,8 +232,8 @@ impl Identity {
             self.private_key(),
             issued.roots.clone(),
         )
-        .map_err(|e| format!("the server's certificate is unusable: {e}"))?;
-        ward_proxy::files::check_own_identity(&creds, &self.service)?;
+        .map_err(CertError::Unusable)?;
+        check_own_identity(&creds.leaf.id, &self.service)?;
         let not_after = creds.leaf.not_after;
         let remaining = (not_after - now_unix()).max(1) as f64;
         // Renew at a random point between 50 % and 70 % of the remaining lifetime, on the
@@ -263,25 +294,17 @@ impl Identity {
         &self,
         server: &ServerTarget,
         store: &CredentialStore,
-    ) -> Result<(), String> {
-        let path = self
-            .token_file
-            .as_ref()
-            .ok_or("no token_file is configured")?;
-        let token = read_token(path).map_err(|e| e.to_string())?;
-        let channel = server
-            .connect(None)
-            .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let td = server
-            .trust_domain()
-            .ok_or("the server proved no trust domain")?;
+    ) -> Result<(), CertError> {
+        let path = self.token_file.as_ref().ok_or(CertError::NoTokenFile)?;
+        let token = read_token(path).map_err(CertError::Token)?;
+        let channel = server.connect(None).await.map_err(CertError::Connect)?;
+        let td = server.trust_domain().ok_or(CertError::NoTrustDomain)?;
         let mut request = tonic::Request::new(v1::SignRequest {
-            csr: self.csr(&self.spiffe_id(td)).map_err(|e| e.to_string())?,
+            csr: self.csr(&self.spiffe_id(td))?,
         });
         let bearer = format!("Bearer {token}")
             .parse()
-            .map_err(|_| "the token file holds characters a header cannot carry")?;
+            .map_err(|_| CertError::TokenNotAHeader)?;
         request
             .metadata_mut()
             .insert(ward_proto::AUTHORIZATION, bearer);
@@ -289,7 +312,10 @@ impl Identity {
             .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE)
             .sign(request)
             .await
-            .map_err(|s| format!("Sign refused: {:?}: {}", s.code(), s.message()))?
+            .map_err(|s| CertError::SignRefused {
+                code: s.code(),
+                message: s.message().to_owned(),
+            })?
             .into_inner();
         self.install(issued_from(resp), store)?;
         Ok(())
@@ -299,22 +325,23 @@ impl Identity {
         &self,
         server: &ServerTarget,
         store: &Arc<CredentialStore>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CertError> {
         let channel = server
             .connect(Some(store.clone()))
             .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
-        let td = server
-            .trust_domain()
-            .ok_or("the server proved no trust domain")?;
+            .map_err(CertError::Connect)?;
+        let td = server.trust_domain().ok_or(CertError::NoTrustDomain)?;
         let request = tonic::Request::new(v1::SignRequest {
-            csr: self.csr(&self.spiffe_id(td)).map_err(|e| e.to_string())?,
+            csr: self.csr(&self.spiffe_id(td))?,
         });
         let resp = v1::identity_client::IdentityClient::new(channel)
             .max_decoding_message_size(ward_proto::MAX_MESSAGE_SIZE)
             .sign(request)
             .await
-            .map_err(|s| format!("renewal refused: {:?}: {}", s.code(), s.message()))?
+            .map_err(|s| CertError::RenewalRefused {
+                code: s.code(),
+                message: s.message().to_owned(),
+            })?
             .into_inner();
         self.install(issued_from(resp), store)?;
         Ok(())
@@ -406,7 +433,7 @@ fn load_stored(dir: &Path, key: &KeyPair, service: &ServiceConfig) -> Option<Iss
         .ok()?;
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     let creds = Credentials::from_der(chain.clone(), der, roots.clone()).ok()?;
-    ward_proxy::files::check_own_identity(&creds, service).ok()?;
+    check_own_identity(&creds.leaf.id, service).ok()?;
     // Keep a margin so a certificate about to expire is not used for the first renewal.
     (creds.leaf.not_after > now_unix() + 5).then_some(Issued { chain, roots })
 }
@@ -607,6 +634,8 @@ pub(crate) mod tests {
         let e = identity
             .install(Ca::new("root").issue(&identity, "payments", false), &store)
             .unwrap_err();
+        assert!(matches!(e, CertError::NotOurs(_)), "{e}");
+        let e = e.to_string();
         assert!(e.contains("not for service \"order\""), "{e}");
         assert!(store.load().is_none());
         assert!(identity.current().is_none());
@@ -621,24 +650,48 @@ pub(crate) mod tests {
         let (root, next) = (Ca::new("root"), Ca::new("next root"));
         let roots = |store: &CredentialStore| store.load().unwrap().root_ders.len();
         // No certificate yet: nothing to republish.
-        assert_eq!(
+        assert!(matches!(
             identity.replace_roots(vec![root.der.clone()], &store),
             Ok(false)
-        );
+        ));
         identity
             .install(root.issue(&identity, "order", false), &store)
             .unwrap();
-        assert_eq!(
+        assert!(matches!(
             identity.replace_roots(vec![root.der.clone()], &store),
             Ok(false)
-        );
+        ));
         let both = vec![root.der.clone(), next.der.clone()];
-        assert_eq!(identity.replace_roots(both, &store), Ok(true));
+        assert!(matches!(identity.replace_roots(both, &store), Ok(true)));
         assert_eq!(roots(&store), 2);
         // A renewal answers with the roots of its moment; the stream's are newer.
         identity
             .install(root.issue(&identity, "order", false), &store)
             .unwrap();
         assert_eq!(roots(&store), 2);
+    }
+
+    /// The log lines keep their wording: the variant carries what the old string said.
+    #[test]
+    fn refusals_read_as_before() {
+        let e = CertError::SignRefused {
+            code: tonic::Code::Unauthenticated,
+            message: "the join token has expired".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "Sign refused: Unauthenticated: the join token has expired"
+        );
+        let e = CertError::Unusable(CredentialError::NoRoots);
+        assert_eq!(
+            e.to_string(),
+            "the server's certificate is unusable: holds no root certificate"
+        );
+        let e = CertError::Token(read_token(Path::new("/nonexistent/ward.token")).unwrap_err());
+        assert!(
+            matches!(&e, CertError::Token(ClientError::TokenFile { .. })),
+            "{e}"
+        );
+        assert!(e.to_string().contains("/nonexistent/ward.token"), "{e}");
     }
 }

@@ -121,6 +121,30 @@ pub enum IntentionError {
     Storage(#[from] Arc<StorageError>),
 }
 
+/// Why a stored intention could not be read back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    #[error("{0}")]
+    Name(#[from] IdentityError),
+    #[error("{0}")]
+    Source(IntentionError),
+    #[error("action {0:?}")]
+    Action(String),
+    #[error("{0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("{0}")]
+    Permission(#[from] prost::DecodeError),
+}
+
+/// A stored intention this build cannot read, named by its storage key.
+#[derive(Debug, thiserror::Error)]
+#[error("intention {key}: {reason}")]
+pub struct LoadError {
+    pub key: String,
+    pub reason: RecordError,
+}
+
 /// A decision and the rule that made it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
@@ -326,24 +350,22 @@ impl Intention {
         }
     }
 
-    fn from_record(r: &IntentionRecord) -> Result<Self, String> {
+    fn from_record(r: &IntentionRecord) -> Result<Self, RecordError> {
         let destination = ServiceRef {
-            namespace: Name::new(&r.dest_namespace).map_err(|e| e.to_string())?,
-            name: Name::new(&r.dest_service).map_err(|e| e.to_string())?,
+            namespace: Name::new(&r.dest_namespace)?,
+            name: Name::new(&r.dest_service)?,
         };
-        let source = canonical_source(&r.source, &destination).map_err(|e| e.to_string())?;
+        let source = canonical_source(&r.source, &destination).map_err(RecordError::Source)?;
         let kind = match &r.action {
-            Some(a) => Kind::L4(Action::parse(a).ok_or_else(|| format!("action {a:?}"))?),
+            Some(a) => Kind::L4(Action::parse(a).ok_or_else(|| RecordError::Action(a.clone()))?),
             None => Kind::L7(
                 r.permissions
                     .iter()
                     .map(|b| {
-                        let bytes = base64::engine::general_purpose::STANDARD
-                            .decode(b)
-                            .map_err(|e| e.to_string())?;
-                        v1::Permission::decode(bytes.as_slice()).map_err(|e| e.to_string())
+                        let bytes = base64::engine::general_purpose::STANDARD.decode(b)?;
+                        Ok(v1::Permission::decode(bytes.as_slice())?)
                     })
-                    .collect::<Result<_, String>>()?,
+                    .collect::<Result<_, RecordError>>()?,
             ),
         };
         Ok(Self {
@@ -379,10 +401,13 @@ impl Intentions {
         version: u64,
         records: &[IntentionRecord],
         default: Action,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, LoadError> {
         let mut rules = BTreeMap::new();
         for r in records {
-            let i = Intention::from_record(r).map_err(|e| format!("intention {}: {e}", r.key()))?;
+            let i = Intention::from_record(r).map_err(|reason| LoadError {
+                key: r.key(),
+                reason,
+            })?;
             rules.insert(i.key(), i);
         }
         let (tx, _) = watch::channel(Arc::new(Snapshot {
@@ -643,5 +668,23 @@ mod tests {
         }];
         let i = Intention::from_proto(&l7, |_| true).unwrap();
         assert_eq!(Intention::from_record(&i.to_record()).unwrap(), i);
+        // What this build cannot read is refused by kind, never guessed at.
+        let mut bad = i.to_record();
+        bad.permissions = vec!["not base64!".into()];
+        assert!(matches!(
+            Intention::from_record(&bad),
+            Err(RecordError::Base64(_))
+        ));
+        let mut bad = i.to_record();
+        bad.action = Some("permit".into());
+        assert!(
+            matches!(Intention::from_record(&bad), Err(RecordError::Action(a)) if a == "permit")
+        );
+        let mut bad = i.to_record();
+        bad.dest_service = "Not_A_Name".into();
+        assert!(matches!(
+            Intention::from_record(&bad),
+            Err(RecordError::Name(_))
+        ));
     }
 }

@@ -46,7 +46,10 @@ pub enum ServerError {
     NotEmpty { dir: PathBuf, found: String },
     /// Stored intentions this build cannot read.
     #[error("{}: {reason}", path.display())]
-    Intentions { path: PathBuf, reason: String },
+    Intentions {
+        path: PathBuf,
+        reason: intentions::LoadError,
+    },
     /// A listener could not be bound.
     #[error("cannot listen on `{key}` {addr}: {source}")]
     Bind {

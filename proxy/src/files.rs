@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use ward_config::proxy::{ServiceConfig, TlsFiles};
+use ward_config::SpiffeId;
 
 /// How often the files are checked for a change.
 const POLL: Duration = Duration::from_millis(500);
@@ -51,32 +52,43 @@ pub fn load(files: &TlsFiles, service: &ServiceConfig) -> Result<Credentials, Fi
             message: e.to_string(),
         }
     })?;
-    check_own_identity(&creds, service).map_err(|message| FileError {
+    check_own_identity(&creds.leaf.id, service).map_err(|e| FileError {
         key: "tls.cert_file",
         path: files.cert_file.clone(),
-        message,
+        message: e.to_string(),
     })?;
     Ok(creds)
 }
 
-/// The proxy's certificate must name this very service, or it refuses to use it.
-pub fn check_own_identity(creds: &Credentials, service: &ServiceConfig) -> Result<(), String> {
-    let id = &creds.leaf.id;
+/// A certificate for another identity than this proxy's `[service]`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "certificate is for {found}, not for service {:?} in namespace {:?}{}",
+    service.name.as_str(),
+    service.namespace.as_str(),
+    service
+        .trust_domain
+        .as_ref()
+        .map(|td| format!(" of trust domain {:?}", td.as_str()))
+        .unwrap_or_default()
+)]
+pub struct WrongIdentity {
+    pub found: Box<SpiffeId>,
+    pub service: Box<ServiceConfig>,
+}
+
+/// The proxy's certificate (its SPIFFE ID `id`) must name this very service, or it refuses
+/// to use it.
+pub fn check_own_identity(id: &SpiffeId, service: &ServiceConfig) -> Result<(), WrongIdentity> {
     let td_ok = service
         .trust_domain
         .as_ref()
         .is_none_or(|td| td == &id.trust_domain);
     if id.service != service.name || id.namespace != service.namespace || !td_ok {
-        return Err(format!(
-            "certificate is for {id}, not for service {:?} in namespace {:?}{}",
-            service.name.as_str(),
-            service.namespace.as_str(),
-            service
-                .trust_domain
-                .as_ref()
-                .map(|td| format!(" of trust domain {:?}", td.as_str()))
-                .unwrap_or_default()
-        ));
+        return Err(WrongIdentity {
+            found: Box::new(id.clone()),
+            service: Box::new(service.clone()),
+        });
     }
     Ok(())
 }
@@ -138,5 +150,40 @@ pub async fn watch(
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ward_config::{Name, TrustDomain};
+
+    #[test]
+    fn a_certificate_for_another_identity_is_refused_naming_both() {
+        let service = ServiceConfig {
+            name: Name::new("order").unwrap(),
+            namespace: Name::default_namespace(),
+            trust_domain: None,
+        };
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        let own = id("spiffe://mesh.test/ns/default/svc/order");
+        assert!(check_own_identity(&own, &service).is_ok());
+        let e =
+            check_own_identity(&id("spiffe://mesh.test/ns/default/svc/web"), &service).unwrap_err();
+        assert_eq!(e.found.service.as_str(), "web");
+        assert_eq!(
+            e.to_string(),
+            "certificate is for spiffe://mesh.test/ns/default/svc/web, not for service \"order\" in namespace \"default\""
+        );
+        let pinned = ServiceConfig {
+            trust_domain: Some(TrustDomain::new("other.test").unwrap()),
+            ..service
+        };
+        let e = check_own_identity(&own, &pinned).unwrap_err();
+        assert_eq!(*e.found, own);
+        assert!(
+            e.to_string().ends_with(" of trust domain \"other.test\""),
+            "{e}"
+        );
     }
 }
