@@ -26,7 +26,7 @@ pub struct ServiceConfig {
     pub trust_domain: Option<TrustDomain>,
 }
 
-/// The L4/L7 protocol a listener carries. Only `tcp` is built so far.
+/// The L4/L7 protocol a listener carries. `http` is built for `[inbound]` only so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -271,12 +271,6 @@ impl ProxyConfig {
             None => None,
             Some(i) => {
                 let protocol = i.protocol.unwrap_or(Protocol::Tcp);
-                if protocol == Protocol::Http {
-                    return Err(invalid(
-                        "inbound.protocol",
-                        "\"http\" is not supported by this build yet; use \"tcp\"",
-                    ));
-                }
                 Some(InboundConfig {
                     listen: i.listen,
                     local_app: i.local_app,
@@ -301,7 +295,7 @@ impl ProxyConfig {
             if protocol == Protocol::Http {
                 return Err(invalid(
                     &key("protocol"),
-                    "\"http\" is not supported by this build yet; use \"tcp\"",
+                    "\"http\" is built for [inbound] only so far; use \"tcp\" for an upstream",
                 ));
             }
             if upstreams
@@ -508,7 +502,7 @@ fn static_rules(
             return Err(ConfigError::invalid(
                 path,
                 key("permissions"),
-                "L7 permissions need an http inbound, which this build does not support yet",
+                "L7 permissions are not enforced by this build yet; use an action",
             ));
         }
         let action = r.action.ok_or_else(|| {
@@ -707,6 +701,24 @@ handshake_timeout = "2s"
         assert_eq!(
             parse(GOOD).unwrap().limits.max_tunnel_buffer_bytes,
             64 << 20
+        );
+    }
+
+    #[test]
+    fn http_is_built_for_the_inbound_only() {
+        let http = parse(&GOOD.replace(
+            "local_app = \"127.0.0.1:8080\"",
+            "local_app = \"127.0.0.1:8080\"\nprotocol = \"http\"",
+        ))
+        .unwrap();
+        assert_eq!(http.inbound.unwrap().protocol, Protocol::Http);
+        let err = refused(&GOOD.replace(
+            "service = \"payments\"",
+            "service = \"payments\"\nprotocol = \"http\"",
+        ));
+        assert!(
+            err.contains("upstreams[0].protocol") && err.contains("[inbound] only"),
+            "{err}"
         );
     }
 

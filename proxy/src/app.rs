@@ -148,7 +148,11 @@ pub async fn build(
             credentials.rotate_on_change(t.clone());
         }
         let log = crate::connlog::ConnectionLog::new(config.admin.connection_log);
-        let inbound = Arc::new(Inbound::new(inputs.clone(), cfg.local_app, tickets, log));
+        let inbound = Inbound::new(inputs.clone(), cfg.local_app, tickets, log);
+        let inbound = Arc::new(match cfg.protocol {
+            ward_config::proxy::Protocol::Http => inbound.serving_http(),
+            ward_config::proxy::Protocol::Tcp => inbound,
+        });
         tokio::spawn(inbound.run(listener));
         tokio::spawn(crate::connections::watch_intentions(
             inputs.connections.clone(),

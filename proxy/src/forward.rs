@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// How long connecting to `local_app` may take.
-const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects to `local_app` for an admitted connection or stream.
 pub(crate) async fn connect_app(local_app: SocketAddr) -> Option<TcpStream> {

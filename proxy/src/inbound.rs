@@ -17,10 +17,18 @@ pub struct Inbound {
     /// For clients that do not offer `ward-mux/1`: plain L4, no ALPN.
     plain: Arc<rustls::ServerConfig>,
     /// For ward outbounds that offer it (security rule 9, a multiplexed tunnel between
-    /// sidecars, docs/security.md: chosen by ALPN only).
-    mux: Arc<rustls::ServerConfig>,
+    /// sidecars, docs/security.md: chosen by ALPN only). An http inbound offers no tunnel, so
+    /// every request it forwards is parsed and decided here, never carried as raw bytes.
+    mux: Option<Arc<rustls::ServerConfig>>,
     local_app: SocketAddr,
     log: Arc<ConnectionLog>,
+    /// `protocol = "http"`: clients offering `h2` or `http/1.1` get it, others HTTP/1.1.
+    http: Option<Http>,
+}
+
+struct Http {
+    tls: Arc<rustls::ServerConfig>,
+    app: crate::http::app_client::AppClient,
 }
 
 impl Inbound {
@@ -41,10 +49,23 @@ impl Inbound {
         Self {
             inputs,
             plain,
-            mux: Arc::new(mux),
+            mux: Some(Arc::new(mux)),
             local_app,
             log: Arc::new(log),
+            http: None,
         }
+    }
+
+    /// This inbound serving `protocol = "http"`: HTTP/2 or HTTP/1.1 by ALPN, no tunnel.
+    pub fn serving_http(mut self) -> Self {
+        let mut tls = (*self.plain).clone();
+        tls.alpn_protocols = crate::http::ALPN.iter().map(|p| p.to_vec()).collect();
+        self.http = Some(Http {
+            tls: Arc::new(tls),
+            app: crate::http::app_client::new(),
+        });
+        self.mux = None;
+        self
     }
 
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
@@ -149,6 +170,33 @@ impl Inbound {
         if registration.close.is_cancelled() {
             return;
         }
+        if let Some(http) = &self.http {
+            let Some(own) = inputs.credentials.load() else {
+                return;
+            };
+            let conn = tls.get_ref().1;
+            let leaf = conn.peer_certificates().and_then(|c| c.first());
+            let Some(leaf) = leaf else { return };
+            let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
+            let peer_name = peer_id.service.to_string();
+            let conn = Arc::new(crate::http::inbound::HttpConn {
+                inputs: inputs.clone(),
+                app: http.app.clone(),
+                local_app: self.local_app,
+                xfcc: crate::http::xfcc::value(&own.leaf.id, leaf, &peer_id),
+                peer: peer_id.clone(),
+                peer_name: peer_name.clone(),
+            });
+            tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), h2, "inbound http connection admitted");
+            let admitted = self.log.admitted(peer, &peer_id);
+            let close = &registration.close;
+            crate::forward::forward_with(Direction::Inbound, peer_name, admitted, |rx, tx| {
+                let io = crate::http::inbound::Counted::new(tls, rx, tx);
+                crate::http::inbound::serve(conn, io, h2, close)
+            })
+            .await;
+            return;
+        }
         if tls.get_ref().1.alpn_protocol() == Some(crate::mux::ALPN) {
             tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), "inbound tunnel admitted");
             let peer = crate::mux::server::TunnelPeer {
@@ -184,7 +232,9 @@ impl Inbound {
 
 impl Inbound {
     /// Reads the ClientHello first, so the tunnel is offered only to a client that asks for
-    /// it by ALPN (a plain client offering other protocols still gets plain L4).
+    /// it by ALPN (a plain client offering other protocols still gets plain L4), and an http
+    /// inbound selects `h2` or `http/1.1` only for a client that offers one (any other client,
+    /// a ward outbound offering only `ward-mux/1` included, gets no ALPN: HTTP/1.1).
     async fn handshake(
         &self,
         tcp: TcpStream,
@@ -194,11 +244,17 @@ impl Inbound {
         let start =
             tokio_rustls::LazyConfigAcceptor::new(acceptor, tls::large_reads::LargeReads::new(tcp))
                 .await?;
-        let offers_mux = start
-            .client_hello()
-            .alpn()
-            .is_some_and(|mut offered| offered.any(|p| p == crate::mux::ALPN));
-        let config = if offers_mux { &self.mux } else { &self.plain };
+        let offers = |wanted: &[&[u8]]| {
+            start
+                .client_hello()
+                .alpn()
+                .is_some_and(|mut offered| offered.any(|p| wanted.contains(&p)))
+        };
+        let config = match (&self.http, &self.mux) {
+            (Some(http), _) if offers(&crate::http::ALPN) => &http.tls,
+            (None, Some(mux)) if offers(&[crate::mux::ALPN]) => mux,
+            _ => &self.plain,
+        };
         start.into_stream(config.clone()).await
     }
 }

@@ -5,7 +5,8 @@
 //! - [`intentions`]: the immutable snapshot a handshake reads.
 //! - [`inbound`] / [`outbound`]: the two sides of the sidecar; [`copy`] moves the bytes;
 //!   [`mux`] carries many connections between two sidecars over one (`ward-mux/1`);
-//!   `forward` connects to `local_app` and keeps the connection metrics for all three.
+//!   `forward` connects to `local_app` and keeps the connection metrics for all three;
+//!   `http` serves an http inbound (`protocol = "http"`) request by request.
 //! - [`connections`]: open connections by peer, closed when intentions turn to deny.
 //! - [`connlog`]: the connection log (`[admin] connection_log`).
 //! - [`handshakes`]: handshakes in progress, capped globally and per source IP (also used by
@@ -28,6 +29,7 @@ pub mod drain;
 pub mod files;
 mod forward;
 pub mod handshakes;
+mod http;
 pub mod inbound;
 pub mod inputs;
 pub mod intentions;

@@ -17,6 +17,8 @@ pub const INTENTION_ERRORS: &str = "ward_intention_errors_total";
 pub const CERT_EXPIRY: &str = "ward_cert_expiry_timestamp_seconds";
 pub const CERT_RELOADS: &str = "ward_cert_reloads_total";
 pub const MUX_STREAMS: &str = "ward_mux_streams_total";
+pub const HTTP_REQUESTS: &str = "ward_http_requests_total";
+pub const HTTP_REQUEST_DURATION: &str = "ward_http_request_duration_seconds";
 /// Counted by the control-plane client (`[control_plane]` only), described here with the rest.
 pub const CERT_RENEWALS: &str = "ward_cert_renewals_total";
 pub const CONTROL_PLANE_CONNECTED: &str = "ward_control_plane_connected";
@@ -144,6 +146,15 @@ pub fn describe() {
     describe_counter!(
         MUX_STREAMS,
         "ward-mux/1 tunnel streams by direction and result (ok, refused)"
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests by direction, peer and status code (http listeners)"
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "HTTP request duration, from the request header to the response header"
     );
     describe_counter!(
         CERT_RENEWALS,

@@ -1,0 +1,254 @@
+//! One admitted http connection: HTTP/2 or HTTP/1.1 (by ALPN), each request decided by
+//! [`request_decision`] and forwarded to `local_app`.
+
+use super::app_client::AppClient;
+use crate::copy::CopyEnd;
+use crate::inputs::ProxyInputs;
+use crate::metrics as m;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use ward_config::SpiffeId;
+
+pub(crate) type Body = Either<Incoming, Full<Bytes>>;
+
+/// What every request on one admitted connection shares.
+pub(crate) struct HttpConn {
+    pub inputs: Arc<ProxyInputs>,
+    pub app: AppClient,
+    pub local_app: SocketAddr,
+    /// The caller's identity, from its verified certificate.
+    pub peer: SpiffeId,
+    /// The `peer` label: the caller's service name.
+    pub peer_name: String,
+    /// The `x-forwarded-client-cert` every forwarded request carries.
+    pub xfcc: HeaderValue,
+}
+
+/// Serves `io` until the client is done, the connection fails, or `close` (intention deny,
+/// drain deadline) fires.
+pub(crate) async fn serve<I>(
+    conn: Arc<HttpConn>,
+    io: I,
+    h2: bool,
+    close: &CancellationToken,
+) -> CopyEnd
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    let c = conn.clone();
+    let service = hyper::service::service_fn(move |req| handle(c.clone(), req));
+    let result = if h2 {
+        let served = http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
+        tokio::select! {
+            r = served => Some(r),
+            _ = close.cancelled() => None,
+        }
+    } else {
+        let served = http1::Builder::new().serve_connection(io, service);
+        tokio::select! {
+            r = served => Some(r),
+            _ = close.cancelled() => None,
+        }
+    };
+    match result {
+        None => CopyEnd::Closed,
+        Some(Ok(())) => CopyEnd::Done,
+        Some(Err(e)) => CopyEnd::Failed(std::io::Error::other(e)),
+    }
+}
+
+/// Whether this request may reach `local_app`: the per-request decision point of the http
+/// inbound. Today the current snapshot's L4 decision for the caller, as the handshake took it
+/// (an intention that turned to deny is refused here even before its connection is closed).
+/// A rule with L7 permissions reaches the data plane as a deny (the control-plane client and
+/// the static config cannot yet hand permissions on), so such a caller is answered 403 until
+/// permission matching lands here: fail closed, never "allow whatever the handshake admitted".
+pub(crate) fn request_decision<B>(conn: &HttpConn, _req: &Request<B>) -> bool {
+    conn.inputs
+        .intentions
+        .decide(&conn.peer, &conn.inputs.service.name)
+        .is_some_and(|d| d.is_allow())
+}
+
+async fn handle(conn: Arc<HttpConn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let response = if request_decision(&conn, &req) {
+        forward(&conn, req).await
+    } else {
+        local(StatusCode::FORBIDDEN, "denied by intention\n")
+    };
+    let d = m::Direction::Inbound.as_str();
+    metrics::counter!(m::HTTP_REQUESTS, "direction" => d, "peer" => conn.peer_name.clone(),
+        "code" => response.status().as_str().to_owned())
+    .increment(1);
+    metrics::histogram!(m::HTTP_REQUEST_DURATION, "direction" => d, "peer" => conn.peer_name.clone())
+        .record(started.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+/// Forwards `req` to `local_app` and hands its response back, both bodies streamed.
+async fn forward(conn: &HttpConn, req: Request<Incoming>) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    // HTTP/2 carries the host in `:authority`; HTTP/1.1 to the app needs it as `Host`.
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
+    super::hop_by_hop(&mut parts.headers);
+    // Every instance the caller sent is replaced: the app trusts only ours.
+    parts.headers.remove(super::xfcc::HEADER);
+    parts.headers.insert(super::xfcc::HEADER, conn.xfcc.clone());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority(conn.local_app.to_string())
+        .path_and_query(path)
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(_) => return local(StatusCode::BAD_REQUEST, "bad request target\n"),
+    };
+    parts.version = Version::HTTP_11;
+    match conn.app.request(Request::from_parts(parts, body)).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            super::hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Either::Left(body))
+        }
+        Err(e) => {
+            tracing::warn!(local_app = %conn.local_app, error = %e, "forwarding to local_app failed");
+            local(StatusCode::BAD_GATEWAY, "local_app is unreachable\n")
+        }
+    }
+}
+
+/// An answer of the proxy's own.
+fn local(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
+        text.as_bytes(),
+    ))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Counts the bytes of an http connection in `ward_bytes_total`, as L4 forwarding does.
+pub(crate) struct Counted<I> {
+    io: I,
+    rx: metrics::Counter,
+    tx: metrics::Counter,
+}
+
+impl<I> Counted<I> {
+    pub(crate) fn new(io: I, rx: metrics::Counter, tx: metrics::Counter) -> Self {
+        Self { io, rx, tx }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.rx.increment((buf.filled().len() - before) as u64);
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = r {
+            self.tx.increment(n as u64);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.tx.increment(n as u64);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_pki::{ca, id, inputs, intentions, snapshot, store_for};
+    use ward_config::intentions::Action;
+
+    #[tokio::test]
+    async fn each_request_is_decided_on_the_current_intentions() {
+        let root = ca("root", None, 3650, None);
+        let credentials = store_for("inventory", &root, &[&root]);
+        let inputs = inputs(
+            "inventory",
+            credentials,
+            intentions(Action::Deny, &["order"]),
+        );
+        let conn = HttpConn {
+            inputs: inputs.clone(),
+            app: crate::http::app_client::new(),
+            local_app: "127.0.0.1:1".parse().unwrap(),
+            peer: id("order"),
+            peer_name: "order".into(),
+            xfcc: HeaderValue::from_static("By=x"),
+        };
+        let req = Request::new(());
+        assert!(request_decision(&conn, &req));
+        // A caller whose rule is no longer an L4 allow (a deny, or L7 permissions, which reach
+        // the data plane as a deny until they are matched here) is refused per request.
+        assert!(inputs.intentions.publish(snapshot(2, Action::Deny, &[])));
+        assert!(!request_decision(&conn, &req));
+    }
+}

@@ -1,0 +1,73 @@
+//! The http inbound (`[inbound] protocol = "http"`): after the same mutual-TLS handshake as
+//! L4 (identity and intention decided there), HTTP/2 or HTTP/1.1 by ALPN, each request
+//! forwarded to `local_app` over a pooled HTTP/1.1 client with `x-forwarded-client-cert` set.
+//!
+//! - [`inbound`]: the per-connection server, the per-request decision and the metrics.
+//! - [`xfcc`]: the `x-forwarded-client-cert` value.
+//! - [`app_client`]: the pooled client to `local_app`.
+//! - [`hop_by_hop`]: the headers that never cross a proxy (RFC 9110 section 7.6.1).
+//!
+//! Upgrades (WebSocket, `CONNECT`) are not forwarded: hyper answers them as plain requests.
+
+pub(crate) mod app_client;
+pub(crate) mod inbound;
+pub(crate) mod xfcc;
+
+use http::header::{self, HeaderMap, HeaderName};
+
+/// The ALPN protocols an http inbound offers, preferred first.
+pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// Removes the hop-by-hop headers: `Connection` and every header it names, `Keep-Alive`,
+/// `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, and `TE` unless it is exactly
+/// `trailers` (which gRPC needs end to end).
+pub(crate) fn hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    let trailers_only = headers
+        .get_all(header::TE)
+        .iter()
+        .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !trailers_only {
+        headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["te", "x-kept"]);
+        h.insert("te", "gzip".parse().unwrap());
+        hop_by_hop(&mut h);
+        assert!(h.get("te").is_none());
+    }
+}

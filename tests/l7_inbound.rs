@@ -1,0 +1,320 @@
+//! The http inbound (`[inbound] protocol = "http"`), end to end: real `ward`, real curl over
+//! mutual TLS (HTTP/2 and HTTP/1.1), an app that answers with the request header it received.
+
+use ward_test_support as common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::pki::{spiffe_id, Identity, Pki, TRUST_DOMAIN};
+use common::proc::{ProxyConfig, TempDir, WardProcess};
+use common::tls::{tls_connect, Failure, ServerCheck};
+use common::{write_tls_files, TlsFiles};
+
+/// An HTTP/1.1 app that answers every request with 200 and, as the body, the request header
+/// it received; keeps every header it received.
+struct HeaderEchoApp {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl HeaderEchoApp {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let kept = heads.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let kept = kept.clone();
+                thread::spawn(move || Self::serve(conn, kept));
+            }
+        });
+        HeaderEchoApp { addr, heads }
+    }
+
+    /// Requests with no body or a Content-Length body, kept alive until the client closes.
+    fn serve(mut conn: TcpStream, kept: Arc<Mutex<Vec<String>>>) {
+        conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let body_len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + body_len {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..end + 4 + body_len);
+            kept.lock().unwrap().push(head.clone());
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{head}",
+                head.len()
+            );
+            if conn.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+/// The values of header `name` in a request head (case-insensitive name).
+fn header_values(head: &str, name: &str) -> Vec<String> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_owned())
+        .collect()
+}
+
+/// `inventory`'s http inbound in front of a [`HeaderEchoApp`], allowing `order`, denying
+/// `legacy`; `limits` is appended as the `[limits]` table.
+struct Mesh {
+    dir: TempDir,
+    pki: Pki,
+    app: HeaderEchoApp,
+    proxy: WardProcess,
+}
+
+impl Mesh {
+    fn start(prefix: &str, limits: &str) -> Self {
+        let dir = TempDir::new(prefix);
+        let pki = Pki::new(TRUST_DOMAIN);
+        let inventory = pki.leaf("inventory");
+        let files = write_tls_files(&dir, "inventory", &pki, &inventory);
+        let app = HeaderEchoApp::start();
+        let mut toml = ProxyConfig::new("inventory", &files.cert, &files.key, &files.ca)
+            .inbound("127.0.0.1:0", app.addr)
+            .rule("order", "allow")
+            .rule("legacy", "deny")
+            .to_toml()
+            .replacen("protocol = \"tcp\"", "protocol = \"http\"", 1);
+        toml.push_str(&format!("\n[limits]\n{limits}\n"));
+        let config = dir.join("inventory.toml");
+        std::fs::write(&config, toml).unwrap();
+        let proxy = WardProcess::start("inventory", &config, &["inbound"]);
+        Mesh {
+            dir,
+            pki,
+            app,
+            proxy,
+        }
+    }
+
+    /// `service`'s certificate files, for curl.
+    fn client_files(&self, service: &str) -> (Identity, TlsFiles) {
+        let id = self.pki.leaf(service);
+        let files = write_tls_files(&self.dir, service, &self.pki, &id);
+        (id, files)
+    }
+
+    fn check(&self) -> ServerCheck {
+        ServerCheck::mesh(
+            &self.pki.root.cert_der,
+            &spiffe_id(TRUST_DOMAIN, "inventory"),
+        )
+    }
+
+    /// The `x-forwarded-client-cert` the app must see for `caller`.
+    fn xfcc_for(caller: &Identity, service: &str) -> String {
+        let hash: String = sha256(caller.leaf_der().as_ref())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!(
+            "By={};Hash={hash};URI={}",
+            spiffe_id(TRUST_DOMAIN, "inventory"),
+            spiffe_id(TRUST_DOMAIN, service)
+        )
+    }
+}
+
+fn sha256(data: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).to_vec()
+}
+
+/// What curl printed: the body, then the HTTP version and status on a last line.
+struct Curl {
+    ok: bool,
+    body: String,
+    version: String,
+    status: String,
+    stderr: String,
+}
+
+/// curl to the inbound with `files`'s certificate. `-k`: the mesh certificates carry only a
+/// SPIFFE URI, no host name curl could check; the server's identity is not under test here.
+fn curl(inbound: SocketAddr, files: &TlsFiles, args: &[&str]) -> Curl {
+    let out = Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "20", "--cert"])
+        .arg(&files.cert)
+        .arg("--key")
+        .arg(&files.key)
+        .arg("--cacert")
+        .arg(&files.ca)
+        .args(["-w", "\n%{http_version} %{http_code}"])
+        .args(args)
+        .arg(format!("https://{inbound}/stock/item?q=1"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, last) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let (version, status) = last.split_once(' ').unwrap_or((last, ""));
+    Curl {
+        ok: out.status.success(),
+        body: body.to_owned(),
+        version: version.to_owned(),
+        status: status.to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn have_curl() -> bool {
+    common::tool_available("curl", &["--version"])
+}
+
+#[test]
+fn curl_over_http2_and_http1_gets_the_app_answer_with_one_true_xfcc() {
+    if !have_curl() {
+        return;
+    }
+    let mesh = Mesh::start("l7-curl", "");
+    let (order, files) = mesh.client_files("order");
+    let want = Mesh::xfcc_for(&order, "order");
+    for (flag, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let got = curl(
+            mesh.proxy.inbound(),
+            &files,
+            &[
+                flag,
+                "-H",
+                "x-forwarded-client-cert: By=spiffe://evil/ns/default/svc/admin;URI=forged",
+                "-H",
+                "X-Forwarded-Client-Cert: URI=spiffe://ward.local/ns/default/svc/admin",
+                "-H",
+                "connection: x-hop",
+                "-H",
+                "x-hop: must-not-reach-the-app",
+            ],
+        );
+        assert!(got.ok, "{flag}: curl failed: {}", got.stderr);
+        assert_eq!(
+            (got.version.as_str(), got.status.as_str()),
+            (version, "200"),
+            "{flag}"
+        );
+        assert!(
+            got.body.starts_with("GET /stock/item?q=1 HTTP/1.1\r\n"),
+            "{flag}: {}",
+            got.body
+        );
+        assert_eq!(
+            header_values(&got.body, "x-forwarded-client-cert"),
+            std::slice::from_ref(&want),
+            "{flag}: {}",
+            got.body
+        );
+        if flag == "--http1.1" {
+            // (HTTP/2 has no `Connection`: curl drops it there, and x-hop is an ordinary header.)
+            assert!(
+                header_values(&got.body, "x-hop").is_empty(),
+                "{flag}: {}",
+                got.body
+            );
+        }
+        assert_eq!(
+            header_values(&got.body, "host"),
+            [mesh.proxy.inbound().to_string()],
+            "{flag}"
+        );
+    }
+    assert_eq!(mesh.app.heads().len(), 2);
+    let ok = |code: &str| {
+        common::net::metric_sum(
+            &mesh.proxy.metrics(),
+            "ward_http_requests_total",
+            &[("direction", "inbound"), ("peer", "order"), ("code", code)],
+        )
+    };
+    assert_eq!(ok("200"), 2.0, "{}", mesh.proxy.metrics());
+    assert!(mesh
+        .proxy
+        .metrics()
+        .contains("ward_http_request_duration_seconds_bucket"));
+}
+
+#[test]
+fn a_ward_outbound_carries_http_to_an_http_inbound() {
+    let mesh = Mesh::start("l7-outbound", "");
+    let (_, files) = mesh.client_files("order");
+    let order_config = mesh.dir.join("order.toml");
+    ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
+        .upstream("inventory", &[mesh.proxy.inbound()])
+        .write(&order_config);
+    let order_proxy = WardProcess::start("order", &order_config, &["upstream.inventory"]);
+    let mut s = TcpStream::connect(order_proxy.upstream("inventory")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /via-outbound HTTP/1.1\r\nhost: inventory\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let heads = mesh.app.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let xfcc = header_values(&heads[0], "x-forwarded-client-cert");
+    assert_eq!(xfcc.len(), 1, "{heads:?}");
+    assert!(
+        xfcc[0].ends_with(&format!(";URI={}", spiffe_id(TRUST_DOMAIN, "order"))),
+        "{xfcc:?}"
+    );
+}
+
+#[test]
+fn a_denied_caller_is_refused_in_the_handshake() {
+    let mesh = Mesh::start("l7-deny", "");
+    let legacy = mesh.pki.leaf("legacy");
+    let failure = match tls_connect(mesh.proxy.inbound(), Some(&legacy), &mesh.check()) {
+        Err(f) => f,
+        Ok(mut c) => {
+            let _ = c.stream.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n");
+            let mut buf = [0u8; 64];
+            match c.stream.read(&mut buf) {
+                Ok(0) => Failure::Closed,
+                Ok(n) => panic!("answered: {:?}", String::from_utf8_lossy(&buf[..n])),
+                Err(e) => common::tls::classify(&e),
+            }
+        }
+    };
+    assert_eq!(
+        failure,
+        Failure::Alert(rustls::AlertDescription::AccessDenied)
+    );
+    assert!(mesh.app.heads().is_empty());
+    assert_eq!(mesh.proxy.handshakes("inbound", "denied"), 1.0);
+}
