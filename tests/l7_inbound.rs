@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::pki::{spiffe_id, Identity, Pki, TRUST_DOMAIN};
 use common::proc::{ProxyConfig, TempDir, WardProcess};
@@ -317,4 +317,67 @@ fn a_denied_caller_is_refused_in_the_handshake() {
     );
     assert!(mesh.app.heads().is_empty());
     assert_eq!(mesh.proxy.handshakes("inbound", "denied"), 1.0);
+}
+
+#[test]
+fn a_slow_loris_is_cut_by_header_read_timeout_while_others_are_served() {
+    let mesh = Mesh::start("l7-loris", "header_read_timeout = \"1s\"");
+    let order = mesh.pki.leaf("order");
+    let mut loris = tls_connect(mesh.proxy.inbound(), Some(&order), &mesh.check())
+        .unwrap_or_else(|f| panic!("handshake: {f:?}"));
+    loris
+        .stream
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: inventory\r\nx-partial: ")
+        .unwrap();
+    loris.stream.flush().unwrap();
+    // Another client is served meanwhile.
+    let mut other = tls_connect(mesh.proxy.inbound(), Some(&order), &mesh.check()).unwrap();
+    other
+        .stream
+        .write_all(b"GET /fast HTTP/1.1\r\nhost: inventory\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = other.stream.read(&mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // The stalled client: cut (EOF or reset) well before the read timeout of 10 s.
+    let started = Instant::now();
+    let cut = loop {
+        match loris.stream.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(_) if started.elapsed() < Duration::from_secs(9) => continue,
+            Ok(n) => break Err(format!("answered {:?}", String::from_utf8_lossy(&buf[..n]))),
+            Err(e) => match common::tls::classify(&e) {
+                Failure::Timeout => break Err("not cut within 10 s".to_owned()),
+                _ => break Ok(()),
+            },
+        }
+    };
+    assert_eq!(cut, Ok(()));
+    assert_eq!(
+        mesh.app.heads().len(),
+        1,
+        "only the complete request reached the app"
+    );
+}
+
+#[test]
+fn an_oversized_header_is_answered_431() {
+    if !have_curl() {
+        return;
+    }
+    let mesh = Mesh::start("l7-431", "max_header_bytes = 16384");
+    let (_, files) = mesh.client_files("order");
+    let big = format!("x-big: {}", "a".repeat(20_000));
+    for flag in ["--http1.1", "--http2"] {
+        let got = curl(mesh.proxy.inbound(), &files, &[flag, "-H", &big]);
+        assert_eq!(got.status, "431", "{flag}: {} {}", got.body, got.stderr);
+    }
+    let fits = format!("x-big: {}", "a".repeat(8_000));
+    let got = curl(mesh.proxy.inbound(), &files, &["--http1.1", "-H", &fits]);
+    assert_eq!(got.status, "200", "{}", got.stderr);
+    assert_eq!(mesh.app.heads().len(), 1);
 }

@@ -110,7 +110,14 @@ pub struct Limits {
     /// this side has handed them on (the HTTP/2 connection window, shared out as the windows
     /// of its 100 streams), and the bytes queued for the peer.
     pub max_tunnel_buffer_bytes: usize,
+    /// http inbound: a client that has not sent a whole request header by then is cut.
+    pub header_read_timeout: std::time::Duration,
+    /// http inbound: a request header larger than this is answered 431.
+    pub max_header_bytes: usize,
 }
+
+/// The bounds of `limits.max_header_bytes`: hyper's smallest HTTP/1 read buffer, and 16 MiB.
+pub const HEADER_BYTES_RANGE: std::ops::RangeInclusive<usize> = 8192..=(16 << 20);
 
 /// The bounds of `limits.max_tunnel_buffer_bytes`: a 64 KiB window (one tunnel frame) for each
 /// of a tunnel's 100 streams, and HTTP/2's largest window.
@@ -131,6 +138,8 @@ impl Default for Limits {
             // 640 KiB per stream: several times a bulk stream's bandwidth-delay product within
             // a datacentre, and a peer pins 64 MiB per tunnel instead of 400.
             max_tunnel_buffer_bytes: 64 * 1024 * 1024,
+            header_read_timeout: std::time::Duration::from_secs(10),
+            max_header_bytes: 65_536,
         }
     }
 }
@@ -230,6 +239,8 @@ struct RawLimits {
     max_pending_handshakes: Option<usize>,
     max_pending_handshakes_per_ip: Option<usize>,
     max_tunnel_buffer_bytes: Option<usize>,
+    header_read_timeout: Option<Duration>,
+    max_header_bytes: Option<usize>,
 }
 
 impl ProxyConfig {
@@ -400,6 +411,18 @@ impl ProxyConfig {
                 Some(d) => Ok(d.0),
                 None => Ok(dflt),
             };
+            let within = |key: &str,
+                          v: Option<usize>,
+                          range: std::ops::RangeInclusive<usize>,
+                          why: &str,
+                          dflt: usize| match v {
+                Some(v) if !range.contains(&v) => Err(invalid(
+                    &format!("limits.{key}"),
+                    &format!("{v} is outside {}..={}{why}", range.start(), range.end()),
+                )),
+                Some(v) => Ok(v),
+                None => Ok(dflt),
+            };
             limits = Limits {
                 max_connections: positive(
                     "max_connections",
@@ -425,20 +448,25 @@ impl ProxyConfig {
                     l.max_pending_handshakes_per_ip,
                     limits.max_pending_handshakes_per_ip,
                 )?,
-                max_tunnel_buffer_bytes: match l.max_tunnel_buffer_bytes {
-                    Some(v) if !TUNNEL_BUFFER_RANGE.contains(&v) => {
-                        return Err(invalid(
-                            "limits.max_tunnel_buffer_bytes",
-                            &format!(
-                                "{v} is outside {}..={} (a 64 KiB window for each of 100 streams, to HTTP/2's largest window)",
-                                TUNNEL_BUFFER_RANGE.start(),
-                                TUNNEL_BUFFER_RANGE.end()
-                            ),
-                        ))
-                    }
-                    Some(v) => v,
-                    None => limits.max_tunnel_buffer_bytes,
-                },
+                max_tunnel_buffer_bytes: within(
+                    "max_tunnel_buffer_bytes",
+                    l.max_tunnel_buffer_bytes,
+                    TUNNEL_BUFFER_RANGE,
+                    " (a 64 KiB window for each of 100 streams, to HTTP/2's largest window)",
+                    limits.max_tunnel_buffer_bytes,
+                )?,
+                header_read_timeout: nonzero(
+                    "header_read_timeout",
+                    l.header_read_timeout,
+                    limits.header_read_timeout,
+                )?,
+                max_header_bytes: within(
+                    "max_header_bytes",
+                    l.max_header_bytes,
+                    HEADER_BYTES_RANGE,
+                    "",
+                    limits.max_header_bytes,
+                )?,
             };
         }
 
@@ -720,6 +748,30 @@ handshake_timeout = "2s"
             err.contains("upstreams[0].protocol") && err.contains("[inbound] only"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn http_limits() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.limits.header_read_timeout,
+            std::time::Duration::from_secs(10)
+        );
+        assert_eq!(c.limits.max_header_bytes, 65_536);
+        let set = |kv: &str| parse(&GOOD.replace("handshake_timeout = \"2s\"", kv));
+        let l = set("header_read_timeout = \"1s\"\nmax_header_bytes = 16384")
+            .unwrap()
+            .limits;
+        assert_eq!(l.header_read_timeout, std::time::Duration::from_secs(1));
+        assert_eq!(l.max_header_bytes, 16_384);
+        for (kv, key) in [
+            ("header_read_timeout = \"0s\"", "limits.header_read_timeout"),
+            ("max_header_bytes = 100", "limits.max_header_bytes"),
+            ("max_header_bytes = 100000000", "limits.max_header_bytes"),
+        ] {
+            let err = set(kv).unwrap_err().to_string();
+            assert!(err.contains(key), "{kv}: {err}");
+        }
     }
 
     #[test]

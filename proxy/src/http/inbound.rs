@@ -2,7 +2,7 @@
 //! [`request_decision`] and forwarded to `local_app`.
 
 use super::app_client::AppClient;
-use crate::copy::CopyEnd;
+use crate::copy::{Activity, CopyEnd};
 use crate::inputs::ProxyInputs;
 use crate::metrics as m;
 use bytes::Bytes;
@@ -10,7 +10,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,6 +20,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use ward_config::SpiffeId;
+
+/// Streams one HTTP/2 connection may have open at once (as a `ward-mux/1` tunnel).
+const MAX_CONCURRENT_STREAMS: u32 = 100;
+/// Rapid-reset protection (CVE-2023-44487): streams a client may open and reset before the
+/// server has accepted them, and streams the server may reset for a client's protocol errors,
+/// before the connection is closed with GOAWAY.
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 pub(crate) type Body = Either<Incoming, Full<Bytes>>;
 
@@ -36,37 +44,60 @@ pub(crate) struct HttpConn {
     pub xfcc: HeaderValue,
 }
 
-/// Serves `io` until the client is done, the connection fails, or `close` (intention deny,
-/// drain deadline) fires.
+/// Serves `io` until the client is done, the connection fails, no byte moved either way for
+/// `idle_timeout`, or `close` (intention deny, drain deadline) fires.
 pub(crate) async fn serve<I>(
     conn: Arc<HttpConn>,
-    io: I,
+    io: Counted<I>,
     h2: bool,
     close: &CancellationToken,
 ) -> CopyEnd
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let limits = &conn.inputs.limits;
+    let activity = io.activity.clone();
+    let idle = async {
+        loop {
+            let left = limits.idle_timeout.saturating_sub(activity.idle_for());
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left).await;
+        }
+    };
     let io = TokioIo::new(io);
     let c = conn.clone();
     let service = hyper::service::service_fn(move |req| handle(c.clone(), req));
-    let result = if h2 {
-        let served = http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
-        tokio::select! {
-            r = served => Some(r),
-            _ = close.cancelled() => None,
-        }
-    } else {
-        let served = http1::Builder::new().serve_connection(io, service);
-        tokio::select! {
-            r = served => Some(r),
-            _ = close.cancelled() => None,
+    let served = async {
+        if h2 {
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+                .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
+                .serve_connection(io, service)
+                .await
+        } else {
+            // A client must send each request's whole header within header_read_timeout (also
+            // the longest a kept-alive connection waits for its next request), and at most
+            // max_header_bytes of it (else 431).
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_header_size(limits.max_header_bytes)
+                .serve_connection(io, service)
+                .await
         }
     };
-    match result {
-        None => CopyEnd::Closed,
-        Some(Ok(())) => CopyEnd::Done,
-        Some(Err(e)) => CopyEnd::Failed(std::io::Error::other(e)),
+    tokio::select! {
+        r = served => match r {
+            Ok(()) => CopyEnd::Done,
+            Err(e) => CopyEnd::Failed(std::io::Error::other(e)),
+        },
+        _ = idle => CopyEnd::Idle,
+        _ = close.cancelled() => CopyEnd::Closed,
     }
 }
 
@@ -157,16 +188,23 @@ fn local(status: StatusCode, text: &'static str) -> Response<Body> {
     r
 }
 
-/// Counts the bytes of an http connection in `ward_bytes_total`, as L4 forwarding does.
+/// Counts the bytes of an http connection in `ward_bytes_total`, as L4 forwarding does, and
+/// notes when they last moved, for `idle_timeout`.
 pub(crate) struct Counted<I> {
     io: I,
     rx: metrics::Counter,
     tx: metrics::Counter,
+    activity: Arc<Activity>,
 }
 
 impl<I> Counted<I> {
     pub(crate) fn new(io: I, rx: metrics::Counter, tx: metrics::Counter) -> Self {
-        Self { io, rx, tx }
+        Self {
+            io,
+            rx,
+            tx,
+            activity: Arc::new(Activity::new()),
+        }
     }
 }
 
@@ -178,7 +216,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        self.rx.increment((buf.filled().len() - before) as u64);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.rx.increment(n as u64);
+            self.activity.touch();
+        }
         r
     }
 }
@@ -192,6 +234,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         let r = Pin::new(&mut self.io).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = r {
             self.tx.increment(n as u64);
+            self.activity.touch();
         }
         r
     }
@@ -204,6 +247,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r {
             self.tx.increment(n as u64);
+            self.activity.touch();
         }
         r
     }
@@ -250,5 +294,37 @@ mod tests {
         // the data plane as a deny until they are matched here) is refused per request.
         assert!(inputs.intentions.publish(snapshot(2, Action::Deny, &[])));
         assert!(!request_decision(&conn, &req));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_after_idle_timeout() {
+        let root = ca("root", None, 3650, None);
+        let credentials = store_for("inventory", &root, &[&root]);
+        let limits = ward_config::proxy::Limits {
+            idle_timeout: std::time::Duration::from_secs(5),
+            ..Default::default()
+        };
+        let service = ward_config::proxy::ServiceConfig {
+            name: ward_config::Name::new("inventory").unwrap(),
+            namespace: ward_config::Name::new("default").unwrap(),
+            trust_domain: None,
+        };
+        let intentions = intentions(Action::Deny, &["order"]);
+        let inputs = Arc::new(ProxyInputs::new(service, credentials, intentions, limits));
+        let conn = Arc::new(HttpConn {
+            inputs,
+            app: crate::http::app_client::new(),
+            local_app: "127.0.0.1:1".parse().unwrap(),
+            peer: id("order"),
+            peer_name: "order".into(),
+            xfcc: HeaderValue::from_static("By=x"),
+        });
+        // An HTTP/2 client that connects and never sends its preface (no other timer runs).
+        let (_client, server) = tokio::io::duplex(1024);
+        let counted = Counted::new(server, metrics::Counter::noop(), metrics::Counter::noop());
+        let started = Instant::now();
+        let end = serve(conn, counted, true, &CancellationToken::new()).await;
+        assert!(matches!(end, CopyEnd::Idle), "{end:?}");
+        assert!(started.elapsed() >= std::time::Duration::from_secs(5));
     }
 }
