@@ -11,6 +11,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -45,7 +46,8 @@ pub(crate) struct HttpConn {
 }
 
 /// Serves `io` until the client is done, the connection fails, no byte moved either way for
-/// `idle_timeout`, or `close` (intention deny, drain deadline) fires.
+/// `idle_timeout`, or `close` (intention deny, drain deadline) fires; gracefully once a drain
+/// closes the listeners.
 pub(crate) async fn serve<I>(
     conn: Arc<HttpConn>,
     io: Counted<I>,
@@ -69,36 +71,54 @@ where
     let io = TokioIo::new(io);
     let c = conn.clone();
     let service = hyper::service::service_fn(move |req| handle(c.clone(), req));
+    let drain = &conn.inputs.drain.stop_accepting;
     let served = async {
         if h2 {
-            http2::Builder::new(TokioExecutor::new())
+            let served = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
                 .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
                 .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
-                .serve_connection(io, service)
-                .await
+                .serve_connection(io, service);
+            until_done(served, drain).await
         } else {
             // A client must send each request's whole header within header_read_timeout (also
             // the longest a kept-alive connection waits for its next request), and at most
             // max_header_bytes of it (else 431).
-            http1::Builder::new()
+            let served = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_header_size(limits.max_header_bytes)
-                .serve_connection(io, service)
-                .await
+                .serve_connection(io, service);
+            until_done(served, drain).await
         }
     };
     tokio::select! {
         r = served => match r {
             Ok(()) => CopyEnd::Done,
+            // header_read_timeout, most often on a kept-alive connection left idle.
+            Err(e) if e.is_timeout() => CopyEnd::Idle,
             Err(e) => CopyEnd::Failed(std::io::Error::other(e)),
         },
         _ = idle => CopyEnd::Idle,
         _ = close.cancelled() => CopyEnd::Closed,
     }
+}
+
+/// Runs `served` to its end; once the drain closes the listeners, shuts it down gracefully:
+/// requests in flight finish, then HTTP/1.1 closes and HTTP/2 sends GOAWAY, so clients go
+/// elsewhere before `drain_timeout` cuts whatever is left.
+async fn until_done<C: GracefulConnection>(
+    served: C,
+    drain: &CancellationToken,
+) -> Result<(), C::Error> {
+    let mut served = std::pin::pin!(served);
+    tokio::select! {
+        r = served.as_mut() => return r,
+        _ = drain.cancelled() => served.as_mut().graceful_shutdown(),
+    }
+    served.await
 }
 
 /// Whether this request may reach `local_app`: the per-request decision point of the http
@@ -296,14 +316,10 @@ mod tests {
         assert!(!request_decision(&conn, &req));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_silent_connection_is_closed_after_idle_timeout() {
+    /// A connection for `order` whose inputs have `limits`.
+    fn conn_with(limits: ward_config::proxy::Limits) -> Arc<HttpConn> {
         let root = ca("root", None, 3650, None);
         let credentials = store_for("inventory", &root, &[&root]);
-        let limits = ward_config::proxy::Limits {
-            idle_timeout: std::time::Duration::from_secs(5),
-            ..Default::default()
-        };
         let service = ward_config::proxy::ServiceConfig {
             name: ward_config::Name::new("inventory").unwrap(),
             namespace: ward_config::Name::new("default").unwrap(),
@@ -311,20 +327,49 @@ mod tests {
         };
         let intentions = intentions(Action::Deny, &["order"]);
         let inputs = Arc::new(ProxyInputs::new(service, credentials, intentions, limits));
-        let conn = Arc::new(HttpConn {
+        Arc::new(HttpConn {
             inputs,
             app: crate::http::app_client::new(),
             local_app: "127.0.0.1:1".parse().unwrap(),
             peer: id("order"),
             peer_name: "order".into(),
             xfcc: HeaderValue::from_static("By=x"),
+        })
+    }
+
+    fn counted(io: tokio::io::DuplexStream) -> Counted<tokio::io::DuplexStream> {
+        Counted::new(io, metrics::Counter::noop(), metrics::Counter::noop())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_after_idle_timeout() {
+        let conn = conn_with(ward_config::proxy::Limits {
+            idle_timeout: std::time::Duration::from_secs(5),
+            ..Default::default()
         });
         // An HTTP/2 client that connects and never sends its preface (no other timer runs).
         let (_client, server) = tokio::io::duplex(1024);
-        let counted = Counted::new(server, metrics::Counter::noop(), metrics::Counter::noop());
         let started = Instant::now();
-        let end = serve(conn, counted, true, &CancellationToken::new()).await;
+        let end = serve(conn, counted(server), true, &CancellationToken::new()).await;
         assert!(matches!(end, CopyEnd::Idle), "{end:?}");
         assert!(started.elapsed() >= std::time::Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_ends_a_kept_alive_connection_before_its_timeouts() {
+        let conn = conn_with(ward_config::proxy::Limits::default());
+        let inputs = conn.inputs.clone();
+        // An HTTP/1.1 client between requests: nothing in flight, so a drain closes it at once.
+        let (_client, server) = tokio::io::duplex(1024);
+        let served = tokio::spawn(async move {
+            serve(conn, counted(server), false, &CancellationToken::new()).await
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let started = Instant::now();
+        inputs.drain.begin_drain();
+        let end = served.await.unwrap();
+        assert!(matches!(end, CopyEnd::Done), "{end:?}");
+        // Sooner than header_read_timeout (10 s) or idle_timeout would have closed it.
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 }
