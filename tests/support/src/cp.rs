@@ -78,37 +78,14 @@ pub fn run_ward(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> CliOu
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn ward");
-    let mut out_pipe = child.stdout.take().unwrap();
-    let mut err_pipe = child.stderr.take().unwrap();
-    let out_t = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out_pipe.read_to_end(&mut v);
-        v
-    });
-    let err_t = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err_pipe.read_to_end(&mut v);
-        v
-    });
-    let status = loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            break Some(s);
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    let elapsed = start.elapsed();
+    let child = cmd.spawn().expect("spawn ward");
+    let exit = crate::proc::wait_for_exit(child, start, timeout);
     CliOutput {
         args: args.iter().map(|s| s.to_string()).collect(),
-        status,
-        stdout: String::from_utf8_lossy(&out_t.join().unwrap_or_default()).to_string(),
-        stderr: String::from_utf8_lossy(&err_t.join().unwrap_or_default()).to_string(),
-        elapsed,
+        status: exit.status,
+        stdout: exit.stdout,
+        stderr: exit.stderr,
+        elapsed: exit.elapsed,
     }
 }
 

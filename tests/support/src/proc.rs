@@ -553,11 +553,17 @@ pub struct Exit {
 /// Runs `ward proxy --config CONFIG` and waits up to `timeout` for it to exit (kills it after).
 pub fn run_proxy_to_exit(config: &Path, timeout: Duration) -> Exit {
     let start = Instant::now();
-    let mut child = ward_command(config, false)
+    let child = ward_command(config, false)
         .spawn()
         .expect("spawn ward proxy");
-    let mut err_pipe = child.stderr.take().unwrap();
-    let mut out_pipe = child.stdout.take().unwrap();
+    wait_for_exit(child, start, timeout)
+}
+
+/// Waits until `timeout` after `start` for `child` (spawned with piped stdout and stderr) to
+/// exit, killing it after; its output, read as it comes so a full pipe never blocks it.
+pub fn wait_for_exit(mut child: Child, start: Instant, timeout: Duration) -> Exit {
+    let mut err_pipe = child.stderr.take().expect("stderr piped");
+    let mut out_pipe = child.stdout.take().expect("stdout piped");
     let err_t = thread::spawn(move || {
         let mut v = Vec::new();
         let _ = err_pipe.read_to_end(&mut v);
@@ -577,7 +583,7 @@ pub fn run_proxy_to_exit(config: &Path, timeout: Duration) -> Exit {
             let _ = child.wait();
             break None;
         }
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(5));
     };
     let elapsed = start.elapsed();
     let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).to_string();
