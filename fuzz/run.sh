@@ -11,7 +11,7 @@ secs=${1:-600}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(spiffe_id csr proxy_config server_config intentions_snapshot tunnel_connect)
+  targets=(spiffe_id csr proxy_config server_config intentions_snapshot tunnel_connect l7_path)
 fi
 
 # One build for all targets; `fuzz run` below then finds them built.

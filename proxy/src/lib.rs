@@ -7,6 +7,7 @@
 //!   [`mux`] carries many connections between two sidecars over one (`ward-mux/1`);
 //!   `forward` connects to `local_app` and keeps the connection metrics for all three;
 //!   `http` serves an http inbound (`protocol = "http"`) request by request.
+//! - [`l7`]: what an L7 permission matches: the normalized request path, and the decision.
 //! - [`connections`]: open connections by peer, closed when intentions turn to deny.
 //! - [`connlog`]: the connection log (`[admin] connection_log`).
 //! - [`handshakes`]: handshakes in progress, capped globally and per source IP (also used by
@@ -33,6 +34,7 @@ mod http;
 pub mod inbound;
 pub mod inputs;
 pub mod intentions;
+pub mod l7;
 mod listener;
 pub mod metrics;
 pub mod mux;

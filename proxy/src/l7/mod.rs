@@ -1,0 +1,5 @@
+//! L7 (HTTP) intentions: the pure decision logic the inbound's HTTP server calls per request.
+//!
+//! - [`path`]: the request path normalized once, matched, and forwarded as matched.
+
+pub mod path;
