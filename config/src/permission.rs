@@ -24,6 +24,22 @@ pub const MAX_PATH_BYTES: usize = 1024;
 pub const MAX_METHOD_BYTES: usize = 32;
 /// Longest header name, in bytes.
 pub const MAX_HEADER_NAME_BYTES: usize = 256;
+/// Largest compiled `path_regex`, in bytes (the regex crate's `size_limit`): 256 of them stay
+/// within a few hundred MiB even at the limit, and a pattern such as `\w{1000}` is refused.
+pub const MAX_REGEX_BYTES: usize = 1 << 20;
+
+/// Compiles a `path_regex` as it is matched: against the whole path, in linear time (the regex
+/// crate has no backtracking). The pattern is first compiled alone, so wrapping it in
+/// `^(?:...)$` cannot change what it means (`/a)|(/b` is refused, not read as two patterns).
+pub fn path_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    let build = |p: &str| {
+        regex::RegexBuilder::new(p)
+            .size_limit(MAX_REGEX_BYTES)
+            .build()
+    };
+    build(pattern)?;
+    build(&format!("^(?:{pattern})$"))
+}
 
 /// One checked permission: what to do with a request that matches all of its parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +183,8 @@ pub enum Problem {
     TwoPaths(&'static str),
     #[error("{0:?} must start with '/'")]
     NotAbsolute(String),
+    #[error("is not a regex this build can compile: {0}")]
+    BadRegex(String),
     #[error("must be 1 to {MAX_PATH_BYTES} bytes")]
     PathLength,
     #[error("{0:?} must be an upper-case HTTP method such as \"GET\"")]
@@ -181,6 +199,23 @@ pub enum Problem {
     NoHeaderValue,
     #[error("only `present = true` is supported; leave the header out to not require it")]
     PresentFalse,
+}
+
+/// The regex crate's message in one line: its syntax errors draw the pattern over several
+/// lines and end with `error: <what>`.
+fn regex_error(e: &regex::Error) -> String {
+    match e {
+        regex::Error::Syntax(text) => text
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("error: "))
+            .unwrap_or("syntax error")
+            .to_owned(),
+        regex::Error::CompiledTooBig(_) => {
+            format!("compiles to more than {MAX_REGEX_BYTES} bytes")
+        }
+        _ => "cannot be compiled".to_owned(),
+    }
 }
 
 fn at(key: impl Into<String>, problem: Problem) -> PermissionError {
@@ -233,7 +268,11 @@ impl RawPermission {
             let m = match name {
                 "path_exact" => PathMatch::Exact(s.clone()),
                 "path_prefix" => PathMatch::Prefix(s.clone()),
-                _ => PathMatch::Regex(s.clone()),
+                _ => {
+                    path_regex(s)
+                        .map_err(|e| at(field(name), Problem::BadRegex(regex_error(&e))))?;
+                    PathMatch::Regex(s.clone())
+                }
             };
             path = Some((name, m));
         }
@@ -411,6 +450,22 @@ mod tests {
                 },
                 "permissions[0].path_regex",
                 Problem::PathLength,
+            ),
+            (
+                RawPermission {
+                    path_regex: Some("/a)|(/b".into()),
+                    ..allow()
+                },
+                "permissions[0].path_regex",
+                Problem::BadRegex("unopened group".into()),
+            ),
+            (
+                RawPermission {
+                    path_regex: Some("\\w{1000}".into()),
+                    ..allow()
+                },
+                "permissions[0].path_regex",
+                Problem::BadRegex(format!("compiles to more than {MAX_REGEX_BYTES} bytes")),
             ),
             (
                 RawPermission {
