@@ -808,6 +808,36 @@ fn intention_check_exit_codes() {
     assert_eq!(star.code, Some(2), "{star:?}");
 }
 
+/// `--method`, `--path`, `--header` decide a request against an L7 rule; against an L4 rule the
+/// decision is the connection's. (An L7 rule cannot be stored yet: the server needs an http
+/// destination; the L7 decision is unit-tested in src/cli/intention.rs.)
+#[test]
+fn intention_check_request_flags() {
+    let s = DevServer::start();
+    allow_order(&s);
+    let check = |extra: &[&str]| {
+        let mut args = vec![
+            "intention",
+            "check",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+        ];
+        args.extend_from_slice(extra);
+        s.ward(&args)
+    };
+    let l4 = check(&["--method", "POST", "--path", "/stock/../admin"]);
+    assert_eq!(l4.code, Some(0), "{l4:?}");
+    assert!(!l4.stdout.contains("permission"), "{}", l4.stdout);
+    let no_path = check(&["--method", "GET"]);
+    assert_eq!(no_path.code, Some(2), "{no_path:?}");
+    assert!(no_path.stderr.contains("--path"), "{}", no_path.stderr);
+    let header = check(&["--path", "/", "--header", "x-env"]);
+    assert_eq!(header.code, Some(2), "{header:?}");
+    assert!(header.one_line_error().contains("--header"), "{header:?}");
+}
+
 #[test]
 fn catalog_endpoints_of_an_unknown_service() {
     let s = DevServer::start();

@@ -22,6 +22,8 @@ use std::process::ExitCode;
 use ward_config::intentions::{Action, Source};
 use ward_config::permission::{PermissionError, Problem, RawRule};
 use ward_proto::v1;
+use ward_proxy::l7::authorize::{CompiledPermissions, Decision};
+use ward_proxy::l7::path::{normalize, Rejection};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum IntentionCmd {
@@ -69,7 +71,8 @@ pub enum IntentionCmd {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// Decide for a concrete caller: prints the decision and the rule that made it.
+    /// Decide for a concrete caller: prints the decision and the rule that made it; with
+    /// --path, also the request against an L7 rule and the permission that decided it.
     Check {
         /// A concrete caller: `svc` or `ns/svc` (`*` is not a caller).
         #[arg(long, value_name = "SOURCE")]
@@ -77,6 +80,16 @@ pub enum IntentionCmd {
         /// `svc` or `ns/svc`.
         #[arg(long, value_name = "DESTINATION")]
         destination: String,
+        /// The request's method, for an L7 rule (default GET).
+        #[arg(long, value_name = "METHOD", requires = "path")]
+        method: Option<String>,
+        /// The request's path (and query) as a client sends it, for an L7 rule: normalized and
+        /// matched as the proxy does.
+        #[arg(long, value_name = "PATH")]
+        path: Option<String>,
+        /// A request header `name: value`, for an L7 rule; repeat for more.
+        #[arg(long = "header", value_name = "NAME: VALUE", requires = "path")]
+        headers: Vec<String>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -231,6 +244,9 @@ pub fn run(cmd: IntentionCmd) -> anyhow::Result<ExitCode> {
         IntentionCmd::Check {
             source,
             destination,
+            method,
+            path,
+            headers,
             server,
         } => {
             if source == "*" {
@@ -240,6 +256,9 @@ pub fn run(cmd: IntentionCmd) -> anyhow::Result<ExitCode> {
             }
             check_source(&source)?;
             check_destination(&destination)?;
+            let request = path
+                .map(|p| parse_request(method.as_deref().unwrap_or("GET"), p, &headers))
+                .transpose()?;
             super::block_on(async move {
                 let mut client = admin::connect(&server).await?;
                 let resp = client
@@ -250,7 +269,37 @@ pub fn run(cmd: IntentionCmd) -> anyhow::Result<ExitCode> {
                     .await
                     .map_err(|s| grpc_error("intention check", s))?
                     .into_inner();
-                let decision = action_name(resp.decision);
+                // An L7 rule admits the connection; the request is then decided here as the
+                // proxy decides it.
+                let l7 = match (&request, &resp.rule) {
+                    (Some(req), Some(rule))
+                        if !rule.permissions.is_empty()
+                            && resp.decision == v1::Action::Allow as i32 =>
+                    {
+                        Some(decide_l7(&rule.permissions, req)?)
+                    }
+                    _ => None,
+                };
+                let (decision, code) = match &l7 {
+                    Some(o) if o.allows() => ("allow", Ok(ExitCode::SUCCESS)),
+                    Some(_) => ("deny", Ok(ExitCode::from(1))),
+                    // Fail closed: only an explicit allow exits 0.
+                    None => match v1::Action::try_from(resp.decision) {
+                        Ok(v1::Action::Allow) => ("allow", Ok(ExitCode::SUCCESS)),
+                        Ok(v1::Action::Deny) => ("deny", Ok(ExitCode::from(1))),
+                        _ => (
+                            "unspecified",
+                            Err(anyhow!(
+                                "intention check: the server answered no decision (allow or deny)"
+                            )),
+                        ),
+                    },
+                };
+                let perms = resp
+                    .rule
+                    .as_ref()
+                    .map(|r| r.permissions.as_slice())
+                    .unwrap_or(&[]);
                 match server.output {
                     Output::Table => {
                         let rule = match &resp.rule {
@@ -263,30 +312,33 @@ pub fn run(cmd: IntentionCmd) -> anyhow::Result<ExitCode> {
                             ),
                             None => "default policy".to_owned(),
                         };
-                        let rows = vec![
+                        let mut rows = vec![
                             vec!["decision".to_owned(), decision.to_owned()],
                             vec!["rule".to_owned(), rule],
-                            vec!["reason".to_owned(), resp.reason.clone()],
-                            vec!["version".to_owned(), resp.version.to_string()],
                         ];
+                        if let Some(o) = &l7 {
+                            rows.push(vec!["path".to_owned(), o.path_text()]);
+                            rows.push(vec!["permission".to_owned(), o.permission_text(perms)]);
+                        }
+                        rows.push(vec!["reason".to_owned(), resp.reason.clone()]);
+                        rows.push(vec!["version".to_owned(), resp.version.to_string()]);
                         print!("{}", table(&[], &rows));
                     }
-                    Output::Json => print_json(&json!({
-                        "decision": decision,
-                        "rule": resp.rule.as_ref().map(intention_json),
-                        "default_policy": resp.rule.is_none(),
-                        "reason": resp.reason,
-                        "version": resp.version,
-                    })),
+                    Output::Json => {
+                        let mut j = json!({
+                            "decision": decision,
+                            "rule": resp.rule.as_ref().map(intention_json),
+                            "default_policy": resp.rule.is_none(),
+                            "reason": resp.reason,
+                            "version": resp.version,
+                        });
+                        if let Some(o) = &l7 {
+                            j["request"] = o.json(perms);
+                        }
+                        print_json(&j);
+                    }
                 }
-                // Fail closed: only an explicit allow exits 0.
-                match v1::Action::try_from(resp.decision) {
-                    Ok(v1::Action::Allow) => Ok(ExitCode::SUCCESS),
-                    Ok(v1::Action::Deny) => Ok(ExitCode::from(1)),
-                    _ => Err(anyhow!(
-                        "intention check: the server answered no decision (allow or deny)"
-                    )),
-                }
+                code
             })?
         }
     }
@@ -323,6 +375,104 @@ fn grpc_error(what: &str, s: tonic::Status) -> anyhow::Error {
     match s.code() {
         tonic::Code::FailedPrecondition => anyhow!("{what}: refused: {}", s.message()),
         _ => admin::status(what, s),
+    }
+}
+
+// ---- an L7 request ----------------------------------------------------------------------------
+
+/// The request `check --path` decides against an L7 rule.
+#[derive(Debug)]
+struct L7Request {
+    method: http::Method,
+    target: String,
+    headers: http::HeaderMap,
+}
+
+fn parse_request(method: &str, target: String, headers: &[String]) -> anyhow::Result<L7Request> {
+    let method = http::Method::from_bytes(method.as_bytes())
+        .map_err(|_| anyhow!("--method {method:?} is not an HTTP method"))?;
+    let mut map = http::HeaderMap::new();
+    for h in headers {
+        let parsed = h.split_once(':').and_then(|(name, value)| {
+            Some((
+                http::HeaderName::from_bytes(name.trim().as_bytes()).ok()?,
+                http::HeaderValue::from_str(value.trim()).ok()?,
+            ))
+        });
+        let (name, value) = parsed.ok_or_else(|| anyhow!("--header {h:?} is not `name: value`"))?;
+        map.append(name, value);
+    }
+    Ok(L7Request {
+        method,
+        target,
+        headers: map,
+    })
+}
+
+/// What the proxy does with the request under an L7 rule.
+#[derive(Debug, PartialEq)]
+enum L7Outcome {
+    /// Refused before any permission is tried: the proxy answers 400 (414 for a long path).
+    Refused(Rejection),
+    /// The normalized path, as matched and forwarded, and the decision.
+    Decided { path: String, decision: Decision },
+}
+
+/// Decides the request with the proxy's own code: the path normalized, then the permissions in
+/// order, first match wins, no match denies.
+fn decide_l7(perms: &[v1::Permission], req: &L7Request) -> anyhow::Result<L7Outcome> {
+    let bad = |e: &dyn std::fmt::Display| {
+        anyhow!("intention check: the server sent permissions this CLI cannot enforce: {e}")
+    };
+    let checked = ward_proto::permission::parse(perms).map_err(|e| bad(&e))?;
+    let compiled = CompiledPermissions::compile(&checked).map_err(|e| bad(&e))?;
+    Ok(match normalize(&req.target) {
+        Err(r) => L7Outcome::Refused(r),
+        Ok(n) => L7Outcome::Decided {
+            path: n.path().to_owned(),
+            decision: compiled.decide(&req.method, n.path(), &req.headers),
+        },
+    })
+}
+
+impl L7Outcome {
+    fn allows(&self) -> bool {
+        matches!(self, L7Outcome::Decided { decision, .. } if decision.is_allow())
+    }
+
+    fn path_text(&self) -> String {
+        match self {
+            L7Outcome::Refused(r) => format!("refused with {}: {r}", r.status().as_u16()),
+            L7Outcome::Decided { path, .. } => path.clone(),
+        }
+    }
+
+    /// `#1 {"action":"allow",...}`, or why none decided.
+    fn permission_text(&self, perms: &[v1::Permission]) -> String {
+        match self {
+            L7Outcome::Refused(_) => "none (the path is refused before matching)".to_owned(),
+            L7Outcome::Decided { decision, .. } => match decision.permission {
+                Some(i) => format!(
+                    "#{i} {}",
+                    perms.get(i).map(permission_json).unwrap_or(Value::Null)
+                ),
+                None => "none matched (a request no permission matches is denied)".to_owned(),
+            },
+        }
+    }
+
+    fn json(&self, perms: &[v1::Permission]) -> Value {
+        match self {
+            L7Outcome::Refused(r) => json!({
+                "refused": r.to_string(),
+                "status": r.status().as_u16(),
+            }),
+            L7Outcome::Decided { path, decision } => json!({
+                "path": path,
+                "permission_index": decision.permission,
+                "permission": decision.permission.and_then(|i| perms.get(i)).map(permission_json),
+            }),
+        }
     }
 }
 
@@ -489,6 +639,105 @@ permissions = [
         assert!(
             parse("source = \"default/order\"\npermissions = [{ action = \"allow\" }]").is_ok()
         );
+    }
+
+    /// `check --path` decides an L7 rule as the proxy does: normalized path, first match wins,
+    /// no match denies, and the permission that decided is named.
+    #[test]
+    fn l7_check_names_the_permission_that_decided() {
+        use ward_config::intentions::Action::{Allow, Deny};
+        let perms = parse(
+            r#"permissions = [
+  { action = "deny", path_prefix = "/stock/secret" },
+  { action = "allow", path_prefix = "/stock/", methods = ["GET"] },
+  { action = "deny", path_exact = "/admin", headers = [{ name = "x-env", exact = "prod" }] },
+  { action = "allow", path_regex = "/admin|/health" },
+]"#,
+        )
+        .unwrap();
+        let decided = |method: &str, path: &str, headers: &[&str]| {
+            let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+            let req = parse_request(method, path.to_owned(), &headers).unwrap();
+            decide_l7(&perms, &req).unwrap()
+        };
+        let at = |path: &str, permission: Option<usize>, action| L7Outcome::Decided {
+            path: path.to_owned(),
+            decision: Decision { action, permission },
+        };
+        let cases = [
+            ("GET", "/stock/1", &[][..], at("/stock/1", Some(1), Allow)),
+            ("GET", "/stock/1?all=1", &[], at("/stock/1", Some(1), Allow)),
+            ("POST", "/stock/1", &[], at("/stock/1", None, Deny)),
+            (
+                "GET",
+                "/stock//secret/1",
+                &[],
+                at("/stock/secret/1", Some(0), Deny),
+            ),
+            (
+                "GET",
+                "/stock/../admin",
+                &["x-env: prod"],
+                at("/admin", Some(2), Deny),
+            ),
+            (
+                "GET",
+                "/%61dmin",
+                &["X-Env:prod"],
+                at("/admin", Some(2), Deny),
+            ),
+            (
+                "GET",
+                "/admin",
+                &["x-env: dev"],
+                at("/admin", Some(3), Allow),
+            ),
+            ("GET", "/ADMIN", &[], at("/ADMIN", None, Deny)),
+            ("GET", "/admin/", &[], at("/admin/", None, Deny)),
+            (
+                "GET",
+                "/stock%2F..%2Fadmin",
+                &[],
+                L7Outcome::Refused(Rejection::EncodedSeparator),
+            ),
+        ];
+        for (method, path, headers, want) in cases {
+            let got = decided(method, path, headers);
+            assert_eq!(got, want, "{method} {path} {headers:?}");
+            assert_eq!(
+                got.allows(),
+                matches!(want, L7Outcome::Decided { decision, .. } if decision.is_allow())
+            );
+        }
+        let text = decided("GET", "/stock/1", &[]).permission_text(&perms);
+        assert_eq!(
+            text,
+            r#"#1 {"action":"allow","headers":[],"methods":["GET"],"path_prefix":"/stock/"}"#
+        );
+        let refused = decided("GET", "/a#b", &[]);
+        assert!(!refused.allows());
+        assert_eq!(
+            refused.path_text(),
+            "refused with 400: the request target has a fragment ('#')"
+        );
+        let j = decided("GET", "/stock/secret", &[]).json(&perms);
+        assert_eq!(j["permission_index"], 0);
+        assert_eq!(j["permission"]["path_prefix"], "/stock/secret");
+    }
+
+    #[test]
+    fn l7_request_flags_are_checked() {
+        let e = parse_request("GE T", "/".into(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--method \"GE T\""), "{e}");
+        let e = parse_request("GET", "/".into(), &["x-env".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--header \"x-env\""), "{e}");
+        let r = parse_request("PATCH", "/".into(), &["X-A: 1".into(), "x-a:2".into()]).unwrap();
+        assert_eq!(r.method, http::Method::PATCH);
+        assert_eq!(r.headers.get_all("x-a").iter().count(), 2);
     }
 
     #[test]
