@@ -4,6 +4,10 @@
 //! proxy/src/startup_memory.rs and perf/README.md). The order changes where functions sit,
 //! never what they do; a function missing from the list is placed after the listed ones.
 //!
+//! The names in the list are matched to the link's own symbols by `perf/link-order-cc`, the
+//! workspace's linker (`.cargo/config.toml`), ignoring the parts of a name that code changes
+//! alter, so the list keeps working as the code moves on (perf/README.md).
+//!
 //! Applied to release builds only, and only when a probe program links with the option under
 //! the same compiler, target, flags and linker (lld has it; GNU ld and gold do not), so no
 //! toolchain fails to build ward because of it. `WARD_LINK_ORDER=0` turns it off.
