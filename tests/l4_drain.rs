@@ -138,6 +138,7 @@ fn drain_delay_keeps_accepting_while_ready_is_503() {
     // Both open connections keep working, and the process waits for them.
     assert_eq!(before.echo(b"after\n").unwrap(), b"after\n");
     assert_eq!(during.echo(b"after\n").unwrap(), b"after\n");
+    // Asserts that nothing happens (no exit) for a while: a fixed wait, not a condition.
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         s.proxy.try_wait().is_none(),
