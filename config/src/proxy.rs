@@ -26,7 +26,7 @@ pub struct ServiceConfig {
     pub trust_domain: Option<TrustDomain>,
 }
 
-/// The L4/L7 protocol a listener carries. `http` is built for `[inbound]` only so far.
+/// The L4/L7 protocol a listener carries: `tcp` forwards bytes, `http` forwards requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -114,6 +114,8 @@ pub struct Limits {
     pub header_read_timeout: std::time::Duration,
     /// http inbound: a request header larger than this is answered 431.
     pub max_header_bytes: usize,
+    /// http upstream: how long a request may wait for the response header (else 504).
+    pub request_timeout: std::time::Duration,
 }
 
 /// The bounds of `limits.max_header_bytes`: hyper's smallest HTTP/1 read buffer, and 16 MiB.
@@ -140,6 +142,8 @@ impl Default for Limits {
             max_tunnel_buffer_bytes: 64 * 1024 * 1024,
             header_read_timeout: std::time::Duration::from_secs(10),
             max_header_bytes: 65_536,
+            // Envoy's default route timeout.
+            request_timeout: std::time::Duration::from_secs(15),
         }
     }
 }
@@ -241,6 +245,7 @@ struct RawLimits {
     max_tunnel_buffer_bytes: Option<usize>,
     header_read_timeout: Option<Duration>,
     max_header_bytes: Option<usize>,
+    request_timeout: Option<Duration>,
 }
 
 impl ProxyConfig {
@@ -303,12 +308,6 @@ impl ProxyConfig {
                 ));
             }
             let protocol = u.protocol.unwrap_or(Protocol::Tcp);
-            if protocol == Protocol::Http {
-                return Err(invalid(
-                    &key("protocol"),
-                    "\"http\" is built for [inbound] only so far; use \"tcp\" for an upstream",
-                ));
-            }
             if upstreams
                 .iter()
                 .any(|o: &UpstreamConfig| o.service == u.service && o.namespace == u.namespace)
@@ -466,6 +465,11 @@ impl ProxyConfig {
                     HEADER_BYTES_RANGE,
                     "",
                     limits.max_header_bytes,
+                )?,
+                request_timeout: nonzero(
+                    "request_timeout",
+                    l.request_timeout,
+                    limits.request_timeout,
                 )?,
             };
         }
@@ -733,21 +737,24 @@ handshake_timeout = "2s"
     }
 
     #[test]
-    fn http_is_built_for_the_inbound_only() {
+    fn http_is_taken_on_the_inbound_and_on_upstreams() {
         let http = parse(&GOOD.replace(
             "local_app = \"127.0.0.1:8080\"",
             "local_app = \"127.0.0.1:8080\"\nprotocol = \"http\"",
         ))
         .unwrap();
         assert_eq!(http.inbound.unwrap().protocol, Protocol::Http);
-        let err = refused(&GOOD.replace(
+        let upstream = parse(&GOOD.replace(
             "service = \"payments\"",
             "service = \"payments\"\nprotocol = \"http\"",
+        ))
+        .unwrap();
+        assert_eq!(upstream.upstreams[0].protocol, Protocol::Http);
+        let err = refused(&GOOD.replace(
+            "service = \"payments\"",
+            "service = \"payments\"\nprotocol = \"grpc\"",
         ));
-        assert!(
-            err.contains("upstreams[0].protocol") && err.contains("[inbound] only"),
-            "{err}"
-        );
+        assert!(err.contains("protocol"), "{err}");
     }
 
     #[test]
@@ -758,14 +765,18 @@ handshake_timeout = "2s"
             std::time::Duration::from_secs(10)
         );
         assert_eq!(c.limits.max_header_bytes, 65_536);
+        assert_eq!(c.limits.request_timeout, std::time::Duration::from_secs(15));
         let set = |kv: &str| parse(&GOOD.replace("handshake_timeout = \"2s\"", kv));
-        let l = set("header_read_timeout = \"1s\"\nmax_header_bytes = 16384")
-            .unwrap()
-            .limits;
+        let l =
+            set("header_read_timeout = \"1s\"\nmax_header_bytes = 16384\nrequest_timeout = \"2m\"")
+                .unwrap()
+                .limits;
         assert_eq!(l.header_read_timeout, std::time::Duration::from_secs(1));
         assert_eq!(l.max_header_bytes, 16_384);
+        assert_eq!(l.request_timeout, std::time::Duration::from_secs(120));
         for (kv, key) in [
             ("header_read_timeout = \"0s\"", "limits.header_read_timeout"),
+            ("request_timeout = \"0s\"", "limits.request_timeout"),
             ("max_header_bytes = 100", "limits.max_header_bytes"),
             ("max_header_bytes = 100000000", "limits.max_header_bytes"),
         ] {

@@ -169,12 +169,16 @@ pub async fn build(
             .namespace
             .clone()
             .unwrap_or_else(|| config.service.namespace.clone());
-        let upstream = Arc::new(Upstream::new(
+        let upstream = Upstream::new(
             inputs.clone(),
             u.service.clone(),
             namespace,
             u.endpoints.clone(),
-        ));
+        );
+        let upstream = Arc::new(match u.protocol {
+            ward_config::proxy::Protocol::Http => upstream.serving_http(),
+            ward_config::proxy::Protocol::Tcp => upstream,
+        });
         let addr = local(&listener);
         upstream_addrs.push((u.service.to_string(), addr));
         roles.push((format!("upstream.{}", u.service), addr));

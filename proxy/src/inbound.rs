@@ -335,7 +335,8 @@ mod tests {
                 Name::new("default").unwrap(),
                 Name::new("inventory").unwrap(),
             ));
-            let mut config = (*tls::config::client_config(store, verifier)).clone();
+            let mut config =
+                (*tls::config::client_config(store, verifier, crate::mux::ALPN)).clone();
             config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             Arc::new(config)
         }

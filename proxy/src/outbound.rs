@@ -1,5 +1,6 @@
-//! Outbound: a plain listener on localhost per upstream; each connection is carried over mTLS
-//! to one of the upstream's endpoints, which must prove the upstream's exact identity.
+//! Outbound: a plain listener on localhost per upstream; each connection (tcp) or each request
+//! (http, see `http::outbound`) is carried over mTLS to one of the upstream's endpoints, which
+//! must prove the upstream's exact identity.
 
 use crate::connlog::LineBudget;
 use crate::inputs::ProxyInputs;
@@ -32,17 +33,22 @@ const FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
 const FIRST_FRAME_READ: usize = 64;
 
 pub struct Upstream {
-    inputs: Arc<ProxyInputs>,
+    pub(crate) inputs: Arc<ProxyInputs>,
     pub service: Name,
     pub namespace: Name,
     verifier: Arc<tls::OutboundVerifier>,
+    /// The one ALPN protocol offered: `ward-mux/1`, or `h2` for an http upstream.
+    alpn: &'static [u8],
     /// Replaced (with an empty session cache) whenever our credentials change.
     connector: ArcSwap<TlsConnector>,
     /// Static endpoints, or the catalog's (replaced on each update).
     pub endpoints: ArcSwap<Vec<SocketAddr>>,
-    next: AtomicUsize,
-    /// Tunnel connections to the endpoints (ward-mux/1).
-    pool: mux::pool::Pool,
+    pub(crate) next: AtomicUsize,
+    /// Tunnel connections to the endpoints (ward-mux/1); for an http upstream, only its memory
+    /// of failed attempts and its one-handshake-at-a-time lock per endpoint.
+    pub(crate) pool: mux::pool::Pool,
+    /// `protocol = "http"`: the HTTP/2 connections to the endpoints.
+    pub(crate) http: Option<crate::http::h2_pool::H2Pool>,
     /// The `:authority` of our tunnel streams.
     authority: String,
     failure_log: Arc<LineBudget>,
@@ -60,27 +66,51 @@ impl Upstream {
             namespace.clone(),
             service.clone(),
         ));
-        let config = tls::config::client_config(inputs.credentials.clone(), verifier.clone());
+        let config =
+            tls::config::client_config(inputs.credentials.clone(), verifier.clone(), mux::ALPN);
         let authority = mux::authority(&service, &namespace);
         Self {
             verifier,
             inputs,
             service,
             namespace,
+            alpn: mux::ALPN,
             connector: ArcSwap::from_pointee(TlsConnector::from(config)),
             endpoints: ArcSwap::from_pointee(endpoints),
             next: AtomicUsize::new(0),
             pool: mux::pool::Pool::default(),
+            http: None,
             authority,
             failure_log: Arc::new(LineBudget::new(1, FAILURE_LOG_EVERY)),
         }
+    }
+
+    /// This upstream serving `protocol = "http"`: the app's requests, each to an endpoint over
+    /// a pooled HTTP/2 connection (ALPN `h2`, never the tunnel).
+    pub fn serving_http(mut self) -> Self {
+        self.alpn = b"h2";
+        let config = tls::config::client_config(
+            self.inputs.credentials.clone(),
+            self.verifier.clone(),
+            self.alpn,
+        );
+        self.connector = ArcSwap::from_pointee(TlsConnector::from(config));
+        self.http = Some(crate::http::h2_pool::H2Pool::default());
+        self
     }
 
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
         tokio::spawn(self.clone().renew_connector_on_new_credentials());
         let inputs = self.inputs.clone();
         crate::listener::accept_loop(listener, inputs, move |tcp, _peer, permit| {
-            self.clone().serve(tcp, permit)
+            let upstream = self.clone();
+            async move {
+                if upstream.http.is_some() {
+                    crate::http::outbound::serve(upstream, tcp, permit).await
+                } else {
+                    upstream.serve(tcp, permit).await
+                }
+            }
         })
         .await
     }
@@ -93,11 +123,18 @@ impl Upstream {
                 _ = self.inputs.drain.force_close.cancelled() => return,
                 r = changed.changed() => if r.is_err() { return },
             }
-            let config =
-                tls::config::client_config(self.inputs.credentials.clone(), self.verifier.clone());
+            let config = tls::config::client_config(
+                self.inputs.credentials.clone(),
+                self.verifier.clone(),
+                self.alpn,
+            );
             self.connector.store(Arc::new(TlsConnector::from(config)));
-            // Tunnels opened with the old certificate or roots take no new streams.
+            // Tunnels opened with the old certificate or roots take no new streams (nor do
+            // HTTP/2 connections new requests).
             self.pool.retire_all();
+            if let Some(http) = &self.http {
+                http.retire_all();
+            }
         }
     }
 
@@ -223,6 +260,17 @@ impl Upstream {
         result
     }
 
+    /// [`Self::handshake`] for an http upstream; `Err(true)`: the endpoint did not answer the
+    /// TCP connect, `Err(false)`: the handshake failed (counted and logged).
+    pub(crate) async fn handshake_http(
+        &self,
+        ep: SocketAddr,
+    ) -> Result<(MeshStream, Accepted), bool> {
+        self.handshake(ep)
+            .await
+            .map_err(|a| matches!(a, Attempt::Unreachable))
+    }
+
     /// TCP connect and mutual TLS handshake to `ep`, accepted on our side; counted once the
     /// server has answered it (see [`Unanswered`]). A failure on our side is counted here.
     async fn handshake(&self, ep: SocketAddr) -> Result<(MeshStream, Accepted), Attempt> {
@@ -326,7 +374,8 @@ impl Upstream {
     }
 }
 
-type MeshStream = tokio_rustls::client::TlsStream<crate::tls::large_reads::LargeReads<TcpStream>>;
+pub(crate) type MeshStream =
+    tokio_rustls::client::TlsStream<crate::tls::large_reads::LargeReads<TcpStream>>;
 
 /// What carries one client connection to the upstream.
 enum Carrier {
@@ -354,19 +403,19 @@ fn endpoint_name(endpoint: SocketAddr) -> ServerName<'static> {
 }
 
 /// Our side of a handshake is done and accepted the server.
-struct Accepted {
+pub(crate) struct Accepted {
     /// The end of the server's verified path (Unix seconds).
-    not_after: i64,
+    pub(crate) not_after: i64,
     /// When the handshake timeout (counted from the TCP connect) runs out.
-    deadline: Instant,
-    unanswered: Unanswered,
+    pub(crate) deadline: Instant,
+    pub(crate) unanswered: Unanswered,
 }
 
 /// A handshake not counted yet: in TLS 1.3 the server judges our certificate after our
 /// Finished, so its refusal (an alert) arrives after our side of the handshake is done. A tunnel
 /// waits for the server's first frame or that alert; a plain connection counts at the server's
 /// first record or alert without holding the client's bytes back.
-struct Unanswered {
+pub(crate) struct Unanswered {
     upstream: Name,
     endpoint: SocketAddr,
     /// From the TCP connect to the end of our side of the handshake: the duration recorded.
@@ -378,7 +427,7 @@ struct Unanswered {
 impl Unanswered {
     /// Counts the handshake as `result` on `direction="outbound"`; any other result than ok is
     /// logged at warn, naming the alert the server sent, if it sent one.
-    fn settle(
+    pub(crate) fn settle(
         self,
         result: HandshakeResult,
         alert: Option<rustls::AlertDescription>,
@@ -406,10 +455,10 @@ impl Unanswered {
     }
 }
 
-/// Waits for the tunnel's first frame (the server's SETTINGS, which it sends without waiting
-/// for ours) or the server's refusal, and counts the handshake. The tunnel needs SETTINGS
-/// before its first stream anyway, so this costs no round trip.
-async fn first_frame(
+/// Waits for the tunnel's (or an http upstream's HTTP/2 connection's) first frame (the server's
+/// SETTINGS, which it sends without waiting for ours) or the server's refusal, and counts the
+/// handshake. HTTP/2 needs SETTINGS before its first stream anyway, so this costs no round trip.
+pub(crate) async fn first_frame(
     tls: MeshStream,
     unanswered: Unanswered,
     deadline: Instant,

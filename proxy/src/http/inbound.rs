@@ -23,12 +23,12 @@ use tokio_util::sync::CancellationToken;
 use ward_config::SpiffeId;
 
 /// Streams one HTTP/2 connection may have open at once (as a `ward-mux/1` tunnel).
-const MAX_CONCURRENT_STREAMS: u32 = 100;
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Rapid-reset protection (CVE-2023-44487): streams a client may open and reset before the
 /// server has accepted them, and streams the server may reset for a client's protocol errors,
 /// before the connection is closed with GOAWAY.
-const MAX_PENDING_ACCEPT_RESETS: usize = 20;
-const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+pub(crate) const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+pub(crate) const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 pub(crate) type Body = Either<Incoming, Full<Bytes>>;
 
@@ -109,7 +109,7 @@ where
 /// Runs `served` to its end; once the drain closes the listeners, shuts it down gracefully:
 /// requests in flight finish, then HTTP/1.1 closes and HTTP/2 sends GOAWAY, so clients go
 /// elsewhere before `drain_timeout` cuts whatever is left.
-async fn until_done<C: GracefulConnection>(
+pub(crate) async fn until_done<C: GracefulConnection>(
     served: C,
     drain: &CancellationToken,
 ) -> Result<(), C::Error> {
@@ -196,7 +196,7 @@ async fn forward(conn: &HttpConn, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// An answer of the proxy's own.
-fn local(status: StatusCode, text: &'static str) -> Response<Body> {
+pub(crate) fn local(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
         text.as_bytes(),
     ))));
@@ -225,6 +225,11 @@ impl<I> Counted<I> {
             tx,
             activity: Arc::new(Activity::new()),
         }
+    }
+
+    /// When bytes last moved either way.
+    pub(crate) fn activity(&self) -> Arc<Activity> {
+        self.activity.clone()
     }
 }
 

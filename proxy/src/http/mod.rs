@@ -1,8 +1,12 @@
 //! The http inbound (`[inbound] protocol = "http"`): after the same mutual-TLS handshake as
 //! L4 (identity and intention decided there), HTTP/2 or HTTP/1.1 by ALPN, each request
 //! forwarded to `local_app` over a pooled HTTP/1.1 client with `x-forwarded-client-cert` set.
+//! The http outbound (`[[upstreams]] protocol = "http"`): the app's HTTP/1.1 or HTTP/2 requests,
+//! each sent to one of the upstream's endpoints over a pooled HTTP/2 mutual-TLS connection.
 //!
 //! - [`inbound`]: the per-connection server, the per-request decision and the metrics.
+//! - [`outbound`]: the upstream's local listener, endpoint choice per request, own answers.
+//! - [`h2_pool`]: the outbound's HTTP/2 connections, one per endpoint, shared by requests.
 //! - [`xfcc`]: the `x-forwarded-client-cert` value.
 //! - [`app_client`]: the pooled client to `local_app`.
 //! - [`hop_by_hop`]: the headers that never cross a proxy (RFC 9110 section 7.6.1).
@@ -10,7 +14,9 @@
 //! Upgrades (WebSocket, `CONNECT`) are not forwarded: hyper answers them as plain requests.
 
 pub(crate) mod app_client;
+pub(crate) mod h2_pool;
 pub(crate) mod inbound;
+pub(crate) mod outbound;
 pub(crate) mod xfcc;
 
 use http::header::{self, HeaderMap, HeaderName};

@@ -64,7 +64,8 @@ pub fn server_config(
     Arc::new(cfg)
 }
 
-/// The config for connections to one upstream service.
+/// The config for connections to one upstream service, offering `alpn` (`ward-mux/1` for a tcp
+/// upstream, `h2` for an http one).
 ///
 /// Each config has its own session cache. The outbound builds a new config whenever its own
 /// certificate or roots change, so it never resumes a session that carries a certificate it has
@@ -74,6 +75,7 @@ pub fn server_config(
 pub fn client_config(
     credentials: Arc<CredentialStore>,
     verifier: Arc<OutboundVerifier>,
+    alpn: &[u8],
 ) -> Arc<rustls::ClientConfig> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -87,7 +89,8 @@ pub fn client_config(
     cfg.enable_early_data = false;
     // The verifier checks the SPIFFE ID; SNI would only leak the service name in clear.
     cfg.enable_sni = false;
-    // Ask for the tunnel; an inbound that does not select it gets one connection per stream.
-    cfg.alpn_protocols = vec![crate::mux::ALPN.to_vec()];
+    // A tcp upstream asks for the tunnel (an inbound that does not select it gets one connection
+    // per client connection); an http upstream asks for HTTP/2.
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     Arc::new(cfg)
 }

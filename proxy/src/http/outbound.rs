@@ -1,0 +1,375 @@
+//! The http outbound (`[[upstreams]] protocol = "http"`): the app speaks HTTP/1.1, or HTTP/2
+//! with prior knowledge, to the upstream's plain local listener; each request goes to one of
+//! the upstream's endpoints in turn (round robin per request, not per connection), over the
+//! pooled HTTP/2 mutual-TLS connection to it ([`super::h2_pool`]), which must prove the
+//! upstream's identity exactly as a tcp upstream's does. Bodies are streamed both ways.
+//!
+//! The proxy answers on its own, with a short text body: 503 when the upstream has no endpoint,
+//! 502 when none can be reached (TCP connect refused or over `CONNECT_TIMEOUT`, handshake
+//! refused) or the connection fails mid-request, 504 when no response header came within
+//! `[limits] request_timeout`.
+
+use super::h2_pool::{H2Pool, Pooled};
+use super::inbound::{local, until_done, Body, Counted};
+use crate::copy::CopyEnd;
+use crate::metrics::{self as m, Direction, HandshakeResult};
+use crate::outbound::Upstream;
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode, Uri, Version};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113 section 3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves one connection from the app until it is done, idle for `idle_timeout`, or the drain
+/// deadline passes; gracefully once the drain closes the listeners.
+pub(crate) async fn serve(upstream: Arc<Upstream>, tcp: TcpStream, _slot: OwnedSemaphorePermit) {
+    let close = upstream.inputs.drain.force_close.child_token();
+    let peer = upstream.service.to_string();
+    crate::forward::forward_with(Direction::Outbound, peer, None, |rx, tx| async move {
+        serve_app(upstream, tcp, rx, tx, &close).await
+    })
+    .await
+}
+
+async fn serve_app(
+    upstream: Arc<Upstream>,
+    mut tcp: TcpStream,
+    rx: metrics::Counter,
+    tx: metrics::Counter,
+    close: &CancellationToken,
+) -> CopyEnd {
+    let inputs = upstream.inputs.clone();
+    let limits = &inputs.limits;
+    // HTTP/2 by its preface (there is no TLS and so no ALPN on the app's side), else HTTP/1.1.
+    let (h2, seen) = match tokio::time::timeout(limits.header_read_timeout, sniff(&mut tcp)).await {
+        Err(_) => return CopyEnd::Idle,
+        Ok(Err(e)) => return CopyEnd::Failed(e),
+        Ok(Ok(sniffed)) => sniffed,
+    };
+    let io = Counted::new(Rewind { seen, io: tcp }, rx, tx);
+    let activity = io.activity();
+    let idle = async {
+        loop {
+            let left = limits.idle_timeout.saturating_sub(activity.idle_for());
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left).await;
+        }
+    };
+    let io = TokioIo::new(io);
+    let u = upstream.clone();
+    let service = hyper::service::service_fn(move |req| handle(u.clone(), req));
+    let drain = &inputs.drain.stop_accepting;
+    let served = async {
+        if h2 {
+            let served = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(super::inbound::MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+                .max_pending_accept_reset_streams(super::inbound::MAX_PENDING_ACCEPT_RESETS)
+                .max_local_error_reset_streams(super::inbound::MAX_LOCAL_ERROR_RESETS)
+                .serve_connection(io, service);
+            until_done(served, drain).await
+        } else {
+            // As on the inbound: each request's whole header within header_read_timeout, at
+            // most max_header_bytes of it (else 431).
+            let served = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_header_size(limits.max_header_bytes)
+                .serve_connection(io, service);
+            until_done(served, drain).await
+        }
+    };
+    tokio::select! {
+        r = served => match r {
+            Ok(()) => CopyEnd::Done,
+            Err(e) if e.is_timeout() => CopyEnd::Idle,
+            Err(e) => CopyEnd::Failed(io::Error::other(e)),
+        },
+        _ = idle => CopyEnd::Idle,
+        _ = close.cancelled() => CopyEnd::Closed,
+    }
+}
+
+/// Reads until the bytes are the HTTP/2 preface (`true`) or cannot become it; returns what
+/// it read, for the server to read again.
+async fn sniff(tcp: &mut TcpStream) -> io::Result<(bool, Bytes)> {
+    let mut seen = [0u8; PREFACE.len()];
+    let mut n = 0;
+    while n < PREFACE.len() {
+        let read = tcp.read(&mut seen[n..]).await?;
+        if read == 0 {
+            break;
+        }
+        n += read;
+        if seen[..n] != PREFACE[..n] {
+            break;
+        }
+    }
+    Ok((seen[..n] == *PREFACE, Bytes::copy_from_slice(&seen[..n])))
+}
+
+/// A stream that first yields the bytes already read from it.
+struct Rewind<I> {
+    seen: Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.seen.is_empty() {
+            let n = self.seen.len().min(buf.remaining());
+            let first = self.seen.split_to(n);
+            buf.put_slice(&first);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// One request from the app: forwarded, answered, counted where it is decided.
+async fn handle(
+    upstream: Arc<Upstream>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let response = forward(&upstream, req).await;
+    let (d, peer) = (Direction::Outbound.as_str(), upstream.service.to_string());
+    metrics::counter!(m::HTTP_REQUESTS, "direction" => d, "peer" => peer.clone(),
+        "code" => response.status().as_str().to_owned())
+    .increment(1);
+    metrics::histogram!(m::HTTP_REQUEST_DURATION, "direction" => d, "peer" => peer)
+        .record(started.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+/// Sends `req` to the upstream's next endpoint and hands its response back, both bodies
+/// streamed. A request that a pooled connection could not take (the server went away) is sent
+/// on the next endpoint; one that was sent is never sent twice.
+async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> {
+    let pool = upstream.http.as_ref().expect("an http upstream");
+    let mut req = match to_upstream(upstream, req) {
+        Some(req) => req,
+        None => return local(StatusCode::BAD_REQUEST, "bad request target\n"),
+    };
+    let endpoints = upstream.endpoints.load_full();
+    let n = endpoints.len();
+    if n == 0 {
+        tracing::warn!(upstream = %upstream.service, "the upstream has no endpoints");
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the upstream has no endpoints\n",
+        );
+    }
+    let started = Instant::now();
+    let first = upstream.next.fetch_add(1, Ordering::Relaxed);
+    let mut turn: Vec<(SocketAddr, Option<Instant>)> =
+        (0..n).map(|i| (endpoints[(first + i) % n], None)).collect();
+    let mut skipped = Vec::new();
+    // Endpoints in turn; then, as the tcp path does, those skipped for a recent failure, so
+    // failures never leave the upstream with nothing to try.
+    for pass in 0..2 {
+        for (ep, retry_failed_before) in std::mem::take(&mut turn) {
+            let conn = match connection(upstream, pool, ep, retry_failed_before).await {
+                Reach::Open(conn) => conn,
+                Reach::Skipped if pass == 0 => {
+                    skipped.push((ep, Some(started)));
+                    continue;
+                }
+                Reach::Unreachable | Reach::Skipped => continue,
+                Reach::Failed => {
+                    return local(
+                        StatusCode::BAD_GATEWAY,
+                        "the upstream refused the connection\n",
+                    )
+                }
+            };
+            let Pooled { id, mut send } = conn;
+            let timeout = upstream.inputs.limits.request_timeout;
+            match tokio::time::timeout(timeout, send.try_send_request(req)).await {
+                Err(_) => {
+                    tracing::debug!(upstream = %upstream.service, endpoint = %ep, "no response header within request_timeout");
+                    return local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the upstream did not answer within request_timeout\n",
+                    );
+                }
+                Ok(Ok(response)) => {
+                    let (mut parts, body) = response.into_parts();
+                    super::hop_by_hop(&mut parts.headers);
+                    return Response::from_parts(parts, Either::Left(body));
+                }
+                Ok(Err(mut e)) => {
+                    pool.retire(ep, id);
+                    match e.take_message() {
+                        Some(unsent) => {
+                            tracing::debug!(upstream = %upstream.service, endpoint = %ep, error = %e.error(), "pooled connection could not take the request; trying the next endpoint");
+                            req = unsent;
+                        }
+                        None => {
+                            tracing::warn!(upstream = %upstream.service, endpoint = %ep, error = %e.error(), "request to the upstream failed");
+                            return local(
+                                StatusCode::BAD_GATEWAY,
+                                "the upstream connection failed\n",
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        turn = std::mem::take(&mut skipped);
+    }
+    tracing::warn!(upstream = %upstream.service, endpoints = n, "no endpoint of the upstream is reachable");
+    local(
+        StatusCode::BAD_GATEWAY,
+        "no endpoint of the upstream is reachable\n",
+    )
+}
+
+/// The app's request as the upstream gets it: HTTP/2 with `:authority` from the app's `Host`
+/// (or its own `:authority`), hop-by-hop headers removed.
+fn to_upstream(upstream: &Upstream, req: Request<Incoming>) -> Option<Request<Incoming>> {
+    let (mut parts, body) = req.into_parts();
+    super::hop_by_hop(&mut parts.headers);
+    let host = parts.headers.remove(header::HOST);
+    let authority = match parts.uri.authority() {
+        Some(a) => a.as_str().to_owned(),
+        None => match &host {
+            Some(h) => h.to_str().ok()?.to_owned(),
+            None => crate::mux::authority(&upstream.service, &upstream.namespace),
+        },
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .ok()?;
+    parts.version = Version::HTTP_2;
+    Some(Request::from_parts(parts, body))
+}
+
+enum Reach {
+    Open(Pooled),
+    /// The endpoint did not answer the TCP connect: try the next one.
+    Unreachable,
+    /// The endpoint answered but the connection failed (handshake refused, no `h2`).
+    Failed,
+    /// Not tried: an attempt to reach the endpoint failed lately.
+    Skipped,
+}
+
+/// The pooled connection to `ep`, or a new one: one handshake at a time per endpoint, so
+/// requests that arrive together share it; failures are remembered as the tcp path does
+/// (`retry_failed_before`: see `mux::pool::Pool::opening`).
+async fn connection(
+    upstream: &Upstream,
+    pool: &H2Pool,
+    ep: SocketAddr,
+    retry_failed_before: Option<Instant>,
+) -> Reach {
+    // Read before the connector: a rotation during the handshake retires this connection.
+    let generation = upstream.pool.generation();
+    if let Some(conn) = pool.get(ep, generation) {
+        return Reach::Open(conn);
+    }
+    let Some(_opening) = upstream.pool.opening(ep, retry_failed_before).await else {
+        return Reach::Skipped;
+    };
+    if let Some(conn) = pool.get(ep, generation) {
+        return Reach::Open(conn);
+    }
+    let reach = open(upstream, pool, ep, generation).await;
+    upstream.pool.attempted(ep, matches!(reach, Reach::Open(_)));
+    reach
+}
+
+/// A new connection to `ep`: TCP, the mutual-TLS handshake (the server proves the upstream's
+/// identity), then HTTP/2, pooled.
+async fn open(upstream: &Upstream, pool: &H2Pool, ep: SocketAddr, generation: u64) -> Reach {
+    let (tls, accepted) = match upstream.handshake_http(ep).await {
+        Ok(done) => done,
+        Err(true) => return Reach::Unreachable,
+        Err(false) => return Reach::Failed,
+    };
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2".as_slice()) {
+        let why = "the endpoint did not select h2: it is not an http inbound";
+        accepted
+            .unanswered
+            .settle(HandshakeResult::Error, None, &why);
+        return Reach::Failed;
+    }
+    // The server sends its SETTINGS at once, or refuses our certificate with an alert.
+    let not_after = accepted.not_after;
+    let first = crate::outbound::first_frame(tls, accepted.unanswered, accepted.deadline);
+    let Some(tls) = first.await else {
+        return Reach::Failed;
+    };
+    match pool
+        .add(&upstream.inputs, ep, tls, not_after, generation)
+        .await
+    {
+        Ok(conn) => Reach::Open(conn),
+        Err(e) => {
+            tracing::warn!(upstream = %upstream.service, endpoint = %ep, error = %e, "HTTP/2 setup failed");
+            Reach::Failed
+        }
+    }
+}

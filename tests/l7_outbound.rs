@@ -1,0 +1,450 @@
+//! The http outbound (`[[upstreams]] protocol = "http"`), end to end: real `ward` processes,
+//! real clients (curl over HTTP/1.1 and HTTP/2 with prior knowledge, python's http.client, the
+//! h2 crate's client) to `order`'s upstream listener, two `inventory` http inbounds as the endpoints, each in front of
+//! an app that says which one served the request and echoes the request header it received.
+
+use ward_test_support as common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::pki::{spiffe_id, Pki, TRUST_DOMAIN};
+use common::proc::{ProxyConfig, TempDir, WardProcess};
+use common::write_tls_files;
+
+/// An HTTP/1.1 app that answers 200 with `served-by=<name>` and the request header it received
+/// as the body; `GET /stall` is answered only after 5 s. Keeps every header it received.
+struct NamedApp {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl NamedApp {
+    fn start(name: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let kept = heads.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let kept = kept.clone();
+                thread::spawn(move || Self::serve(name, conn, kept));
+            }
+        });
+        NamedApp { addr, heads }
+    }
+
+    /// Requests with no body or a Content-Length body, kept alive until the client closes.
+    fn serve(name: &str, mut conn: TcpStream, kept: Arc<Mutex<Vec<String>>>) {
+        conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let body_len: usize = header_values(&head, "content-length")
+                .first()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + body_len {
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..end + 4 + body_len);
+            kept.lock().unwrap().push(head.clone());
+            if head.starts_with("GET /stall ") {
+                // Slower than the caller's request_timeout (a fixed wait is the point here).
+                thread::sleep(Duration::from_secs(5));
+            }
+            let body = format!("served-by={name}\n{head}");
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if conn.write_all(answer.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+/// The values of header `name` in a request head (case-insensitive name).
+fn header_values(head: &str, name: &str) -> Vec<String> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_owned())
+        .collect()
+}
+
+/// `order`'s proxy with an http upstream `inventory` whose endpoints are two `inventory` http
+/// inbounds (`a` and `b`, each in front of a [`NamedApp`]), or other addresses.
+struct Mesh {
+    _dir: TempDir,
+    apps: Vec<NamedApp>,
+    inbounds: Vec<WardProcess>,
+    order: WardProcess,
+}
+
+impl Mesh {
+    /// `extra` endpoints (unreachable ones, say) come first in the upstream's list; `limits`
+    /// is `order`'s `[limits]` table.
+    fn start(prefix: &str, inbounds: &[&'static str], extra: &[SocketAddr], limits: &str) -> Self {
+        let dir = TempDir::new(prefix);
+        let pki = Pki::new(TRUST_DOMAIN);
+        let inventory = pki.leaf("inventory");
+        let files = write_tls_files(&dir, "inventory", &pki, &inventory);
+        let mut apps = Vec::new();
+        let mut procs = Vec::new();
+        for name in inbounds {
+            let app = NamedApp::start(name);
+            let toml = ProxyConfig::new("inventory", &files.cert, &files.key, &files.ca)
+                .inbound("127.0.0.1:0", app.addr)
+                .rule("order", "allow")
+                .to_toml()
+                .replacen("protocol = \"tcp\"", "protocol = \"http\"", 1);
+            let config = dir.join(&format!("inventory-{name}.toml"));
+            std::fs::write(&config, toml).unwrap();
+            procs.push(WardProcess::start(
+                &format!("inventory-{name}"),
+                &config,
+                &["inbound"],
+            ));
+            apps.push(app);
+        }
+        let order = pki.leaf("order");
+        let files = write_tls_files(&dir, "order", &pki, &order);
+        let mut endpoints = extra.to_vec();
+        endpoints.extend(procs.iter().map(|p| p.inbound()));
+        let mut toml = ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
+            .upstream("inventory", &endpoints)
+            .to_toml()
+            .replacen("protocol = \"tcp\"", "protocol = \"http\"", 1);
+        toml.push_str(&format!("\n[limits]\n{limits}\n"));
+        let config = dir.join("order.toml");
+        std::fs::write(&config, toml).unwrap();
+        let order = WardProcess::start("order", &config, &["upstream.inventory"]);
+        Mesh {
+            _dir: dir,
+            apps,
+            inbounds: procs,
+            order,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.order.upstream("inventory"))
+    }
+
+    /// `ward_tls_handshakes_total` of every proxy: `order`'s outbound ones, and the inbound
+    /// ones of the `inventory` sidecars.
+    fn handshakes(&self) -> (f64, f64) {
+        let inbound = self
+            .inbounds
+            .iter()
+            .map(|p| p.handshakes_total("inbound"))
+            .sum();
+        (self.order.handshakes_total("outbound"), inbound)
+    }
+
+    fn outbound_requests(&self, code: &str) -> f64 {
+        common::net::metric_sum(
+            &self.order.metrics(),
+            "ward_http_requests_total",
+            &[
+                ("direction", "outbound"),
+                ("peer", "inventory"),
+                ("code", code),
+            ],
+        )
+    }
+}
+
+/// The `served-by` of each answer body, in order.
+fn served_by(bodies: &str) -> Vec<String> {
+    bodies
+        .lines()
+        .filter_map(|l| l.strip_prefix("served-by="))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs python's http.client: `count` GETs of `path` on ONE keep-alive connection to `addr`;
+/// prints each answer's status and body. `None` (and a loud skip) without python3.
+fn python_gets(addr: SocketAddr, path: &str, count: usize) -> Option<String> {
+    if !common::tool_available("python3", &["-c", "import http.client"]) {
+        return None;
+    }
+    let script = r#"
+import http.client, sys
+host, port, path, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+conn = http.client.HTTPConnection(host, port, timeout=20)
+for _ in range(count):
+    conn.request("GET", path)
+    r = conn.getresponse()
+    body = r.read().decode()
+    print(r.status)
+    print(body)
+    if r.will_close:
+        print("CLOSED")
+        break
+conn.close()
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string())
+        .arg(path)
+        .arg(count.to_string())
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// curl to `urls` in one run (curl reuses its connection across them); `-w` adds a line
+/// `CURL <http_version> <http_code> <num_connects>` after each answer.
+fn curl(urls: &[String], args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args([
+            "-w",
+            "\nCURL %{http_version} %{http_code} %{num_connects}\n",
+        ])
+        .args(args)
+        .args(urls)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `(version, code, connects)` of each `CURL` line.
+fn curl_results(out: &str) -> Vec<(String, String, String)> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("CURL "))
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[0].to_owned(), f[1].to_owned(), f[2].to_owned())
+        })
+        .collect()
+}
+
+/// GETs of `paths`, one after another on ONE HTTP/2 connection with prior knowledge (the h2
+/// crate's client): each answer's status and body.
+fn h2c_gets(addr: SocketAddr, paths: &[&str]) -> Vec<(u16, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        let mut answers = Vec::new();
+        for path in paths {
+            let mut send = send.clone().ready().await.unwrap();
+            let req = http::Request::get(format!("http://{addr}{path}"))
+                .body(())
+                .unwrap();
+            let (response, _) = send.send_request(req, true).unwrap();
+            let response = tokio::time::timeout(Duration::from_secs(20), response)
+                .await
+                .expect("an answer within 20 s")
+                .unwrap();
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            let mut text = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                text.extend_from_slice(&chunk);
+            }
+            answers.push((status, String::from_utf8_lossy(&text).into_owned()));
+        }
+        answers
+    })
+}
+
+#[test]
+fn requests_on_one_client_connection_alternate_across_both_endpoints() {
+    if !common::tool_available("curl", &["--version"]) {
+        return;
+    }
+    let mesh = Mesh::start("l7out-rr", &["a", "b"], &[], "");
+    // Round robin per request: each answer from the other endpoint than the one before.
+    let alternate = |by: &[String], what: &str| {
+        assert_eq!(by.len(), 6, "{what}: {by:?}");
+        for pair in by.windows(2) {
+            assert_ne!(pair[0], pair[1], "{what}: {by:?}");
+        }
+    };
+    let urls: Vec<String> = (0..6).map(|i| mesh.url(&format!("/item/{i}"))).collect();
+    let out = curl(&urls, &["--http1.1"]);
+    let results = curl_results(&out);
+    // One client connection: curl connected for the first request only.
+    let connects: Vec<&str> = results.iter().map(|r| r.2.as_str()).collect();
+    assert_eq!(connects, ["1", "0", "0", "0", "0", "0"], "{out}");
+    for (v, code, _) in &results {
+        assert_eq!((v.as_str(), code.as_str()), ("1.1", "200"), "{out}");
+    }
+    alternate(&served_by(&out), "curl --http1.1");
+
+    // HTTP/2 with prior knowledge: curl (one connection per run: curl 7.88 fails to reuse an
+    // h2c connection, curl/curl#10634), and six requests on one connection with h2's client.
+    let mut by = Vec::new();
+    for url in &urls {
+        let out = curl(std::slice::from_ref(url), &["--http2-prior-knowledge"]);
+        assert_eq!(curl_results(&out)[0].0, "2", "{out}");
+        assert_eq!(curl_results(&out)[0].1, "200", "{out}");
+        by.extend(served_by(&out));
+    }
+    alternate(&by, "curl --http2-prior-knowledge");
+    let paths = ["/h2/0", "/h2/1", "/h2/2", "/h2/3", "/h2/4", "/h2/5"];
+    let answers = h2c_gets(mesh.order.upstream("inventory"), &paths);
+    assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
+    let bodies: String = answers.iter().map(|(_, b)| b.as_str()).collect();
+    alternate(&served_by(&bodies), "h2 client");
+
+    if let Some(out) = python_gets(mesh.order.upstream("inventory"), "/py", 6) {
+        assert!(!out.contains("CLOSED"), "{out}");
+        alternate(&served_by(&out), "python http.client");
+    }
+    let served = mesh.apps[0].heads().len() + mesh.apps[1].heads().len();
+    assert_eq!(served as f64, mesh.outbound_requests("200"));
+    assert!(served >= 18, "{served}");
+    assert!(mesh.order.metrics().contains(
+        "ward_http_request_duration_seconds_bucket{direction=\"outbound\",peer=\"inventory\""
+    ));
+}
+
+#[test]
+fn a_thousand_sequential_requests_cost_at_most_two_handshakes() {
+    let mesh = Mesh::start("l7out-1000", &["a", "b"], &[], "");
+    let Some(out) = python_gets(mesh.order.upstream("inventory"), "/seq", 1000) else {
+        return;
+    };
+    assert!(!out.contains("CLOSED"), "the client connection was closed");
+    let by = served_by(&out);
+    assert_eq!(by.len(), 1000);
+    assert_eq!(by.iter().filter(|b| *b == "a").count(), 500);
+    assert_eq!(mesh.outbound_requests("200"), 1000.0);
+    // One HTTP/2 connection per endpoint, each opened with one handshake, on both sides.
+    let (outbound, inbound) = mesh.handshakes();
+    assert!(
+        (1.0..=2.0).contains(&outbound),
+        "order made {outbound} handshakes"
+    );
+    assert_eq!(
+        mesh.order.handshakes("outbound", "ok"),
+        outbound,
+        "every handshake ok"
+    );
+    assert!(
+        inbound <= 2.0,
+        "the inventory sidecars took {inbound} handshakes"
+    );
+}
+
+#[test]
+fn the_app_behind_the_inbound_gets_one_xfcc_with_the_callers_id_and_no_hop_by_hop_header() {
+    if !common::tool_available("curl", &["--version"]) {
+        return;
+    }
+    let mesh = Mesh::start("l7out-xfcc", &["a"], &[], "");
+    let forged = "x-forwarded-client-cert: By=spiffe://evil/ns/default/svc/admin;URI=forged";
+    let out = curl(
+        &[mesh.url("/who?x=1")],
+        &[
+            "--http1.1",
+            "-H",
+            forged,
+            "-H",
+            "connection: x-hop",
+            "-H",
+            "x-hop: must-not-cross",
+            "-H",
+            "x-kept: 1",
+        ],
+    );
+    assert_eq!(curl_results(&out)[0].1, "200", "{out}");
+    let heads = mesh.apps[0].heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let head = &heads[0];
+    assert!(head.starts_with("GET /who?x=1 HTTP/1.1\r\n"), "{head}");
+    let xfcc = header_values(head, "x-forwarded-client-cert");
+    assert_eq!(xfcc.len(), 1, "{head}");
+    assert!(
+        xfcc[0].starts_with(&format!("By={};", spiffe_id(TRUST_DOMAIN, "inventory")))
+            && xfcc[0].ends_with(&format!(";URI={}", spiffe_id(TRUST_DOMAIN, "order"))),
+        "{xfcc:?}"
+    );
+    assert!(header_values(head, "x-hop").is_empty(), "{head}");
+    assert_eq!(header_values(head, "x-kept"), ["1"], "{head}");
+    // The app's Host reaches the app behind the inbound.
+    assert_eq!(
+        header_values(head, "host"),
+        [mesh.order.upstream("inventory").to_string()],
+        "{head}"
+    );
+}
+
+#[test]
+fn an_unreachable_endpoint_is_passed_over_and_none_reachable_is_502() {
+    if !common::tool_available("curl", &["--version"]) {
+        return;
+    }
+    let dead = SocketAddr::from(([127, 0, 0, 1], common::net::free_port()));
+    let mesh = Mesh::start("l7out-dead", &["a"], &[dead], "");
+    let urls: Vec<String> = (0..4).map(|i| mesh.url(&format!("/up/{i}"))).collect();
+    let out = curl(&urls, &["--http1.1"]);
+    let codes: Vec<String> = curl_results(&out).into_iter().map(|r| r.1).collect();
+    assert_eq!(codes, ["200"; 4], "{out}");
+    assert_eq!(served_by(&out), ["a"; 4], "{out}");
+
+    let none = Mesh::start("l7out-none", &[], &[dead], "");
+    let out = curl(&[none.url("/down")], &["--http2-prior-knowledge"]);
+    assert_eq!(curl_results(&out)[0].1, "502", "{out}");
+    assert!(
+        out.contains("no endpoint of the upstream is reachable"),
+        "{out}"
+    );
+    assert_eq!(none.outbound_requests("502"), 1.0);
+}
+
+#[test]
+fn a_response_slower_than_request_timeout_is_answered_504() {
+    if !common::tool_available("curl", &["--version"]) {
+        return;
+    }
+    let mesh = Mesh::start("l7out-504", &["a"], &[], "request_timeout = \"1s\"");
+    let out = curl(&[mesh.url("/stall"), mesh.url("/fine")], &["--http1.1"]);
+    let codes: Vec<String> = curl_results(&out).into_iter().map(|r| r.1).collect();
+    assert_eq!(codes, ["504", "200"], "{out}");
+    assert_eq!(mesh.outbound_requests("504"), 1.0);
+}
