@@ -373,3 +373,41 @@ async fn open(upstream: &Upstream, pool: &H2Pool, ep: SocketAddr, generation: u6
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// What the server side reads after sniffing what `sent` wrote: (h2?, every byte again).
+    async fn sniffed(sent: &'static [u8]) -> (bool, Vec<u8>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(sent).await.unwrap();
+            c.shutdown().await.unwrap();
+        });
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let (h2, seen) = sniff(&mut tcp).await.unwrap();
+        let mut all = Vec::new();
+        Rewind { seen, io: tcp }
+            .read_to_end(&mut all)
+            .await
+            .unwrap();
+        client.await.unwrap();
+        (h2, all)
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_is_recognised_and_every_byte_read_again() {
+        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04";
+        assert_eq!(sniffed(h2).await, (true, h2.to_vec()));
+        let h1 = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        assert_eq!(sniffed(h1).await, (false, h1.to_vec()));
+        // A request that starts like the preface but is not it, and one cut short.
+        let near = b"PRI * HTTP/1.1\r\n\r\n";
+        assert_eq!(sniffed(near).await, (false, near.to_vec()));
+        assert_eq!(sniffed(b"PRI").await, (false, b"PRI".to_vec()));
+    }
+}
