@@ -107,23 +107,36 @@ impl Mesh {
     /// `extra` endpoints (unreachable ones, say) come first in the upstream's list; `limits`
     /// is `order`'s `[limits]` table.
     fn start(prefix: &str, inbounds: &[&'static str], extra: &[SocketAddr], limits: &str) -> Self {
+        Self::start_as("inventory", "allow", prefix, inbounds, extra, limits)
+    }
+
+    /// [`Mesh::start`] with endpoints that are sidecars of `service` (`inventory` is expected)
+    /// whose intention for `order` is `action`.
+    fn start_as(
+        service: &str,
+        action: &str,
+        prefix: &str,
+        inbounds: &[&'static str],
+        extra: &[SocketAddr],
+        limits: &str,
+    ) -> Self {
         let dir = TempDir::new(prefix);
         let pki = Pki::new(TRUST_DOMAIN);
-        let inventory = pki.leaf("inventory");
-        let files = write_tls_files(&dir, "inventory", &pki, &inventory);
+        let id = pki.leaf(service);
+        let files = write_tls_files(&dir, service, &pki, &id);
         let mut apps = Vec::new();
         let mut procs = Vec::new();
         for name in inbounds {
             let app = NamedApp::start(name);
-            let toml = ProxyConfig::new("inventory", &files.cert, &files.key, &files.ca)
+            let toml = ProxyConfig::new(service, &files.cert, &files.key, &files.ca)
                 .inbound("127.0.0.1:0", app.addr)
-                .rule("order", "allow")
+                .rule("order", action)
                 .to_toml()
                 .replacen("protocol = \"tcp\"", "protocol = \"http\"", 1);
-            let config = dir.join(&format!("inventory-{name}.toml"));
+            let config = dir.join(&format!("{service}-{name}.toml"));
             std::fs::write(&config, toml).unwrap();
             procs.push(WardProcess::start(
-                &format!("inventory-{name}"),
+                &format!("{service}-{name}"),
                 &config,
                 &["inbound"],
             ));
@@ -447,4 +460,32 @@ fn a_response_slower_than_request_timeout_is_answered_504() {
     let codes: Vec<String> = curl_results(&out).into_iter().map(|r| r.1).collect();
     assert_eq!(codes, ["504", "200"], "{out}");
     assert_eq!(mesh.outbound_requests("504"), 1.0);
+}
+
+#[test]
+fn an_endpoint_that_is_not_the_upstream_service_is_refused_and_gets_no_request() {
+    if !common::tool_available("curl", &["--version"]) {
+        return;
+    }
+    // A genuine mesh sidecar, allowing order, but of `billing`, not `inventory`.
+    let mesh = Mesh::start_as("billing", "allow", "l7out-impostor", &["a"], &[], "");
+    let out = curl(&[mesh.url("/secret")], &["--http1.1"]);
+    assert_eq!(curl_results(&out)[0].1, "502", "{out}");
+    assert_eq!(mesh.order.handshakes("outbound", "bad_identity"), 1.0);
+    assert!(mesh.apps[0].heads().is_empty());
+    assert_eq!(mesh.outbound_requests("502"), 1.0);
+}
+
+#[test]
+fn a_caller_the_upstream_denies_gets_502_and_the_refusal_is_counted() {
+    if !common::tool_available("curl", &["--version"]) {
+        return;
+    }
+    let mesh = Mesh::start_as("inventory", "deny", "l7out-denied", &["a"], &[], "");
+    let out = curl(&[mesh.url("/stock")], &["--http2-prior-knowledge"]);
+    assert_eq!(curl_results(&out)[0].1, "502", "{out}");
+    // The inbound's alert arrives after our side of the handshake: counted as what it means.
+    assert_eq!(mesh.order.handshakes("outbound", "denied"), 1.0);
+    assert_eq!(mesh.order.handshakes("outbound", "ok"), 0.0);
+    assert!(mesh.apps[0].heads().is_empty());
 }
