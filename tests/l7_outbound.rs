@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::pki::{spiffe_id, Pki, TRUST_DOMAIN};
 use common::proc::{ProxyConfig, TempDir, WardProcess};
-use common::write_tls_files;
+use common::{write_tls_files, TlsFiles};
 
 /// An HTTP/1.1 app that answers 200 with `served-by=<name>` and the request header it received
 /// as the body; `GET /stall` is answered only after 5 s. Keeps every header it received.
@@ -98,6 +98,9 @@ fn header_values(head: &str, name: &str) -> Vec<String> {
 /// inbounds (`a` and `b`, each in front of a [`NamedApp`]), or other addresses.
 struct Mesh {
     _dir: TempDir,
+    pki: Pki,
+    /// `order`'s `[tls]` files.
+    order_files: TlsFiles,
     apps: Vec<NamedApp>,
     inbounds: Vec<WardProcess>,
     order: WardProcess,
@@ -143,7 +146,8 @@ impl Mesh {
             apps.push(app);
         }
         let order = pki.leaf("order");
-        let files = write_tls_files(&dir, "order", &pki, &order);
+        let order_files = write_tls_files(&dir, "order", &pki, &order);
+        let files = order_files.clone();
         let mut endpoints = extra.to_vec();
         endpoints.extend(procs.iter().map(|p| p.inbound()));
         let mut toml = ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
@@ -156,6 +160,8 @@ impl Mesh {
         let order = WardProcess::start("order", &config, &["upstream.inventory"]);
         Mesh {
             _dir: dir,
+            pki,
+            order_files,
             apps,
             inbounds: procs,
             order,
@@ -488,4 +494,51 @@ fn a_caller_the_upstream_denies_gets_502_and_the_refusal_is_counted() {
     assert_eq!(mesh.order.handshakes("outbound", "denied"), 1.0);
     assert_eq!(mesh.order.handshakes("outbound", "ok"), 0.0);
     assert!(mesh.apps[0].heads().is_empty());
+}
+
+#[test]
+fn a_new_certificate_of_the_caller_is_used_from_the_next_request() {
+    if !common::tool_available("curl", &["--version"]) {
+        return;
+    }
+    let mesh = Mesh::start("l7out-renew", &["a"], &[], "");
+    let xfcc_hash = |n: usize| {
+        let heads = mesh.apps[0].heads();
+        let xfcc = header_values(&heads[n], "x-forwarded-client-cert");
+        xfcc[0]
+            .split(';')
+            .find(|p| p.starts_with("Hash="))
+            .unwrap()
+            .to_owned()
+    };
+    let out = curl(&[mesh.url("/before"), mesh.url("/before")], &["--http1.1"]);
+    assert!(curl_results(&out).iter().all(|r| r.1 == "200"), "{out}");
+    assert_eq!(mesh.order.handshakes("outbound", "ok"), 1.0);
+
+    // order's files replaced (key first, then certificate, each renamed into place).
+    let renewed = mesh.pki.leaf("order");
+    for (file, pem) in [
+        (&mesh.order_files.key, &renewed.key_pem),
+        (&mesh.order_files.cert, &renewed.chain_pem),
+    ] {
+        let tmp = file.with_extension("pem.tmp");
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, file).unwrap();
+    }
+    let serial = common::pki::serial_of_der(renewed.leaf_der());
+    let loaded = common::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        (mesh.order.config_serial().as_deref() == Some(serial.as_str())).then_some(())
+    });
+    assert!(loaded.is_some(), "order did not load its new certificate");
+
+    // The pooled connection, opened with the old certificate, takes no new request.
+    let out = curl(&[mesh.url("/after")], &["--http1.1"]);
+    assert_eq!(curl_results(&out)[0].1, "200", "{out}");
+    assert_eq!(mesh.order.handshakes("outbound", "ok"), 2.0);
+    assert_eq!(xfcc_hash(0), xfcc_hash(1));
+    assert_ne!(
+        xfcc_hash(1),
+        xfcc_hash(2),
+        "the new certificate is presented"
+    );
 }
