@@ -1,11 +1,12 @@
 //! The http inbound (`[inbound] protocol = "http"`), end to end: real `ward`, real curl over
-//! mutual TLS (HTTP/2 and HTTP/1.1), an app that answers with the request header it received.
+//! mutual TLS (HTTP/2 and HTTP/1.1), an app that answers with the request header it received;
+//! gRPC and WebSocket (python grpcio and websockets) through two sidecars.
 
 use ward_test_support as common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -103,13 +104,18 @@ struct Mesh {
 
 impl Mesh {
     fn start(prefix: &str, limits: &str) -> Self {
+        Self::start_for(prefix, limits, None)
+    }
+
+    /// As [`Mesh::start`], with `local_app` instead of the header echo app when given.
+    fn start_for(prefix: &str, limits: &str, local_app: Option<SocketAddr>) -> Self {
         let dir = TempDir::new(prefix);
         let pki = Pki::new(TRUST_DOMAIN);
         let inventory = pki.leaf("inventory");
         let files = write_tls_files(&dir, "inventory", &pki, &inventory);
         let app = HeaderEchoApp::start();
         let mut toml = ProxyConfig::new("inventory", &files.cert, &files.key, &files.ca)
-            .inbound("127.0.0.1:0", app.addr)
+            .inbound("127.0.0.1:0", local_app.unwrap_or(app.addr))
             .rule("order", "allow")
             .rule("legacy", "deny")
             .to_toml()
@@ -131,6 +137,26 @@ impl Mesh {
         let id = self.pki.leaf(service);
         let files = write_tls_files(&self.dir, service, &self.pki, &id);
         (id, files)
+    }
+
+    /// `order`'s sidecar, whose `[[upstreams]] inventory` (tcp) leads to this inbound: the
+    /// first of the two sidecars between an `order` app and `inventory`'s app.
+    fn order_sidecar(&self) -> WardProcess {
+        let (_, files) = self.client_files("order");
+        let order_config = self.dir.join("order.toml");
+        ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
+            .upstream("inventory", &[self.proxy.inbound()])
+            .write(&order_config);
+        WardProcess::start("order", &order_config, &["upstream.inventory"])
+    }
+
+    /// `ward_http_requests_total` of `order`'s requests answered `code`.
+    fn requests(&self, code: &str) -> f64 {
+        common::net::metric_sum(
+            &self.proxy.metrics(),
+            "ward_http_requests_total",
+            &[("direction", "inbound"), ("peer", "order"), ("code", code)],
+        )
     }
 
     fn check(&self) -> ServerCheck {
@@ -272,12 +298,7 @@ fn curl_over_http2_and_http1_gets_the_app_answer_with_one_true_xfcc() {
 #[test]
 fn a_ward_outbound_carries_http_to_an_http_inbound() {
     let mesh = Mesh::start("l7-outbound", "");
-    let (_, files) = mesh.client_files("order");
-    let order_config = mesh.dir.join("order.toml");
-    ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
-        .upstream("inventory", &[mesh.proxy.inbound()])
-        .write(&order_config);
-    let order_proxy = WardProcess::start("order", &order_config, &["upstream.inventory"]);
+    let order_proxy = mesh.order_sidecar();
     let mut s = TcpStream::connect(order_proxy.upstream("inventory")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"GET /via-outbound HTTP/1.1\r\nhost: inventory\r\nconnection: close\r\n\r\n")
@@ -380,4 +401,204 @@ fn an_oversized_header_is_answered_431() {
     let got = curl(mesh.proxy.inbound(), &files, &["--http1.1", "-H", &fits]);
     assert_eq!(got.status, "200", "{}", got.stderr);
     assert_eq!(mesh.app.heads().len(), 1);
+}
+
+/// A python child (killed when dropped) and the first line it printed.
+struct Python {
+    child: Child,
+    first_line: String,
+}
+
+impl Python {
+    /// Runs `script` with `args`; `None` (after a loud skip) when python3 or `module` is missing.
+    fn start(dir: &TempDir, name: &str, script: &str, args: &[&str], module: &str) -> Option<Self> {
+        let have = common::tool_available("python3", &["-c", &format!("import {module}")]);
+        if !have {
+            common::skipped(&format!(
+                "python3 with the `{module}` package is not installed"
+            ));
+            return None;
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, script).unwrap();
+        let mut child = Command::new("python3")
+            .arg(&path)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn python3");
+        let mut out = child.stdout.take().unwrap();
+        let mut first_line = Vec::new();
+        let mut byte = [0u8; 1];
+        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            first_line.push(byte[0]);
+        }
+        let first_line = String::from_utf8_lossy(&first_line).into_owned();
+        Some(Python { child, first_line })
+    }
+
+    /// Runs `script` to its end; its stdout.
+    fn run(dir: &TempDir, name: &str, script: &str, args: &[&str]) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, script).unwrap();
+        let out = Command::new("python3")
+            .arg(&path)
+            .args(args)
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Python {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A gRPC server-streaming method with raw-bytes messages (no generated code): three messages
+/// echoing the request, then a custom trailer, and status NOT_FOUND when asked for "missing".
+const GRPC_SERVER: &str = r#"
+import sys
+from concurrent import futures
+import grpc
+
+def watch(request, context):
+    for i in range(3):
+        yield b"update-%d:" % i + request
+    context.set_trailing_metadata((("x-stock-trailer", "kept"),))
+    if request == b"missing":
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such item")
+
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+handler = grpc.method_handlers_generic_handler(
+    "test.Stock", {"Watch": grpc.unary_stream_rpc_method_handler(watch)})
+server.add_generic_rpc_handlers((handler,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// Calls `Watch` for "item" and for "missing" at argv[1]; prints one JSON line per call.
+const GRPC_CLIENT: &str = r#"
+import json, sys
+import grpc
+
+channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
+watch = channel.unary_stream("/test.Stock/Watch")
+for item in (b"item", b"missing"):
+    call = watch(item, timeout=20)
+    messages = []
+    try:
+        for m in call:
+            messages.append(m.decode())
+    except grpc.RpcError:
+        pass
+    print(json.dumps({
+        "messages": messages,
+        "code": call.code().name,
+        "details": call.details(),
+        "trailers": sorted([k, v] for k, v in call.trailing_metadata() or ()),
+    }))
+"#;
+
+#[test]
+fn grpc_server_streaming_crosses_two_sidecars_with_its_trailers() {
+    let dir = TempDir::new("l7-grpc-app");
+    let Some(app) = Python::start(&dir, "grpc_server.py", GRPC_SERVER, &[], "grpc") else {
+        return;
+    };
+    let app_addr: SocketAddr = format!("127.0.0.1:{}", app.first_line.trim())
+        .parse()
+        .unwrap_or_else(|_| panic!("grpc server printed {:?}", app.first_line));
+    let mesh = Mesh::start_for("l7-grpc", "", Some(app_addr));
+    // app (h2c) -> order's tcp upstream -> TLS without ALPN -> inventory's http inbound,
+    // which sees the HTTP/2 preface -> h2c to the grpc app.
+    let order = mesh.order_sidecar();
+    let target = order.upstream("inventory").to_string();
+    let out = Python::run(&dir, "grpc_client.py", GRPC_CLIENT, &[&target]);
+    let calls: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {out}")))
+        .collect();
+    assert_eq!(calls.len(), 2, "{out}");
+    let messages = serde_json::json!(["update-0:item", "update-1:item", "update-2:item"]);
+    assert_eq!(calls[0]["messages"], messages, "{out}");
+    assert_eq!(calls[0]["code"], "OK", "{out}");
+    assert_eq!(
+        calls[0]["trailers"],
+        serde_json::json!([["x-stock-trailer", "kept"]]),
+        "{out}"
+    );
+    // A non-OK status and its message arrive in the trailers after the streamed messages.
+    assert_eq!(
+        calls[1]["messages"],
+        serde_json::json!(["update-0:missing", "update-1:missing", "update-2:missing"]),
+        "{out}"
+    );
+    assert_eq!(calls[1]["code"], "NOT_FOUND", "{out}");
+    assert_eq!(calls[1]["details"], "no such item", "{out}");
+    assert_eq!(
+        calls[1]["trailers"],
+        serde_json::json!([["x-stock-trailer", "kept"]]),
+        "{out}"
+    );
+    assert_eq!(mesh.requests("200"), 2.0, "{}", mesh.proxy.metrics());
+}
+
+/// A WebSocket echo server (python websockets): prints its port, echoes every message.
+const WS_SERVER: &str = r#"
+from websockets.sync.server import serve
+
+def echo(ws):
+    for message in ws:
+        ws.send(message)
+
+with serve(echo, "127.0.0.1", 0) as server:
+    print(server.socket.getsockname()[1], flush=True)
+    server.serve_forever()
+"#;
+
+/// Sends a text and a 200 KB binary message to the WebSocket at argv[1]; prints what came back.
+const WS_CLIENT: &str = r#"
+import sys
+from websockets.sync.client import connect
+
+with connect("ws://%s/chat" % sys.argv[1], open_timeout=20, close_timeout=5) as ws:
+    ws.send("hello through two sidecars")
+    print(ws.recv(timeout=20))
+    big = bytes(range(256)) * 800
+    ws.send(big)
+    print("binary", ws.recv(timeout=20) == big)
+"#;
+
+#[test]
+fn a_websocket_echo_crosses_two_sidecars() {
+    let dir = TempDir::new("l7-ws-app");
+    let Some(app) = Python::start(
+        &dir,
+        "ws_server.py",
+        WS_SERVER,
+        &[],
+        "websockets.sync.server",
+    ) else {
+        return;
+    };
+    let app_addr: SocketAddr = format!("127.0.0.1:{}", app.first_line.trim())
+        .parse()
+        .unwrap_or_else(|_| panic!("websocket server printed {:?}", app.first_line));
+    let mesh = Mesh::start_for("l7-ws", "", Some(app_addr));
+    let order = mesh.order_sidecar();
+    let target = order.upstream("inventory").to_string();
+    let out = Python::run(&dir, "ws_client.py", WS_CLIENT, &[&target]);
+    assert_eq!(out, "hello through two sidecars\nbinary True\n");
+    assert_eq!(mesh.requests("101"), 1.0, "{}", mesh.proxy.metrics());
 }

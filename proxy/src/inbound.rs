@@ -22,7 +22,8 @@ pub struct Inbound {
     mux: Option<Arc<rustls::ServerConfig>>,
     local_app: SocketAddr,
     log: Arc<ConnectionLog>,
-    /// `protocol = "http"`: clients offering `h2` or `http/1.1` get it, others HTTP/1.1.
+    /// `protocol = "http"`: clients offering `h2` or `http/1.1` get it; others HTTP/2 if they
+    /// open with its preface, else HTTP/1.1.
     http: Option<Http>,
 }
 
@@ -177,7 +178,7 @@ impl Inbound {
             let conn = tls.get_ref().1;
             let leaf = conn.peer_certificates().and_then(|c| c.first());
             let Some(leaf) = leaf else { return };
-            let h2 = conn.alpn_protocol() == Some(b"h2".as_slice());
+            let h2 = conn.alpn_protocol().map(|p| p == b"h2");
             let peer_name = peer_id.service.to_string();
             let conn = Arc::new(crate::http::inbound::HttpConn {
                 inputs: inputs.clone(),
@@ -186,8 +187,9 @@ impl Inbound {
                 xfcc: crate::http::xfcc::value(&own.leaf.id, leaf, &peer_id),
                 peer: peer_id.clone(),
                 peer_name: peer_name.clone(),
+                upgrade: Default::default(),
             });
-            tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), h2, "inbound http connection admitted");
+            tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), ?h2, "inbound http connection admitted");
             let admitted = self.log.admitted(peer, &peer_id);
             let close = &registration.close;
             crate::forward::forward_with(Direction::Inbound, peer_name, admitted, |rx, tx| {
@@ -234,7 +236,8 @@ impl Inbound {
     /// Reads the ClientHello first, so the tunnel is offered only to a client that asks for
     /// it by ALPN (a plain client offering other protocols still gets plain L4), and an http
     /// inbound selects `h2` or `http/1.1` only for a client that offers one (any other client,
-    /// a ward outbound offering only `ward-mux/1` included, gets no ALPN: HTTP/1.1).
+    /// a ward outbound offering only `ward-mux/1` included, gets no ALPN: its first bytes
+    /// choose HTTP/2 or HTTP/1.1).
     async fn handshake(
         &self,
         tcp: TcpStream,

@@ -1,5 +1,5 @@
-//! One admitted http connection: HTTP/2 or HTTP/1.1 (by ALPN), each request decided by
-//! [`request_decision`] and forwarded to `local_app`.
+//! One admitted http connection: HTTP/2 or HTTP/1.1 (by ALPN, else by the client's first
+//! bytes), each request decided by [`request_decision`] and forwarded to `local_app`.
 
 use super::app_client::AppClient;
 use crate::copy::{Activity, CopyEnd};
@@ -11,7 +11,6 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -43,15 +42,18 @@ pub(crate) struct HttpConn {
     pub peer_name: String,
     /// The `x-forwarded-client-cert` every forwarded request carries.
     pub xfcc: HeaderValue,
+    /// An HTTP/1.1 upgrade the app accepted, for `serve` to splice.
+    pub upgrade: super::upgrade::Slot,
 }
 
 /// Serves `io` until the client is done, the connection fails, no byte moved either way for
 /// `idle_timeout`, or `close` (intention deny, drain deadline) fires; gracefully once a drain
-/// closes the listeners.
+/// closes the listeners. `alpn_h2` is the protocol the TLS handshake agreed (`Some(true)` h2,
+/// `Some(false)` http/1.1); with none, the client's first bytes decide ([`super::sniff`]).
 pub(crate) async fn serve<I>(
     conn: Arc<HttpConn>,
     io: Counted<I>,
-    h2: bool,
+    alpn_h2: Option<bool>,
     close: &CancellationToken,
 ) -> CopyEnd
 where
@@ -68,12 +70,25 @@ where
             tokio::time::sleep(left).await;
         }
     };
-    let io = TokioIo::new(io);
-    let c = conn.clone();
-    let service = hyper::service::service_fn(move |req| handle(c.clone(), req));
     let drain = &conn.inputs.drain.stop_accepting;
     let served = async {
-        if h2 {
+        let (h2, io) = match alpn_h2 {
+            Some(h2) => (h2, super::sniff::Rewind::new(io, Vec::new())),
+            // The preface is part of the request header: header_read_timeout bounds it.
+            None => {
+                match tokio::time::timeout(limits.header_read_timeout, super::sniff::preface(io))
+                    .await
+                {
+                    Ok(Ok(sniffed)) => sniffed,
+                    Ok(Err(e)) => return CopyEnd::Failed(e),
+                    Err(_) => return CopyEnd::Idle,
+                }
+            }
+        };
+        let io = TokioIo::new(io);
+        let c = conn.clone();
+        let service = hyper::service::service_fn(move |req| handle(c.clone(), req));
+        let served = if h2 {
             let served = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
@@ -81,7 +96,7 @@ where
                 .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
                 .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
                 .serve_connection(io, service);
-            until_done(served, drain).await
+            until_done(served, drain, |c| c.graceful_shutdown()).await
         } else {
             // A client must send each request's whole header within header_read_timeout (also
             // the longest a kept-alive connection waits for its next request), and at most
@@ -90,33 +105,44 @@ where
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_header_size(limits.max_header_bytes)
-                .serve_connection(io, service);
-            until_done(served, drain).await
+                .serve_connection(io, service)
+                .with_upgrades();
+            until_done(served, drain, |c| c.graceful_shutdown()).await
+        };
+        match served {
+            Ok(()) => {}
+            // header_read_timeout, most often on a kept-alive connection left idle.
+            Err(e) if e.is_timeout() => return CopyEnd::Idle,
+            Err(e) => return CopyEnd::Failed(std::io::Error::other(e)),
+        }
+        // An HTTP/1.1 connection that switched protocols: hyper has handed it over.
+        match conn.upgrade.take() {
+            Some(upgrade) => upgrade.splice(limits.idle_timeout, close).await,
+            None => CopyEnd::Done,
         }
     };
     tokio::select! {
-        r = served => match r {
-            Ok(()) => CopyEnd::Done,
-            // header_read_timeout, most often on a kept-alive connection left idle.
-            Err(e) if e.is_timeout() => CopyEnd::Idle,
-            Err(e) => CopyEnd::Failed(std::io::Error::other(e)),
-        },
+        end = served => end,
         _ = idle => CopyEnd::Idle,
         _ = close.cancelled() => CopyEnd::Closed,
     }
 }
 
-/// Runs `served` to its end; once the drain closes the listeners, shuts it down gracefully:
-/// requests in flight finish, then HTTP/1.1 closes and HTTP/2 sends GOAWAY, so clients go
-/// elsewhere before `drain_timeout` cuts whatever is left.
-pub(crate) async fn until_done<C: GracefulConnection>(
+/// Runs `served` to its end; once the drain closes the listeners, shuts it down gracefully
+/// (`shutdown`): requests in flight finish, then HTTP/1.1 closes and HTTP/2 sends GOAWAY, so
+/// clients go elsewhere before `drain_timeout` cuts whatever is left.
+pub(crate) async fn until_done<C, E>(
     served: C,
     drain: &CancellationToken,
-) -> Result<(), C::Error> {
+    shutdown: fn(Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
     let mut served = std::pin::pin!(served);
     tokio::select! {
         r = served.as_mut() => return r,
-        _ = drain.cancelled() => served.as_mut().graceful_shutdown(),
+        _ = drain.cancelled() => shutdown(served.as_mut()),
     }
     served.await
 }
@@ -150,11 +176,20 @@ async fn handle(conn: Arc<HttpConn>, req: Request<Incoming>) -> Result<Response<
     Ok(response)
 }
 
-/// Forwards `req` to `local_app` and hands its response back, both bodies streamed.
-async fn forward(conn: &HttpConn, req: Request<Incoming>) -> Response<Body> {
+/// Forwards `req` to `local_app` and hands its response back, both bodies streamed (gRPC's
+/// trailers included). A gRPC request that arrived over HTTP/2 goes to the app over h2c (gRPC
+/// needs HTTP/2 end to end); every other request over HTTP/1.1, which every app speaks. An
+/// HTTP/1.1 upgrade the app accepts is left in `conn.upgrade` for `serve` to splice.
+async fn forward(conn: &HttpConn, mut req: Request<Incoming>) -> Response<Body> {
+    let upgrade = super::upgrade::requested(&req);
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let grpc = req.version() == Version::HTTP_2 && is_grpc(req.headers());
     let (mut parts, body) = req.into_parts();
-    // HTTP/2 carries the host in `:authority`; HTTP/1.1 to the app needs it as `Host`.
-    if !parts.headers.contains_key(header::HOST) {
+    if grpc {
+        // HTTP/2 names the host in `:authority` alone.
+        parts.headers.remove(header::HOST);
+    } else if !parts.headers.contains_key(header::HOST) {
+        // HTTP/2 carries the host in `:authority`; HTTP/1.1 to the app needs it as `Host`.
         if let Some(host) = parts
             .uri
             .authority()
@@ -164,6 +199,9 @@ async fn forward(conn: &HttpConn, req: Request<Incoming>) -> Response<Body> {
         }
     }
     super::hop_by_hop(&mut parts.headers);
+    if let Some(upgrade) = upgrade {
+        super::upgrade::restore(&mut parts.headers, upgrade);
+    }
     // Every instance the caller sent is replaced: the app trusts only ours.
     parts.headers.remove(super::xfcc::HEADER);
     parts.headers.insert(super::xfcc::HEADER, conn.xfcc.clone());
@@ -181,11 +219,29 @@ async fn forward(conn: &HttpConn, req: Request<Incoming>) -> Response<Body> {
         Ok(uri) => uri,
         Err(_) => return local(StatusCode::BAD_REQUEST, "bad request target\n"),
     };
-    parts.version = Version::HTTP_11;
+    parts.version = if grpc {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
     match conn.app.request(Request::from_parts(parts, body)).await {
-        Ok(response) => {
+        Ok(mut response) => {
+            let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let app_upgrade = switched.then(|| hyper::upgrade::on(&mut response));
             let (mut parts, body) = response.into_parts();
+            let protocol = parts.headers.get(header::UPGRADE).cloned();
             super::hop_by_hop(&mut parts.headers);
+            if let Some(app) = app_upgrade {
+                let (Some(client), Some(protocol)) = (client_upgrade, protocol) else {
+                    tracing::warn!(local_app = %conn.local_app, "local_app switched protocols unasked");
+                    return local(
+                        StatusCode::BAD_GATEWAY,
+                        "local_app switched protocols unasked\n",
+                    );
+                };
+                super::upgrade::restore(&mut parts.headers, protocol);
+                conn.upgrade.set(super::upgrade::Pending { client, app });
+            }
             Response::from_parts(parts, Either::Left(body))
         }
         Err(e) => {
@@ -193,6 +249,16 @@ async fn forward(conn: &HttpConn, req: Request<Incoming>) -> Response<Body> {
             local(StatusCode::BAD_GATEWAY, "local_app is unreachable\n")
         }
     }
+}
+
+/// Whether `content-type` is gRPC's (`application/grpc`, `+proto` and other codecs; not
+/// gRPC-Web, which HTTP/1.1 carries).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("application/grpc"))
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
 }
 
 /// An answer of the proxy's own.
@@ -312,6 +378,7 @@ mod tests {
             peer: id("order"),
             peer_name: "order".into(),
             xfcc: HeaderValue::from_static("By=x"),
+            upgrade: Default::default(),
         };
         let req = Request::new(());
         assert!(request_decision(&conn, &req));
@@ -339,6 +406,7 @@ mod tests {
             peer: id("order"),
             peer_name: "order".into(),
             xfcc: HeaderValue::from_static("By=x"),
+            upgrade: Default::default(),
         })
     }
 
@@ -355,7 +423,7 @@ mod tests {
         // An HTTP/2 client that connects and never sends its preface (no other timer runs).
         let (_client, server) = tokio::io::duplex(1024);
         let started = Instant::now();
-        let end = serve(conn, counted(server), true, &CancellationToken::new()).await;
+        let end = serve(conn, counted(server), Some(true), &CancellationToken::new()).await;
         assert!(matches!(end, CopyEnd::Idle), "{end:?}");
         assert!(started.elapsed() >= std::time::Duration::from_secs(5));
     }
@@ -367,7 +435,13 @@ mod tests {
         // An HTTP/1.1 client between requests: nothing in flight, so a drain closes it at once.
         let (_client, server) = tokio::io::duplex(1024);
         let served = tokio::spawn(async move {
-            serve(conn, counted(server), false, &CancellationToken::new()).await
+            serve(
+                conn,
+                counted(server),
+                Some(false),
+                &CancellationToken::new(),
+            )
+            .await
         });
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let started = Instant::now();

@@ -1,6 +1,7 @@
 //! The http inbound (`[inbound] protocol = "http"`): after the same mutual-TLS handshake as
-//! L4 (identity and intention decided there), HTTP/2 or HTTP/1.1 by ALPN, each request
-//! forwarded to `local_app` over a pooled HTTP/1.1 client with `x-forwarded-client-cert` set.
+//! L4 (identity and intention decided there), HTTP/2 or HTTP/1.1 by ALPN (or, with none
+//! agreed, by the client's first bytes), each request forwarded to `local_app` with
+//! `x-forwarded-client-cert` set: gRPC over h2c, everything else over HTTP/1.1.
 //! The http outbound (`[[upstreams]] protocol = "http"`): the app's HTTP/1.1 or HTTP/2 requests,
 //! each sent to one of the upstream's endpoints over a pooled HTTP/2 mutual-TLS connection.
 //!
@@ -8,15 +9,19 @@
 //! - [`outbound`]: the upstream's local listener, endpoint choice per request, own answers.
 //! - [`h2_pool`]: the outbound's HTTP/2 connections, one per endpoint, shared by requests.
 //! - [`xfcc`]: the `x-forwarded-client-cert` value.
-//! - [`app_client`]: the pooled client to `local_app`.
+//! - [`app_client`]: the pooled clients to `local_app`.
+//! - [`sniff`]: HTTP/2 prior knowledge on a connection without ALPN.
+//! - [`upgrade`]: HTTP/1.1 upgrades (WebSocket) spliced to the app.
 //! - [`hop_by_hop`]: the headers that never cross a proxy (RFC 9110 section 7.6.1).
 //!
-//! Upgrades (WebSocket, `CONNECT`) are not forwarded: hyper answers them as plain requests.
+//! `CONNECT` is not forwarded: the app answers it as a plain request.
 
 pub(crate) mod app_client;
 pub(crate) mod h2_pool;
 pub(crate) mod inbound;
 pub(crate) mod outbound;
+pub(crate) mod sniff;
+pub(crate) mod upgrade;
 pub(crate) mod xfcc;
 
 use http::header::{self, HeaderMap, HeaderName};

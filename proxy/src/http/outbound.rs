@@ -86,7 +86,7 @@ async fn serve_app(
                 .max_pending_accept_reset_streams(super::inbound::MAX_PENDING_ACCEPT_RESETS)
                 .max_local_error_reset_streams(super::inbound::MAX_LOCAL_ERROR_RESETS)
                 .serve_connection(io, service);
-            until_done(served, drain).await
+            until_done(served, drain, |c| c.graceful_shutdown()).await
         } else {
             // As on the inbound: each request's whole header within header_read_timeout, at
             // most max_header_bytes of it (else 431).
@@ -95,7 +95,7 @@ async fn serve_app(
                 .header_read_timeout(limits.header_read_timeout)
                 .max_header_size(limits.max_header_bytes)
                 .serve_connection(io, service);
-            until_done(served, drain).await
+            until_done(served, drain, |c| c.graceful_shutdown()).await
         }
     };
     tokio::select! {
