@@ -1,6 +1,7 @@
 //! The http inbound (`[inbound] protocol = "http"`), end to end: real `ward`, real curl over
 //! mutual TLS (HTTP/2 and HTTP/1.1), an app that answers with the request header it received;
-//! gRPC and WebSocket (python grpcio and websockets) through two sidecars.
+//! gRPC and WebSocket (python grpcio and websockets) through two sidecars; raw HTTP/1.1 and
+//! HTTP/2 bytes for the malformed and abusive clients.
 
 use ward_test_support as common;
 
@@ -148,6 +149,13 @@ impl Mesh {
             .upstream("inventory", &[self.proxy.inbound()])
             .write(&order_config);
         WardProcess::start("order", &order_config, &["upstream.inventory"])
+    }
+
+    /// A TLS connection as `order` (no ALPN: the inbound sniffs HTTP/2 or HTTP/1.1).
+    fn connect_as_order(&self) -> common::tls::TlsClient {
+        let order = self.pki.leaf("order");
+        tls_connect(self.proxy.inbound(), Some(&order), &self.check())
+            .unwrap_or_else(|f| panic!("handshake: {f:?}"))
     }
 
     /// `ward_http_requests_total` of `order`'s requests answered `code`.
@@ -401,6 +409,8 @@ fn an_oversized_header_is_answered_431() {
     let got = curl(mesh.proxy.inbound(), &files, &["--http1.1", "-H", &fits]);
     assert_eq!(got.status, "200", "{}", got.stderr);
     assert_eq!(mesh.app.heads().len(), 1);
+    // The HTTP/1.1 refusal is counted (for HTTP/2, h2 answers 431 itself, unseen by ward).
+    assert_eq!(mesh.requests("431"), 1.0, "{}", mesh.proxy.metrics());
 }
 
 /// A python child (killed when dropped) and the first line it printed.
@@ -601,4 +611,179 @@ fn a_websocket_echo_crosses_two_sidecars() {
     let out = Python::run(&dir, "ws_client.py", WS_CLIENT, &[&target]);
     assert_eq!(out, "hello through two sidecars\nbinary True\n");
     assert_eq!(mesh.requests("101"), 1.0, "{}", mesh.proxy.metrics());
+}
+
+/// Reads what `client` gets until EOF, a reset or its 10 s read timeout (then `timed_out`).
+fn read_all(client: &mut common::tls::TlsClient) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match client.stream.read(&mut buf) {
+            Ok(0) => return (got, false),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return (got, common::tls::classify(&e) == Failure::Timeout),
+        }
+    }
+}
+
+/// A GET from a well-behaved client on its own connection: the app's 200.
+fn assert_served(mesh: &Mesh) {
+    let mut other = mesh.connect_as_order();
+    other
+        .stream
+        .write_all(b"GET /fine HTTP/1.1\r\nhost: inventory\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let (answer, _) = read_all(&mut other);
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "another client: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[test]
+fn malformed_requests_are_answered_400_and_counted() {
+    let mesh = Mesh::start("l7-malformed", "");
+    let cases: [(&str, &[u8]); 6] = [
+        (
+            "CR inside a header value",
+            b"GET / HTTP/1.1\r\nhost: inventory\r\nx-evil: a\rb\r\n\r\n",
+        ),
+        (
+            "a header value folded onto a second line",
+            b"GET / HTTP/1.1\r\nhost: inventory\r\nx-evil: a\r\n b\r\n\r\n",
+        ),
+        (
+            "a pseudo-header in HTTP/1.1",
+            b"GET / HTTP/1.1\r\nhost: inventory\r\n:path: /admin\r\n\r\n",
+        ),
+        (
+            "two different Content-Lengths",
+            b"POST / HTTP/1.1\r\nhost: inventory\r\ncontent-length: 5\r\ncontent-length: 7\r\n\r\nhello",
+        ),
+        (
+            "a Transfer-Encoding other than chunked",
+            b"POST / HTTP/1.1\r\nhost: inventory\r\ntransfer-encoding: gzip, identity\r\n\r\n",
+        ),
+        (
+            "whitespace before the colon",
+            b"GET / HTTP/1.1\r\nhost : inventory\r\n\r\n",
+        ),
+    ];
+    for (what, request) in cases {
+        let mut c = mesh.connect_as_order();
+        c.stream.write_all(request).unwrap();
+        let (answer, timed_out) = read_all(&mut c);
+        assert!(!timed_out, "{what}: the connection was left open");
+        assert!(
+            answer.starts_with(b"HTTP/1.1 400"),
+            "{what}: {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert!(mesh.app.heads().is_empty(), "{:?}", mesh.app.heads());
+    assert_eq!(
+        mesh.requests("400"),
+        cases.len() as f64,
+        "{}",
+        mesh.proxy.metrics()
+    );
+    assert_served(&mesh);
+}
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// The error code of the first GOAWAY among HTTP/2 `frames` from the server.
+fn goaway_code(frames: &[u8]) -> Option<u32> {
+    let mut at = 0;
+    while at + 9 <= frames.len() {
+        let len = u32::from_be_bytes([0, frames[at], frames[at + 1], frames[at + 2]]) as usize;
+        let payload = &frames[(at + 9).min(frames.len())..(at + 9 + len).min(frames.len())];
+        if frames[at + 3] == GOAWAY && payload.len() >= 8 {
+            return Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+        }
+        at += 9 + len;
+    }
+    None
+}
+
+/// The server's answer to an abusive HTTP/2 client that wrote `frames` after its preface (the
+/// writes may fail once the server has closed): whether a GOAWAY with ENHANCE_YOUR_CALM came.
+fn h2_abuse(mesh: &Mesh, frames: &[Vec<u8>]) -> Option<u32> {
+    let mut c = mesh.connect_as_order();
+    c.stream.write_all(PREFACE).unwrap();
+    c.stream.write_all(&frame(SETTINGS, 0, 0, &[])).unwrap();
+    for chunk in frames.chunks(64) {
+        if c.stream.write_all(&chunk.concat()).is_err() {
+            break;
+        }
+    }
+    let (answer, timed_out) = read_all(&mut c);
+    assert!(!timed_out, "the abusive connection was left open");
+    goaway_code(answer.strip_prefix(PREFACE).unwrap_or(&answer))
+}
+
+#[test]
+fn a_continuation_flood_is_cut_while_others_are_served() {
+    let mesh = Mesh::start("l7-continuation", "");
+    // `:method GET`, then header fragments that never end: each CONTINUATION adds a small
+    // literal header and none carries END_HEADERS.
+    let mut frames = vec![frame(HEADERS, END_STREAM, 1, &[0x82])];
+    let literal = [&[0x00, 0x03][..], b"x-a", &[0x08], b"aaaaaaaa"].concat();
+    frames.extend((0..5000).map(|_| frame(CONTINUATION, 0, 1, &literal)));
+    assert_eq!(h2_abuse(&mesh, &frames), Some(ENHANCE_YOUR_CALM));
+    assert!(mesh.app.heads().is_empty());
+    assert_served(&mesh);
+}
+
+#[test]
+fn a_rapid_reset_client_gets_goaway_while_others_are_served() {
+    let mesh = Mesh::start("l7-rapid-reset", "");
+    // GET / on a new stream, cancelled at once (CVE-2023-44487), a thousand times.
+    let get = [0x82, 0x87, 0x84, 0x41, 0x09];
+    let get = [&get[..], b"inventory"].concat();
+    let cancel = 0x8u32.to_be_bytes();
+    let frames: Vec<Vec<u8>> = (0..1000u32)
+        .flat_map(|i| {
+            let id = 2 * i + 1;
+            [
+                frame(HEADERS, END_HEADERS | END_STREAM, id, &get),
+                frame(RST_STREAM, 0, id, &cancel),
+            ]
+        })
+        .collect();
+    assert_eq!(h2_abuse(&mesh, &frames), Some(ENHANCE_YOUR_CALM));
+    assert_served(&mesh);
+}
+
+#[test]
+fn a_stalled_request_body_is_cut_by_idle_timeout_while_others_are_served() {
+    let mesh = Mesh::start("l7-body-idle", "idle_timeout = \"2s\"");
+    let mut stalled = mesh.connect_as_order();
+    stalled
+        .stream
+        .write_all(b"POST /upload HTTP/1.1\r\nhost: inventory\r\ncontent-length: 100\r\n\r\nfirst")
+        .unwrap();
+    assert_served(&mesh);
+    // Cut (EOF, reset or a 408-style answer) before the client's 10 s read timeout.
+    let (_, timed_out) = read_all(&mut stalled);
+    assert!(!timed_out, "a stalled body was not cut by idle_timeout");
+    assert!(mesh.app.heads().iter().all(|h| !h.contains("/upload")));
 }

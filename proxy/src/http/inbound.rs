@@ -50,6 +50,12 @@ pub(crate) struct HttpConn {
 /// `idle_timeout`, or `close` (intention deny, drain deadline) fires; gracefully once a drain
 /// closes the listeners. `alpn_h2` is the protocol the TLS handshake agreed (`Some(true)` h2,
 /// `Some(false)` http/1.1); with none, the client's first bytes decide ([`super::sniff`]).
+///
+/// `idle_timeout` is also the body idle timeout: a request or response body that stops moving
+/// leaves the connection idle. A malformed HTTP/1.1 request is answered by hyper (400, or 431
+/// for an oversized header) and counted in `ward_http_requests_total` with that code. On
+/// HTTP/2, h2 resets a malformed request's stream (`PROTOCOL_ERROR`, RFC 9113 section 8.1.1)
+/// and closes with GOAWAY a connection that floods resets or header fragments.
 pub(crate) async fn serve<I>(
     conn: Arc<HttpConn>,
     io: Counted<I>,
@@ -113,7 +119,10 @@ where
             Ok(()) => {}
             // header_read_timeout, most often on a kept-alive connection left idle.
             Err(e) if e.is_timeout() => return CopyEnd::Idle,
-            Err(e) => return CopyEnd::Failed(std::io::Error::other(e)),
+            Err(e) => {
+                count_malformed(&conn, &e);
+                return CopyEnd::Failed(std::io::Error::other(e));
+            }
         }
         // An HTTP/1.1 connection that switched protocols: hyper has handed it over.
         match conn.upgrade.take() {
@@ -126,6 +135,26 @@ where
         _ = idle => CopyEnd::Idle,
         _ = close.cancelled() => CopyEnd::Closed,
     }
+}
+
+/// Counts a request hyper refused as malformed, with the status hyper answered it with.
+fn count_malformed(conn: &HttpConn, e: &hyper::Error) {
+    let code = if e.is_parse_too_large() {
+        // hyper answers an oversized request line 414 and an oversized header 431.
+        if e.to_string().contains("URI") {
+            "414"
+        } else {
+            "431"
+        }
+    } else if e.is_parse() && !e.is_parse_version_h2() {
+        "400"
+    } else {
+        return;
+    };
+    tracing::debug!(peer = %conn.peer_name, error = %e, "malformed http request refused");
+    metrics::counter!(m::HTTP_REQUESTS, "direction" => m::Direction::Inbound.as_str(),
+        "peer" => conn.peer_name.clone(), "code" => code)
+    .increment(1);
 }
 
 /// Runs `served` to its end; once the drain closes the listeners, shuts it down gracefully
