@@ -401,6 +401,8 @@ fn an_oversized_header_is_answered_431() {
     let mesh = Mesh::start("l7-431", "max_header_bytes = 16384");
     let (_, files) = mesh.client_files("order");
     let big = format!("x-big: {}", "a".repeat(20_000));
+    // Over HTTP/2 the 20 kB header spans a HEADERS and a CONTINUATION frame: the header list
+    // is bounded across them.
     for flag in ["--http1.1", "--http2"] {
         let got = curl(mesh.proxy.inbound(), &files, &[flag, "-H", &big]);
         assert_eq!(got.status, "431", "{flag}: {} {}", got.body, got.stderr);
@@ -639,6 +641,37 @@ fn assert_served(mesh: &Mesh) {
         "another client: {:?}",
         String::from_utf8_lossy(&answer)
     );
+}
+
+#[test]
+fn an_upgrade_the_app_declines_is_an_ordinary_exchange() {
+    let mesh = Mesh::start("l7-upgrade-declined", "");
+    let mut c = mesh.connect_as_order();
+    // The header echo app answers 200 to the handshake: the connection stays HTTP/1.1.
+    c.stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nhost: inventory\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n\
+              GET /next HTTP/1.1\r\nhost: inventory\r\nconnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let (answer, timed_out) = read_all(&mut c);
+    assert!(!timed_out);
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    let heads = mesh.app.heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    // The handshake reached the app with its upgrade headers, and only those hop-by-hop ones.
+    assert_eq!(
+        header_values(&heads[0], "upgrade"),
+        ["websocket"],
+        "{heads:?}"
+    );
+    assert_eq!(
+        header_values(&heads[0], "connection"),
+        ["upgrade"],
+        "{heads:?}"
+    );
+    assert!(header_values(&heads[1], "upgrade").is_empty(), "{heads:?}");
 }
 
 #[test]
