@@ -734,10 +734,12 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const GOAWAY: u8 = 0x7;
+const PING: u8 = 0x6;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -819,4 +821,72 @@ fn a_stalled_request_body_is_cut_by_idle_timeout_while_others_are_served() {
     let (_, timed_out) = read_all(&mut stalled);
     assert!(!timed_out, "a stalled body was not cut by idle_timeout");
     assert!(mesh.app.heads().iter().all(|h| !h.contains("/upload")));
+}
+
+#[test]
+fn a_stalled_http2_body_is_cut_by_idle_timeout_on_a_busy_connection() {
+    let mesh = Mesh::start("l7-h2-body-idle", "idle_timeout = \"2s\"");
+    let mut c = mesh.connect_as_order();
+    // POST /upload with content-length 100, then 5 bytes of it and no more.
+    let post = [
+        &[0x83, 0x87, 0x44, 0x07][..],
+        b"/upload",
+        &[0x41, 0x09],
+        b"inventory",
+        &[0x5c, 0x03],
+        b"100",
+    ]
+    .concat();
+    let start = [
+        PREFACE.to_vec(),
+        frame(SETTINGS, 0, 0, &[]),
+        frame(HEADERS, END_HEADERS, 1, &post),
+        frame(DATA, 0, 1, b"first"),
+    ]
+    .concat();
+    c.stream.write_all(&start).unwrap();
+    c.stream
+        .sock
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    // PINGs keep the connection busy, so only the stream's own idle timeout can end it.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let mut ended = None;
+    // A PING every 200 ms for up to 10 s (idle_timeout is 2 s).
+    for _ in 0..50 {
+        thread::sleep(Duration::from_millis(200));
+        c.stream.write_all(&frame(PING, 0, 0, &[0; 8])).unwrap();
+        match c.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        ended = frames(&got)
+            .into_iter()
+            .find(|&(kind, stream)| stream == 1 && (kind == HEADERS || kind == RST_STREAM));
+        if ended.is_some() {
+            break;
+        }
+    }
+    assert!(
+        ended.is_some(),
+        "stream 1 was neither answered nor reset: {:?}",
+        frames(&got)
+    );
+    assert!(mesh.app.heads().iter().all(|h| !h.contains("/upload")));
+    assert_served(&mesh);
+}
+
+/// The type and stream of each whole HTTP/2 frame in `bytes` (the server's preface is one).
+fn frames(bytes: &[u8]) -> Vec<(u8, u32)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = u32::from_be_bytes([0, bytes[at], bytes[at + 1], bytes[at + 2]]) as usize;
+        let stream = u32::from_be_bytes(bytes[at + 5..at + 9].try_into().unwrap()) & 0x7fff_ffff;
+        out.push((bytes[at + 3], stream));
+        at += 9 + len;
+    }
+    out
 }

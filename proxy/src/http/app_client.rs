@@ -1,6 +1,7 @@
 //! The pooled clients an http inbound forwards requests to `local_app` with: HTTP/1.1 for
 //! ordinary requests, HTTP/2 over cleartext (h2c, prior knowledge) for gRPC.
 
+use super::idle_body::IdleBody;
 use http::{Request, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -14,18 +15,21 @@ const MAX_IDLE: usize = 64;
 /// How long an idle pooled connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A request body on its way to the app: the caller's, bounded by the body idle timeout.
+pub(crate) type AppBody = IdleBody<Incoming>;
+
 /// The clients for `local_app`, bodies streamed both ways, connections reused.
 #[derive(Clone)]
 pub(crate) struct AppClient {
-    http1: Client<HttpConnector, Incoming>,
+    http1: Client<HttpConnector, AppBody>,
     /// One multiplexed connection (hyper's pool keeps one per host for HTTP/2).
-    h2c: Client<HttpConnector, Incoming>,
+    h2c: Client<HttpConnector, AppBody>,
 }
 
 impl AppClient {
     /// Sends `req` over h2c when its version is HTTP/2, else over HTTP/1.1 (upgrades
     /// included: the HTTP/1.1 client hands a 101 response's connection on).
-    pub(crate) fn request(&self, req: Request<Incoming>) -> ResponseFuture {
+    pub(crate) fn request(&self, req: Request<AppBody>) -> ResponseFuture {
         if req.version() == Version::HTTP_2 {
             self.h2c.request(req)
         } else {

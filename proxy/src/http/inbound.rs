@@ -2,6 +2,7 @@
 //! bytes), each request decided by [`request_decision`] and forwarded to `local_app`.
 
 use super::app_client::AppClient;
+use super::idle_body::IdleBody;
 use crate::copy::{Activity, CopyEnd};
 use crate::inputs::ProxyInputs;
 use crate::metrics as m;
@@ -29,7 +30,7 @@ pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 100;
 pub(crate) const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 pub(crate) const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
-pub(crate) type Body = Either<Incoming, Full<Bytes>>;
+pub(crate) type Body = Either<IdleBody<Incoming>, Full<Bytes>>;
 
 /// What every request on one admitted connection shares.
 pub(crate) struct HttpConn {
@@ -52,10 +53,11 @@ pub(crate) struct HttpConn {
 /// `Some(false)` http/1.1); with none, the client's first bytes decide ([`super::sniff`]).
 ///
 /// `idle_timeout` is also the body idle timeout: a request or response body that stops moving
-/// leaves the connection idle. A malformed HTTP/1.1 request is answered by hyper (400, or 431
-/// for an oversized header) and counted in `ward_http_requests_total` with that code. On
-/// HTTP/2, h2 resets a malformed request's stream (`PROTOCOL_ERROR`, RFC 9113 section 8.1.1)
-/// and closes with GOAWAY a connection that floods resets or header fragments.
+/// leaves the connection idle, and ends its stream ([`super::idle_body`]). A malformed HTTP/1.1
+/// request is answered by hyper (400, or 431 for an oversized header) and counted in
+/// `ward_http_requests_total` with that code. On HTTP/2, h2 resets a malformed request's stream
+/// (`PROTOCOL_ERROR`, RFC 9113 section 8.1.1) and closes with GOAWAY a connection that floods
+/// resets or header fragments.
 pub(crate) async fn serve<I>(
     conn: Arc<HttpConn>,
     io: Counted<I>,
@@ -253,6 +255,8 @@ async fn forward(conn: &HttpConn, mut req: Request<Incoming>) -> Response<Body> 
     } else {
         Version::HTTP_11
     };
+    let idle = conn.inputs.limits.idle_timeout;
+    let body = IdleBody::new(body, idle);
     match conn.app.request(Request::from_parts(parts, body)).await {
         Ok(mut response) => {
             let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -271,7 +275,7 @@ async fn forward(conn: &HttpConn, mut req: Request<Incoming>) -> Response<Body> 
                 super::upgrade::restore(&mut parts.headers, protocol);
                 conn.upgrade.set(super::upgrade::Pending { client, app });
             }
-            Response::from_parts(parts, Either::Left(body))
+            Response::from_parts(parts, Either::Left(IdleBody::new(body, idle)))
         }
         Err(e) => {
             tracing::warn!(local_app = %conn.local_app, error = %e, "forwarding to local_app failed");

@@ -12,12 +12,14 @@
 //! - [`app_client`]: the pooled clients to `local_app`.
 //! - [`sniff`]: HTTP/2 prior knowledge on a connection without ALPN.
 //! - [`upgrade`]: HTTP/1.1 upgrades (WebSocket) spliced to the app.
+//! - [`idle_body`]: the body idle timeout.
 //! - [`hop_by_hop`]: the headers that never cross a proxy (RFC 9110 section 7.6.1).
 //!
 //! `CONNECT` is not forwarded: the app answers it as a plain request.
 
 pub(crate) mod app_client;
 pub(crate) mod h2_pool;
+pub(crate) mod idle_body;
 pub(crate) mod inbound;
 pub(crate) mod outbound;
 pub(crate) mod sniff;

@@ -10,6 +10,7 @@
 //! `[limits] request_timeout`.
 
 use super::h2_pool::{H2Pool, Pooled};
+use super::idle_body::IdleBody;
 use super::inbound::{local, until_done, Body, Counted};
 use crate::copy::CopyEnd;
 use crate::metrics::{self as m, Direction, HandshakeResult};
@@ -249,7 +250,9 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
                 Ok(Ok(response)) => {
                     let (mut parts, body) = response.into_parts();
                     super::hop_by_hop(&mut parts.headers);
-                    return Response::from_parts(parts, Either::Left(body));
+                    // As on the inbound: a response body that stalls for idle_timeout ends.
+                    let idle = upstream.inputs.limits.idle_timeout;
+                    return Response::from_parts(parts, Either::Left(IdleBody::new(body, idle)));
                 }
                 Ok(Err(mut e)) => {
                     pool.retire(ep, id);

@@ -1,0 +1,118 @@
+//! The body idle timeout: a request or response body whose sender stops sending while the
+//! receiver waits for more is ended with an error after `idle_timeout`. On HTTP/1.1 the
+//! connection's own idle timeout already does this; on HTTP/2 one stalled stream would
+//! otherwise live as long as its connection's other streams keep it busy.
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+/// The error a stalled body ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("no body data for idle_timeout ({0:?})")]
+pub(crate) struct BodyIdle(Duration);
+
+/// `inner`, ended with [`BodyIdle`] once its receiver has waited `idle` for the next frame
+/// (time the receiver spends not asking is not counted: a slow reader is not a stalled sender).
+pub(crate) struct IdleBody<B> {
+    inner: B,
+    idle: Duration,
+    /// Armed while the receiver waits.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<B> IdleBody<B> {
+    pub(crate) fn new(inner: B, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: None,
+        }
+    }
+}
+
+impl<B> Body for IdleBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            self.timer = None;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let idle = self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now() + idle)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.timer = None;
+                Poll::Ready(Some(Err(Box::new(BodyIdle(idle)))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A body of what a channel receives.
+    struct Chan(tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl Body for Chan {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_ends_after_idle_and_a_flowing_one_does_not() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut body = IdleBody::new(Chan(rx), Duration::from_secs(5));
+        let sender = tokio::spawn(async move {
+            // Frames 4 s apart keep it going; then silence, the channel left open.
+            for _ in 0..3 {
+                tx.send(Bytes::from_static(b"x")).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            }
+            std::future::pending::<()>().await;
+        });
+        for _ in 0..3 {
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "x");
+        }
+        let started = Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<BodyIdle>(), "{err}");
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        sender.abort();
+    }
+}
