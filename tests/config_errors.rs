@@ -460,3 +460,46 @@ fn check_refuses_what_start_would_refuse() {
     let (ok, stdout, stderr) = check_config(&fx, "port-free");
     assert!(ok && stdout.contains(": ok"), "{stdout}{stderr}");
 }
+
+/// L7 permissions in the static `[intentions]`: a tcp inbound cannot check requests, so start
+/// and `--check` refuse them there, naming the key; an http inbound takes them.
+const L7_RULE: &str = "[intentions]\ndefault = \"deny\"\nrules = [{ source = \"web\", permissions = [{ action = \"allow\", path_prefix = \"/stock/\", methods = [\"GET\"] }, { action = \"deny\", path_exact = \"/admin\" }] }]\n";
+
+#[test]
+fn static_permissions_on_a_tcp_inbound_are_refused() {
+    expect_config_error(
+        "l7-on-tcp",
+        |fx| fx.parts.intentions = L7_RULE.into(),
+        &["intentions.rules[0].permissions", "protocol = \"http\""],
+        true,
+    );
+}
+
+#[test]
+fn check_takes_static_permissions_only_on_an_http_inbound() {
+    let mut fx = fixture("check-l7");
+    fx.parts.intentions = L7_RULE.into();
+    let (ok, _, stderr) = check_config(&fx, "l7-tcp");
+    assert!(
+        !ok,
+        "--check passed with permissions on a tcp inbound:\n{stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("intentions.rules[0].permissions")
+            && lines[0].contains("a tcp inbound cannot check requests")
+            && lines[0].contains("l7-tcp.toml"),
+        "{stderr}"
+    );
+    fx.parts.inbound = fx
+        .parts
+        .inbound
+        .replace("protocol = \"tcp\"", "protocol = \"http\"");
+    let (ok, stdout, stderr) = check_config(&fx, "l7-http");
+    assert!(
+        ok,
+        "--check refused permissions on an http inbound:\n{stderr}"
+    );
+    assert!(stdout.contains("ok"), "{stdout}");
+}

@@ -91,11 +91,36 @@ impl fmt::Display for Source {
     }
 }
 
-/// One L4 rule: a source and what to do with it.
+/// One rule for a source: an L4 action, or L7 permissions (an http destination).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub source: Source,
+    /// What the handshake decides. An L7 rule is `Allow` here: its connections are admitted
+    /// and each request is decided by `permissions`.
     pub action: Action,
+    /// The ordered L7 permissions; `Some` only for an http inbound, which decides every
+    /// request by them (a request that matches none is denied).
+    pub permissions: Option<Vec<crate::permission::Permission>>,
+}
+
+impl Rule {
+    /// An L4 rule.
+    pub fn l4(source: Source, action: Action) -> Self {
+        Rule {
+            source,
+            action,
+            permissions: None,
+        }
+    }
+
+    /// An L7 rule: the connection is admitted, each request decided by `permissions`.
+    pub fn l7(source: Source, permissions: Vec<crate::permission::Permission>) -> Self {
+        Rule {
+            source,
+            action: Action::Allow,
+            permissions: Some(permissions),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -222,7 +222,7 @@ struct RawIntentions {
 struct RawRule {
     source: String,
     action: Option<Action>,
-    permissions: Option<toml::Value>,
+    permissions: Option<Vec<crate::permission::RawPermission>>,
 }
 
 #[derive(Deserialize)]
@@ -347,7 +347,12 @@ impl ProxyConfig {
                     },
                     Some(i) => StaticIntentions {
                         default: i.default.unwrap_or(Action::Deny),
-                        rules: static_rules(path, i.rules, &service.namespace)?,
+                        rules: static_rules(
+                            path,
+                            i.rules,
+                            &service.namespace,
+                            inbound.as_ref().map(|i| i.protocol),
+                        )?,
                     },
                 };
                 for (n, u) in upstreams.iter().enumerate() {
@@ -519,10 +524,13 @@ impl ProxyConfig {
 }
 
 /// The `[intentions]` rules for this proxy's own service, whose namespace is `namespace`.
+/// `inbound` is the protocol of `[inbound]`: L7 permissions are taken only for `http`, the one
+/// inbound that decides each request (security rule 6, fail closed, docs/security.md).
 fn static_rules(
     path: &Path,
     raw: Vec<RawRule>,
     namespace: &Name,
+    inbound: Option<Protocol>,
 ) -> Result<Vec<Rule>, ConfigError> {
     let mut rules: Vec<Rule> = Vec::with_capacity(raw.len());
     for (n, r) in raw.into_iter().enumerate() {
@@ -530,16 +538,50 @@ fn static_rules(
         let source = Source::parse(&r.source).map_err(|e| {
             ConfigError::invalid(path, key("source"), format!("{:?}: {e}", r.source))
         })?;
-        if r.permissions.is_some() {
-            return Err(ConfigError::invalid(
-                path,
-                key("permissions"),
-                "L7 permissions are not enforced by this build yet; use an action",
-            ));
-        }
-        let action = r.action.ok_or_else(|| {
-            ConfigError::invalid(path, key("action"), "is required (\"allow\" or \"deny\")")
-        })?;
+        let rule = match (r.action, &r.permissions) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    path,
+                    key("permissions"),
+                    "a rule has either an action (L4) or permissions (L7), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    path,
+                    key("action"),
+                    "is required (\"allow\" or \"deny\"), or permissions for an http inbound",
+                ))
+            }
+            (Some(action), None) => Rule::l4(source.clone(), action),
+            (None, Some(list)) => {
+                match inbound {
+                    Some(Protocol::Http) => {}
+                    Some(Protocol::Tcp) => {
+                        return Err(ConfigError::invalid(
+                            path,
+                            key("permissions"),
+                            "L7 permissions need [inbound] protocol = \"http\"; a tcp inbound cannot check requests",
+                        ))
+                    }
+                    None => {
+                        return Err(ConfigError::invalid(
+                            path,
+                            key("permissions"),
+                            "L7 permissions need an [inbound] with protocol = \"http\", and there is no [inbound]",
+                        ))
+                    }
+                }
+                let permissions = crate::permission::parse_permissions(list).map_err(|e| {
+                    ConfigError::invalid(
+                        path,
+                        format!("intentions.rules[{n}].{}", e.key),
+                        e.problem.to_string(),
+                    )
+                })?;
+                Rule::l7(source.clone(), permissions)
+            }
+        };
         // Compared with namespaces written out: `legacy` and `default/legacy` are one caller
         // here, and two rules for it would leave the decision to their order.
         let same = source.qualified(namespace);
@@ -556,7 +598,7 @@ fn static_rules(
                 ),
             ));
         }
-        rules.push(Rule { source, action });
+        rules.push(rule);
     }
     Ok(rules)
 }
@@ -755,6 +797,81 @@ handshake_timeout = "2s"
             "service = \"payments\"\nprotocol = \"grpc\"",
         ));
         assert!(err.contains("protocol"), "{err}");
+    }
+
+    #[test]
+    fn static_permissions_need_an_http_inbound() {
+        let l7 = r#"{ source = "web", permissions = [
+  { action = "allow", path_prefix = "/stock/", methods = ["GET"] },
+  { action = "deny", path_exact = "/admin", headers = [{ name = "x-env", exact = "prod" }] },
+] }"#;
+        let with = |protocol: &str, rule: &str| {
+            GOOD.replace(
+                "local_app = \"127.0.0.1:8080\"",
+                &format!("local_app = \"127.0.0.1:8080\"\nprotocol = \"{protocol}\""),
+            )
+            .replace("{ source = \"legacy\", action = \"deny\" }", rule)
+        };
+        let c = parse(&with("http", l7)).unwrap();
+        let CredentialSource::Files { intentions, .. } = c.credentials else {
+            panic!("files")
+        };
+        let rule = &intentions.rules[1];
+        assert_eq!(
+            rule.action,
+            Action::Allow,
+            "an L7 rule admits the connection"
+        );
+        let p = rule.permissions.as_ref().unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            p[0].path,
+            Some(crate::permission::PathMatch::Prefix("/stock/".into()))
+        );
+        assert!(intentions.rules[0].permissions.is_none());
+
+        // Refused on a tcp inbound and without an inbound: one sentence naming the key.
+        let no_inbound = with("http", l7).replace(
+            "[inbound]\nlisten = \"127.0.0.1:21000\"\nlocal_app = \"127.0.0.1:8080\"\nprotocol = \"http\"\n",
+            "",
+        );
+        assert!(!no_inbound.contains("[inbound]"));
+        for (text, words) in [
+            (with("tcp", l7), "protocol = \"http\"; a tcp inbound"),
+            (no_inbound, "there is no [inbound]"),
+        ] {
+            let err = refused(&text);
+            assert!(
+                err.contains("key `intentions.rules[1].permissions`") && err.contains(words),
+                "{err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+        }
+        // A bad permission is named by its full key; both kinds in one rule are refused.
+        let cases = [
+            (
+                r#"{ source = "web", permissions = [{ action = "allow", path_prefix = "stock" }] }"#,
+                "intentions.rules[1].permissions[0].path_prefix",
+            ),
+            (
+                r#"{ source = "web", permissions = [{ action = "allow", paht = "/" }] }"#,
+                "paht",
+            ),
+            (
+                r#"{ source = "web", permissions = [] }"#,
+                "intentions.rules[1].permissions",
+            ),
+            (
+                r#"{ source = "web", action = "allow", permissions = [{ action = "allow" }] }"#,
+                "intentions.rules[1].permissions",
+            ),
+            (r#"{ source = "web" }"#, "intentions.rules[1].action"),
+        ];
+        for (rule, key) in cases {
+            let err = refused(&with("http", rule));
+            assert!(err.contains(key), "{rule}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
     }
 
     #[test]

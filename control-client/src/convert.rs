@@ -80,7 +80,7 @@ pub fn intentions_for(
                 Action::Deny
             }
         };
-        rules.push(Rule { source, action });
+        rules.push(Rule::l4(source, action));
     }
     Ok(IntentionSnapshot::new(
         snap.version,

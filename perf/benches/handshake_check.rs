@@ -20,21 +20,18 @@ use ward_proxy::tls::{CredentialStore, Credentials, InboundVerifier};
 /// in the middle so no position is favoured.
 fn rules(n: usize) -> Vec<Rule> {
     let mut v: Vec<Rule> = (0..n - 1)
-        .map(|i| Rule {
-            source: Source::parse(&format!("svc-{i}")).expect("source"),
-            action: if i % 2 == 0 {
+        .map(|i| {
+            let action = if i % 2 == 0 {
                 Action::Allow
             } else {
                 Action::Deny
-            },
+            };
+            Rule::l4(Source::parse(&format!("svc-{i}")).expect("source"), action)
         })
         .collect();
     v.insert(
         n / 2,
-        Rule {
-            source: Source::parse("order").expect("source"),
-            action: Action::Allow,
-        },
+        Rule::l4(Source::parse("order").expect("source"), Action::Allow),
     );
     v
 }

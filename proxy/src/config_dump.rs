@@ -39,10 +39,17 @@ pub fn dump(inputs: &ProxyInputs) -> Value {
         json!({
             "version": s.version,
             "default": s.default.as_str(),
-            "rules": s.rules.iter().map(|r| json!({
-                "source": r.source.to_string(),
-                "action": r.action.as_str(),
-            })).collect::<Vec<_>>(),
+            "rules": s.rules.iter().map(|r| match &r.permissions {
+                None => json!({
+                    "source": r.source.to_string(),
+                    "action": r.action.as_str(),
+                }),
+                // An L7 rule: how many permissions decide its requests.
+                Some(p) => json!({
+                    "source": r.source.to_string(),
+                    "permissions": p.len(),
+                }),
+            }).collect::<Vec<_>>(),
         })
     });
     let listeners: Vec<Value> = inputs

@@ -1,7 +1,14 @@
 //! The intentions snapshot the data plane reads: an index keyed by source, so a decision is
 //! one or two hash lookups whatever the rule count, and never waits on the control plane.
+//!
+//! A rule with L7 permissions admits its source's connections (an L4 allow) and decides each
+//! request by its permissions, compiled once here when the snapshot is built; the http inbound
+//! asks [`IntentionStore::decide_request`] on every request, so a new snapshot applies to the
+//! next request of an open connection.
 
+use crate::l7::authorize::{self, CompiledPermissions};
 use arc_swap::ArcSwapOption;
+use http::{HeaderMap, Method};
 use std::collections::HashMap;
 use std::sync::Arc;
 use ward_config::intentions::{Action, Rule, Source};
@@ -31,6 +38,31 @@ impl Decision {
     }
 }
 
+/// The decision for one request on an http inbound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestDecision {
+    /// The caller's decision as the handshake takes it, on the current snapshot.
+    pub l4: Decision,
+    /// For an L7 rule, what its permissions decided; `None` for an L4 rule (or an L4 deny).
+    pub l7: Option<authorize::Decision>,
+}
+
+impl RequestDecision {
+    pub fn is_allow(&self) -> bool {
+        self.l4.is_allow() && self.l7.is_none_or(|d| d.is_allow())
+    }
+}
+
+/// A rule's permissions, as compiled when the snapshot is built.
+#[derive(Debug)]
+enum L7 {
+    /// An L4 rule.
+    None,
+    Compiled(CompiledPermissions),
+    /// Permissions this build cannot compile: the rule denies its source (fail closed).
+    Unenforceable,
+}
+
 /// An immutable set of rules for one destination service.
 #[derive(Debug)]
 pub struct IntentionSnapshot {
@@ -41,14 +73,33 @@ pub struct IntentionSnapshot {
     /// destination's namespace.
     exact: HashMap<Name, HashMap<Name, usize>>,
     any: Option<usize>,
+    /// The compiled permissions of `rules[i]`.
+    l7: Vec<L7>,
 }
 
 impl IntentionSnapshot {
-    /// Indexes `rules` written for a destination in `local_namespace`.
+    /// Indexes `rules` written for a destination in `local_namespace` and compiles their
+    /// permissions. A rule whose permissions cannot be compiled denies its source and counts in
+    /// `ward_intention_errors_total` (security rule 6, fail closed, docs/security.md).
     pub fn new(version: u64, default: Action, rules: Vec<Rule>, local_namespace: &Name) -> Self {
         let mut exact: HashMap<Name, HashMap<Name, usize>> = HashMap::new();
         let mut any = None;
+        let mut l7 = Vec::with_capacity(rules.len());
         for (i, rule) in rules.iter().enumerate() {
+            l7.push(match &rule.permissions {
+                None => L7::None,
+                Some(p) => match CompiledPermissions::compile(p) {
+                    Ok(c) => L7::Compiled(c),
+                    Err(e) => {
+                        metrics::counter!(crate::metrics::INTENTION_ERRORS).increment(1);
+                        tracing::warn!(
+                            source = %rule.source,
+                            "an intention whose permissions cannot be compiled denies its source: {e}"
+                        );
+                        L7::Unenforceable
+                    }
+                },
+            });
             match &rule.source {
                 Source::Any => {
                     any.get_or_insert(i);
@@ -69,11 +120,13 @@ impl IntentionSnapshot {
             rules,
             exact,
             any,
+            l7,
         }
     }
 
     /// Exact source beats `*`; no match falls to the default policy. The trust domain was
     /// already checked against ours by the verifier.
+    /// An L7 rule admits its source here; its requests are decided by [`Self::decide_request`].
     pub fn decide(&self, peer: &SpiffeId) -> Decision {
         let idx = self
             .exact
@@ -82,6 +135,10 @@ impl IntentionSnapshot {
             .copied()
             .or(self.any);
         match idx {
+            Some(i) if matches!(self.l7[i], L7::Unenforceable) => Decision {
+                action: Action::Deny,
+                reason: Reason::Unenforceable,
+            },
             Some(i) => Decision {
                 action: self.rules[i].action,
                 reason: Reason::Rule(i),
@@ -91,6 +148,26 @@ impl IntentionSnapshot {
                 reason: Reason::Default,
             },
         }
+    }
+
+    /// One request of `peer`: its L4 decision, then, for an L7 rule, the first permission that
+    /// matches (none: deny). `path` is the normalized path ([`crate::l7::path::normalize`]).
+    pub fn decide_request(
+        &self,
+        peer: &SpiffeId,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> RequestDecision {
+        let l4 = self.decide(peer);
+        let l7 = match (l4.action, l4.reason) {
+            (Action::Allow, Reason::Rule(i)) => match &self.l7[i] {
+                L7::Compiled(c) => Some(c.decide(method, path, headers)),
+                L7::None | L7::Unenforceable => None,
+            },
+            _ => None,
+        };
+        RequestDecision { l4, l7 }
     }
 }
 
@@ -127,6 +204,21 @@ impl IntentionStore {
     /// The decision for `peer`, or `None` before the first snapshot (callers deny).
     pub fn decide(&self, peer: &SpiffeId, _destination: &Name) -> Option<Decision> {
         self.current.load().as_ref().map(|s| s.decide(peer))
+    }
+
+    /// The decision for one request of `peer` on the current snapshot (see
+    /// [`IntentionSnapshot::decide_request`]), or `None` before the first snapshot (deny).
+    pub fn decide_request(
+        &self,
+        peer: &SpiffeId,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<RequestDecision> {
+        self.current
+            .load()
+            .as_ref()
+            .map(|s| s.decide_request(peer, method, path, headers))
     }
 
     /// Whether `peer` may reach `destination` now (deny before the first snapshot), counted
@@ -190,10 +282,7 @@ mod tests {
     }
 
     fn rule(src: &str, action: Action) -> Rule {
-        Rule {
-            source: Source::parse(src).unwrap(),
-            action,
-        }
+        Rule::l4(Source::parse(src).unwrap(), action)
     }
 
     #[test]
@@ -253,5 +342,117 @@ mod tests {
             .decide(&id("default", "rogue"), &local)
             .unwrap()
             .is_allow());
+    }
+
+    fn l7_rule(src: &str, toml: &str) -> Rule {
+        let raw = ward_config::permission::RawRule::from_toml(toml).unwrap();
+        Rule::l7(Source::parse(src).unwrap(), raw.permissions().unwrap())
+    }
+
+    fn get(path: &str) -> (Method, String, HeaderMap) {
+        (Method::GET, path.to_owned(), HeaderMap::new())
+    }
+
+    #[test]
+    fn an_l7_rule_admits_the_connection_and_decides_each_request() {
+        let ns = Name::new("default").unwrap();
+        let s = IntentionSnapshot::new(
+            1,
+            Action::Deny,
+            vec![
+                l7_rule(
+                    "order",
+                    r#"permissions = [
+  { action = "allow", path_prefix = "/stock/", methods = ["GET"] },
+  { action = "deny", path_exact = "/admin" },
+]"#,
+                ),
+                rule("web", Action::Allow),
+            ],
+            &ns,
+        );
+        let order = id("default", "order");
+        assert!(s.decide(&order).is_allow(), "the handshake admits it");
+        let (m, p, h) = get("/stock/1");
+        let d = s.decide_request(&order, &m, &p, &h);
+        assert!(d.is_allow());
+        assert_eq!(d.l7.map(|d| d.permission), Some(Some(0)));
+        let (m, p, h) = get("/admin");
+        let d = s.decide_request(&order, &m, &p, &h);
+        assert!(!d.is_allow());
+        assert_eq!(d.l7.map(|d| d.permission), Some(Some(1)));
+        // No permission matches: deny.
+        let d = s.decide_request(&order, &Method::POST, "/stock/1", &h);
+        assert_eq!(
+            d.l7.map(|d| (d.permission, d.action)),
+            Some((None, Action::Deny))
+        );
+        assert!(!d.is_allow());
+        // An L4 rule decides every request as its handshake; no rule: the default.
+        let d = s.decide_request(&id("default", "web"), &m, "/admin", &h);
+        assert!(d.is_allow() && d.l7.is_none());
+        let d = s.decide_request(&id("default", "rogue"), &m, "/stock/1", &h);
+        assert!(!d.is_allow() && d.l7.is_none());
+    }
+
+    #[test]
+    fn permissions_that_cannot_be_compiled_deny_their_source() {
+        let ns = Name::new("default").unwrap();
+        let bad = ward_config::permission::Permission {
+            action: Action::Allow,
+            path: Some(ward_config::permission::PathMatch::Regex("(".into())),
+            methods: vec![],
+            headers: vec![],
+        };
+        let s = IntentionSnapshot::new(
+            1,
+            Action::Allow,
+            vec![Rule::l7(Source::parse("order").unwrap(), vec![bad])],
+            &ns,
+        );
+        let order = id("default", "order");
+        assert_eq!(
+            s.decide(&order),
+            Decision {
+                action: Action::Deny,
+                reason: Reason::Unenforceable
+            }
+        );
+        let (m, p, h) = get("/");
+        assert!(!s.decide_request(&order, &m, &p, &h).is_allow());
+        assert!(
+            s.decide(&id("default", "web")).is_allow(),
+            "others keep the default"
+        );
+    }
+
+    #[test]
+    fn a_change_of_permissions_alone_is_a_new_policy() {
+        let ns = Name::new("default").unwrap();
+        let store = IntentionStore::default();
+        let local = Name::new("inventory").unwrap();
+        let rules = |prefix: &str| {
+            vec![l7_rule(
+                "order",
+                &format!(r#"permissions = [{{ action = "allow", path_prefix = "{prefix}" }}]"#),
+            )]
+        };
+        assert!(store.publish(IntentionSnapshot::new(2, Action::Deny, rules("/a"), &ns)));
+        let mut changes = store.subscribe();
+        changes.mark_unchanged();
+        assert!(store.publish(IntentionSnapshot::new(3, Action::Deny, rules("/a"), &ns)));
+        assert!(!changes.has_changed().unwrap(), "same permissions");
+        assert!(store.publish(IntentionSnapshot::new(4, Action::Deny, rules("/b"), &ns)));
+        assert!(changes.has_changed().unwrap(), "other permissions");
+        let order = id("default", "order");
+        let h = HeaderMap::new();
+        let decide = |p: &str| {
+            store
+                .decide_request(&order, &Method::GET, p, &h)
+                .unwrap()
+                .is_allow()
+        };
+        assert!(decide("/b") && !decide("/a"));
+        assert!(store.decide(&order, &local).unwrap().is_allow());
     }
 }

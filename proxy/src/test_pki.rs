@@ -121,10 +121,7 @@ pub fn store(root: &Signer, int: &Signer) -> CredentialStore {
 pub fn snapshot(version: u64, default: Action, allow: &[&str]) -> IntentionSnapshot {
     let rules = allow
         .iter()
-        .map(|s| Rule {
-            source: Source::parse(s).unwrap(),
-            action: Action::Allow,
-        })
+        .map(|s| Rule::l4(Source::parse(s).unwrap(), Action::Allow))
         .collect();
     IntentionSnapshot::new(version, default, rules, &Name::new("default").unwrap())
 }

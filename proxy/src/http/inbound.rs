@@ -5,8 +5,10 @@ use super::app_client::AppClient;
 use super::idle_body::IdleBody;
 use crate::copy::{Activity, CopyEnd};
 use crate::inputs::ProxyInputs;
+use crate::l7::path::{normalize, Rejection};
 use crate::metrics as m;
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -178,25 +180,70 @@ where
     served.await
 }
 
-/// Whether this request may reach `local_app`: the per-request decision point of the http
-/// inbound. Today the current snapshot's L4 decision for the caller, as the handshake took it
-/// (an intention that turned to deny is refused here even before its connection is closed).
-/// A rule with L7 permissions reaches the data plane as a deny (the control-plane client and
-/// the static config cannot yet hand permissions on), so such a caller is answered 403 until
-/// permission matching lands here: fail closed, never "allow whatever the handshake admitted".
-pub(crate) fn request_decision<B>(conn: &HttpConn, _req: &Request<B>) -> bool {
-    conn.inputs
-        .intentions
-        .decide(&conn.peer, &conn.inputs.service.name)
-        .is_some_and(|d| d.is_allow())
+/// The origin-form target of `req` as received: `path?query` (empty for a request without a
+/// path, such as `CONNECT host:port`, which [`normalize`] then refuses).
+fn target_of<B>(req: &Request<B>) -> &str {
+    req.uri().path_and_query().map_or("", |p| p.as_str())
 }
 
-async fn handle(conn: Arc<HttpConn>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// Rewrites the request target to its normalized form ([`crate::l7::path`]): the path the
+/// permissions match is then the path `forward` sends. A target that cannot be normalized is
+/// refused, and nothing is forwarded.
+fn normalize_target<B>(req: &mut Request<B>) -> Result<(), Rejection> {
+    let n = normalize(target_of(req))?;
+    if n.is_unchanged() {
+        return Ok(());
+    }
+    let target: PathAndQuery = n.target().parse().map_err(|_| Rejection::BadCharacter)?;
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.path_and_query = Some(target);
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| Rejection::BadCharacter)?;
+    Ok(())
+}
+
+/// Whether this request may reach `local_app`: the per-request decision point of the http
+/// inbound, on the *current* snapshot (a change applies to the next request of an open
+/// connection). The caller's L4 decision as the handshake takes it (an intention that turned to
+/// deny is refused here even before its connection is closed), then, for an L7 rule, the first
+/// of its permissions that matches the method, the normalized path and the headers; none
+/// matching is a deny. Each L7 decision counts in `ward_intention_decisions_total`.
+pub(crate) fn request_decision<B>(conn: &HttpConn, req: &Request<B>) -> bool {
+    // Normalized already by `handle` (normalizing again changes nothing); a target that does
+    // not normalize is never allowed.
+    let Ok(target) = normalize(target_of(req)) else {
+        return false;
+    };
+    let Some(d) = conn.inputs.intentions.decide_request(
+        &conn.peer,
+        req.method(),
+        target.path(),
+        req.headers(),
+    ) else {
+        return false;
+    };
+    if let Some(l7) = d.l7 {
+        metrics::counter!(
+            m::INTENTION_DECISIONS,
+            "source" => conn.peer.service.to_string(),
+            "destination" => conn.inputs.service.name.to_string(),
+            "decision" => l7.action.as_str(),
+        )
+        .increment(1);
+    }
+    d.is_allow()
+}
+
+async fn handle(
+    conn: Arc<HttpConn>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let response = if request_decision(&conn, &req) {
-        forward(&conn, req).await
-    } else {
-        local(StatusCode::FORBIDDEN, "denied by intention\n")
+    // The answers say nothing about the rules: no permission, no path is named.
+    let response = match normalize_target(&mut req) {
+        Err(Rejection::TooLong) => local(StatusCode::URI_TOO_LONG, "request target too long\n"),
+        Err(_) => local(StatusCode::BAD_REQUEST, "bad request target\n"),
+        Ok(()) if request_decision(&conn, &req) => forward(&conn, req).await,
+        Ok(()) => local(StatusCode::FORBIDDEN, "denied by intention\n"),
     };
     let d = m::Direction::Inbound.as_str();
     metrics::counter!(m::HTTP_REQUESTS, "direction" => d, "peer" => conn.peer_name.clone(),
@@ -415,10 +462,122 @@ mod tests {
         };
         let req = Request::new(());
         assert!(request_decision(&conn, &req));
-        // A caller whose rule is no longer an L4 allow (a deny, or L7 permissions, which reach
-        // the data plane as a deny until they are matched here) is refused per request.
+        // A caller whose rule is no longer an L4 allow is refused per request.
         assert!(inputs.intentions.publish(snapshot(2, Action::Deny, &[])));
         assert!(!request_decision(&conn, &req));
+    }
+
+    /// `order`'s connection to `inventory`, whose intentions are `rules` (version 1).
+    fn conn_under(rules: Vec<ward_config::intentions::Rule>) -> HttpConn {
+        let root = ca("root", None, 3650, None);
+        let credentials = store_for("inventory", &root, &[&root]);
+        let ns = ward_config::Name::new("default").unwrap();
+        let store = crate::intentions::IntentionStore::default();
+        store.publish(crate::intentions::IntentionSnapshot::new(
+            1,
+            Action::Deny,
+            rules,
+            &ns,
+        ));
+        HttpConn {
+            inputs: inputs("inventory", credentials, Arc::new(store)),
+            app: crate::http::app_client::new(),
+            local_app: "127.0.0.1:1".parse().unwrap(),
+            peer: id("order"),
+            peer_name: "order".into(),
+            xfcc: HeaderValue::from_static("By=x"),
+            upgrade: Default::default(),
+        }
+    }
+
+    fn l7(toml: &str) -> Vec<ward_config::intentions::Rule> {
+        let raw = ward_config::permission::RawRule::from_toml(toml).unwrap();
+        vec![ward_config::intentions::Rule::l7(
+            ward_config::intentions::Source::parse("order").unwrap(),
+            raw.permissions().unwrap(),
+        )]
+    }
+
+    fn request(method: &str, target: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(target)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn l7_permissions_decide_each_request_on_the_normalized_path() {
+        let conn = conn_under(l7(r#"permissions = [
+  { action = "deny", path_prefix = "/stock/secret" },
+  { action = "allow", path_prefix = "/stock/", methods = ["GET"] },
+  { action = "deny", path_exact = "/admin" },
+]"#));
+        let cases = [
+            ("GET", "/stock/1", true),
+            ("GET", "/stock/1?q=/admin", true),
+            ("POST", "/stock/1", false),
+            ("GET", "/admin", false),
+            ("GET", "/stock/../admin", false),
+            ("GET", "/stock/%2e%2e/admin", false),
+            ("GET", "//stock//secret/1", false),
+            ("GET", "/stock/./x/../secret", false),
+            // Normalized to /admin (not under /stock/): no permission matches it.
+            ("GET", "/stock/../stock/../%61dmin", false),
+            ("GET", "/stock%2F..%2Fadmin", false),
+            ("GET", "/", false),
+        ];
+        for (method, target, allowed) in cases {
+            let req = request(method, target);
+            assert_eq!(request_decision(&conn, &req), allowed, "{method} {target}");
+        }
+    }
+
+    #[test]
+    fn the_target_forwarded_is_the_one_matched() {
+        let mut req = request(
+            "GET",
+            "https://inventory:21000/stock/./a/..//%61dmin?x=/../&y",
+        );
+        normalize_target(&mut req).unwrap();
+        assert_eq!(req.uri().path_and_query().unwrap(), "/stock/admin?x=/../&y");
+        assert_eq!(req.uri().authority().unwrap(), "inventory:21000");
+        let mut req = request("GET", "/stock/1");
+        normalize_target(&mut req).unwrap();
+        assert_eq!(req.uri(), "/stock/1");
+        for (bad, why) in [
+            ("/stock%2F..%2Fadmin", Rejection::EncodedSeparator),
+            ("/a%5c", Rejection::EncodedSeparator),
+            ("/a%zz", Rejection::BadEscape),
+        ] {
+            let mut req = request("GET", bad);
+            assert_eq!(normalize_target(&mut req), Err(why), "{bad}");
+            assert_eq!(req.uri(), bad, "left as received, and never forwarded");
+        }
+        let mut req = request("CONNECT", "inventory:443");
+        assert_eq!(normalize_target(&mut req), Err(Rejection::NotOriginForm));
+    }
+
+    #[test]
+    fn a_change_of_permissions_applies_to_the_next_request() {
+        let conn = conn_under(l7(
+            r#"permissions = [{ action = "allow", path_prefix = "/a" }]"#,
+        ));
+        let a = request("GET", "/a");
+        let b = request("GET", "/b");
+        assert!(request_decision(&conn, &a) && !request_decision(&conn, &b));
+        let ns = ward_config::Name::new("default").unwrap();
+        let next = l7(r#"permissions = [{ action = "allow", path_prefix = "/b" }]"#);
+        assert!(conn
+            .inputs
+            .intentions
+            .publish(crate::intentions::IntentionSnapshot::new(
+                2,
+                Action::Deny,
+                next,
+                &ns
+            )));
+        assert!(!request_decision(&conn, &a) && request_decision(&conn, &b));
     }
 
     /// A connection for `order` whose inputs have `limits`.

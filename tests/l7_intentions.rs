@@ -1,0 +1,333 @@
+//! L7 intentions on the http inbound, end to end: real `ward` processes, raw HTTP/1.1 request
+//! lines over mutual TLS (so no client normalizes the path before the proxy sees it), curl over
+//! HTTP/2, and a ward outbound with a tcp upstream.
+
+use ward_test_support as common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::pki::{spiffe_id, Pki, TRUST_DOMAIN};
+use common::proc::{ProxyConfig, TempDir, WardProcess};
+use common::tls::{tls_connect, ServerCheck};
+use common::write_tls_files;
+
+/// `order`'s L7 rule: GET under `/stock/` but not `/stock/secret`, never `/admin`.
+const PERMISSIONS: &str = r#"permissions = [
+  { action = "deny", path_prefix = "/stock/secret" },
+  { action = "allow", path_prefix = "/stock/", methods = ["GET"] },
+  { action = "deny", path_exact = "/admin" },
+]"#;
+
+/// An HTTP/1.1 app that answers every request 200 with its request line as the body, and keeps
+/// the request lines it received.
+struct RequestLog {
+    addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl RequestLog {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let kept = lines.clone();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let kept = kept.clone();
+                thread::spawn(move || {
+                    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                    let mut writer = conn.try_clone().unwrap();
+                    let mut reader = BufReader::new(conn);
+                    // Requests without a body (all this file sends), kept alive.
+                    loop {
+                        let mut line = String::new();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        loop {
+                            let mut h = String::new();
+                            match reader.read_line(&mut h) {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) if h == "\r\n" => break,
+                                Ok(_) => {}
+                            }
+                        }
+                        let line = line.trim_end().to_owned();
+                        kept.lock().unwrap().push(line.clone());
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{line}",
+                            line.len()
+                        );
+                        if writer.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RequestLog { addr, lines }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+/// Sends one request line (no body) on `s` and reads the answer: status and body.
+fn exchange<S: Read + Write>(s: &mut S, method: &str, target: &str) -> (u16, String) {
+    let req = format!("{method} {target} HTTP/1.1\r\nhost: inventory\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.flush().unwrap();
+    read_response(s).unwrap_or_else(|e| panic!("{method} {target}: {e}"))
+}
+
+/// One HTTP/1.1 response with a content-length body, read byte by byte (the stream stays
+/// usable for the next response).
+fn read_response<S: Read>(s: &mut S) -> Result<(u16, String), String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&head))),
+            Ok(_) => head.push(byte[0]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .ok_or_else(|| format!("no content-length in {head:?}"))?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).map_err(|e| format!("body: {e}"))?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// `inventory`'s http inbound with static intentions: `order` has [`PERMISSIONS`].
+struct StaticMesh {
+    dir: TempDir,
+    pki: Pki,
+    app: RequestLog,
+    proxy: WardProcess,
+}
+
+impl StaticMesh {
+    fn start(prefix: &str) -> Self {
+        let dir = TempDir::new(prefix);
+        let pki = Pki::new(TRUST_DOMAIN);
+        let files = write_tls_files(&dir, "inventory", &pki, &pki.leaf("inventory"));
+        let app = RequestLog::start();
+        let l7 = format!(
+            "{{ source = \"order\", {} }}",
+            PERMISSIONS.replace('\n', " ")
+        );
+        let toml = ProxyConfig::new("inventory", &files.cert, &files.key, &files.ca)
+            .inbound("127.0.0.1:0", app.addr)
+            .rule("order", "allow")
+            .to_toml()
+            .replacen("protocol = \"tcp\"", "protocol = \"http\"", 1)
+            .replacen("{ source = \"order\", action = \"allow\" }", &l7, 1);
+        assert!(toml.contains("/stock/secret"), "{toml}");
+        let config = dir.join("inventory.toml");
+        std::fs::write(&config, toml).unwrap();
+        let proxy = WardProcess::start("inventory", &config, &["inbound"]);
+        StaticMesh {
+            dir,
+            pki,
+            app,
+            proxy,
+        }
+    }
+
+    fn check(&self) -> ServerCheck {
+        ServerCheck::mesh(
+            &self.pki.root.cert_der,
+            &spiffe_id(TRUST_DOMAIN, "inventory"),
+        )
+    }
+
+    fn decisions(&self, decision: &str) -> f64 {
+        common::net::metric_sum(
+            &self.proxy.metrics(),
+            "ward_intention_decisions_total",
+            &[
+                ("source", "order"),
+                ("destination", "inventory"),
+                ("decision", decision),
+            ],
+        )
+    }
+}
+
+/// Each request, sent as written on one kept-alive mutual-TLS connection, is decided as its
+/// normalized path says; an allowed one reaches the app with that path, a denied one (403) or
+/// a refused one (400) never does.
+#[test]
+fn every_request_is_decided_on_its_normalized_path_and_forwarded_as_matched() {
+    let mesh = StaticMesh::start("l7-static");
+    let order = mesh.pki.leaf("order");
+    let mut c = tls_connect(mesh.proxy.inbound(), Some(&order), &mesh.check())
+        .unwrap_or_else(|f| panic!("handshake: {f:?}"));
+    // (method, target as sent, status, the request line the app sees if allowed)
+    let cases: &[(&str, &str, u16, Option<&str>)] = &[
+        ("GET", "/stock/1", 200, Some("GET /stock/1 HTTP/1.1")),
+        ("GET", "/admin", 403, None),
+        // The classic bypass shapes are /admin once normalized.
+        ("GET", "/stock/../admin", 403, None),
+        ("GET", "/stock/%2e%2e/admin", 403, None),
+        ("GET", "/%61dmin", 403, None),
+        ("GET", "//admin", 403, None),
+        // Paths are case-sensitive: /admin/ and /ADMIN are other paths, which no permission
+        // allows (a deny for every spelling is a path_regex such as `(?i)/admin(/.*)?`).
+        ("GET", "/admin/", 403, None),
+        ("GET", "/ADMIN", 403, None),
+        // An encoded separator would be a separator to an app that decodes it: 400.
+        ("GET", "/stock%2F..%2Fadmin", 400, None),
+        ("GET", "/stock/..%5Cadmin", 400, None),
+        ("GET", "/stock/%zz", 400, None),
+        // Not an origin-form path: 400.
+        ("OPTIONS", "*", 400, None),
+        // The deny on /stock/secret is found however the path is written.
+        ("GET", "/stock//secret/1", 403, None),
+        ("GET", "/stock/./secret/1", 403, None),
+        ("GET", "/stock/%73ecret/1", 403, None),
+        // Methods are case-sensitive too.
+        ("POST", "/stock/1", 403, None),
+        ("get", "/stock/1", 403, None),
+        // Allowed: the app receives the path that was matched, the query as sent.
+        (
+            "GET",
+            "/stock/x/../%31?q=/../admin",
+            200,
+            Some("GET /stock/1?q=/../admin HTTP/1.1"),
+        ),
+        ("GET", "//stock//2", 200, Some("GET /stock/2 HTTP/1.1")),
+        // The parser drops a fragment before anything is matched; it never reaches the app.
+        (
+            "GET",
+            "/stock/3#/../../admin",
+            200,
+            Some("GET /stock/3 HTTP/1.1"),
+        ),
+    ];
+    let mut want_lines = Vec::new();
+    for (method, target, status, line) in cases {
+        let (got, body) = exchange(&mut c.stream, method, target);
+        assert_eq!(got, *status, "{method} {target}: {body}");
+        match line {
+            Some(l) => {
+                assert_eq!(body, *l, "{method} {target}");
+                want_lines.push(l.to_string());
+            }
+            None => {
+                // A short answer of the proxy's own that names no rule and no path.
+                assert!(!body.contains("admin") && !body.contains("stock"), "{body}");
+                assert!(!body.contains("permission"), "{body}");
+            }
+        }
+    }
+    assert_eq!(
+        mesh.app.lines(),
+        want_lines,
+        "the app saw only allowed requests"
+    );
+    // The handshake's decision, then one per request that reached the permissions (the 400s
+    // did not).
+    assert_eq!(
+        mesh.decisions("allow"),
+        1.0 + 4.0,
+        "{}",
+        mesh.proxy.metrics()
+    );
+    assert_eq!(mesh.decisions("deny"), 12.0, "{}", mesh.proxy.metrics());
+}
+
+/// The same decisions over HTTP/2 (curl, `--path-as-is` so it sends the dot segments).
+#[test]
+fn http2_requests_are_decided_the_same_way() {
+    if !common::tool_available("curl", &["--version"]) {
+        common::skipped("curl is not installed");
+        return;
+    }
+    let mesh = StaticMesh::start("l7-h2");
+    let order = mesh.pki.leaf("order");
+    let files = write_tls_files(&mesh.dir, "order", &mesh.pki, &order);
+    for (target, status) in [
+        ("/stock/1", "200"),
+        ("/stock/../admin", "403"),
+        ("/admin", "403"),
+        ("/stock//secret/1", "403"),
+    ] {
+        let out = Command::new("curl")
+            .args(["-sS", "-k", "--http2", "--path-as-is", "--max-time", "20"])
+            .arg("--cert")
+            .arg(&files.cert)
+            .arg("--key")
+            .arg(&files.key)
+            .args(["-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+            .arg(format!("https://{}{target}", mesh.proxy.inbound()))
+            .output()
+            .expect("run curl");
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            got,
+            format!("2 {status}"),
+            "{target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(mesh.app.lines(), ["GET /stock/1 HTTP/1.1"]);
+}
+
+/// A caller whose upstream is `tcp` reaches an http inbound over plain TLS (the inbound never
+/// offers the tunnel): its bytes are parsed as HTTP and every request is decided; none gets
+/// past the permissions as raw bytes.
+#[test]
+fn a_tcp_upstream_caller_gets_no_raw_bytes_past_the_permissions() {
+    let mesh = StaticMesh::start("l7-tcp-upstream");
+    let order = mesh.pki.leaf("order");
+    let files = write_tls_files(&mesh.dir, "order", &mesh.pki, &order);
+    let order_config = mesh.dir.join("order.toml");
+    ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
+        .upstream("inventory", &[mesh.proxy.inbound()])
+        .write(&order_config);
+    let order_proxy = WardProcess::start("order", &order_config, &["upstream.inventory"]);
+    let mut s = TcpStream::connect(order_proxy.upstream("inventory")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(exchange(&mut s, "GET", "/admin").0, 403);
+    assert_eq!(exchange(&mut s, "GET", "/stock/../admin").0, 403);
+    assert_eq!(
+        exchange(&mut s, "GET", "/stock/1"),
+        (200, "GET /stock/1 HTTP/1.1".into())
+    );
+    assert_eq!(exchange(&mut s, "DELETE", "/stock/1").0, 403);
+    // Bytes that are not HTTP are refused by the parser, not copied to the app.
+    let mut raw = TcpStream::connect(order_proxy.upstream("inventory")).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    raw.write_all(b"\x16\x03\x01 not http at all\r\n\r\nGET /admin HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = raw.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    assert_eq!(mesh.app.lines(), ["GET /stock/1 HTTP/1.1"]);
+}
