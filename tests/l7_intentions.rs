@@ -1,6 +1,7 @@
 //! L7 intentions on the http inbound, end to end: real `ward` processes, raw HTTP/1.1 request
 //! lines over mutual TLS (so no client normalizes the path before the proxy sees it), curl over
-//! HTTP/2, and a ward outbound with a tcp upstream.
+//! HTTP/2, a ward outbound with a tcp upstream, and `ward intention create --file` on a dev
+//! server.
 
 use ward_test_support as common;
 
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use common::cp::{start_proxy, CpProxyConfig, DevServer};
 use common::pki::{spiffe_id, Pki, TRUST_DOMAIN};
 use common::proc::{ProxyConfig, TempDir, WardProcess};
 use common::tls::{tls_connect, ServerCheck};
@@ -330,4 +332,177 @@ fn a_tcp_upstream_caller_gets_no_raw_bytes_past_the_permissions() {
         "{answer}"
     );
     assert_eq!(mesh.app.lines(), ["GET /stock/1 HTTP/1.1"]);
+}
+
+/// `ward intention create --file` on a dev server reaches the proxy (registered as http), and a
+/// change applies to the next request on an open, kept-alive connection; `intention check`
+/// names the permission that decided.
+#[test]
+fn an_l7_intention_from_the_cli_is_enforced_and_a_change_applies_to_the_next_request() {
+    let dir = TempDir::new("l7-cli");
+    let server = DevServer::start("l7-cli-server", &dir.join("server-data"), None);
+    let app = RequestLog::start();
+    let inv_token = server.token_create("inventory", &[]);
+    let inv_file = DevServer::token_file(&dir, "inventory", &inv_token);
+    let inv_cfg = CpProxyConfig::new("inventory", &server, &inv_file).inbound(app.addr);
+    let inv_toml = dir.join("inventory.toml");
+    std::fs::write(
+        &inv_toml,
+        inv_cfg
+            .to_toml()
+            .replacen("protocol = \"tcp\"", "protocol = \"http\"", 1),
+    )
+    .unwrap();
+    let inventory = WardProcess::spawn("inventory", &inv_toml, &["inbound"]);
+    assert!(
+        inventory.wait_ready(Duration::from_secs(20)),
+        "inventory not ready: {}",
+        inventory.stderr_text()
+    );
+    let order_token = server.token_create("order", &[]);
+    let order_file = DevServer::token_file(&dir, "order", &order_token);
+    let order = start_proxy(
+        &dir,
+        "order",
+        &CpProxyConfig::new("order", &server, &order_file).upstream("inventory"),
+    );
+
+    let l7 = dir.join("l7.toml");
+    std::fs::write(&l7, PERMISSIONS).unwrap();
+    let create = |file: &std::path::Path, replace: bool| {
+        let mut args = vec![
+            "intention",
+            "create",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+            "--file",
+            file.to_str().unwrap(),
+        ];
+        if replace {
+            args.push("--replace");
+        }
+        server.cli(&args)
+    };
+    // The server takes permissions once inventory has registered as http (just after /ready).
+    let mut last = String::new();
+    let created = common::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let out = create(&l7, false);
+        if out.success() {
+            Some(())
+        } else {
+            last = out.to_string();
+            None
+        }
+    });
+    assert!(created.is_some(), "intention create --file: {last}");
+
+    // One kept-alive connection through order's tcp upstream for everything below.
+    let mut s = TcpStream::connect(order.upstream("inventory")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let allowed = common::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let mut probe = TcpStream::connect(order.upstream("inventory")).ok()?;
+        probe.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        (exchange(&mut probe, "GET", "/stock/0").0 == 200).then_some(())
+    });
+    assert!(
+        allowed.is_some(),
+        "the L7 intention did not reach the proxy"
+    );
+    assert_eq!(
+        exchange(&mut s, "GET", "/stock/1"),
+        (200, "GET /stock/1 HTTP/1.1".into())
+    );
+    assert_eq!(exchange(&mut s, "GET", "/admin").0, 403);
+    assert_eq!(exchange(&mut s, "GET", "/stock/../admin").0, 403);
+
+    let check = server.cli(&[
+        "intention",
+        "check",
+        "--source",
+        "order",
+        "--destination",
+        "inventory",
+        "--method",
+        "GET",
+        "--path",
+        "/stock/1",
+    ]);
+    assert!(check.success(), "{check}");
+    assert!(
+        check.stdout.contains("#1 "),
+        "the permission that allowed: {check}"
+    );
+    let check = server.cli(&[
+        "intention",
+        "check",
+        "--source",
+        "order",
+        "--destination",
+        "inventory",
+        "--path",
+        "/stock//secret/1",
+    ]);
+    assert_eq!(check.status.and_then(|s| s.code()), Some(1), "{check}");
+    assert!(
+        check.stdout.contains("#0 "),
+        "the permission that denied: {check}"
+    );
+
+    // Now /stock/ is closed and /admin open: the next request on the same connection sees it.
+    let changed = dir.join("l7-changed.toml");
+    std::fs::write(
+        &changed,
+        "permissions = [{ action = \"allow\", path_exact = \"/admin\", methods = [\"GET\"] }]\n",
+    )
+    .unwrap();
+    create(&changed, true).expect_ok("intention create --replace --file");
+    let mut seen = Vec::new();
+    let flipped = common::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        let (status, _) = exchange(&mut s, "GET", "/stock/1");
+        seen.push(status);
+        (status == 403).then_some(())
+    });
+    assert!(
+        flipped.is_some(),
+        "GET /stock/1 on the open connection: {seen:?}"
+    );
+    assert_eq!(
+        exchange(&mut s, "GET", "/admin"),
+        (200, "GET /admin HTTP/1.1".into())
+    );
+    let lines = app.lines();
+    assert!(!lines.iter().any(|l| l.contains("..")), "{lines:?}");
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("GET /admin HTTP/1.1")
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("/admin")).count(),
+        1,
+        "/admin reached the app only once it was allowed: {lines:?}"
+    );
+
+    // The source turned to deny as a whole: its open connection is closed, as on L4.
+    server.intention_create("order", "inventory", "deny", true);
+    let mut byte = [0u8; 1];
+    let closed = common::wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || match s.read(&mut byte) {
+            Ok(0) => Some(()),
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut =>
+            {
+                Some(())
+            }
+            _ => None,
+        },
+    );
+    assert!(
+        closed.is_some(),
+        "the denied source's connection stayed open"
+    );
 }

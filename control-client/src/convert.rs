@@ -1,6 +1,7 @@
 //! Protobuf snapshots into the data plane's checked types, once per snapshot.
 
 use ward_config::intentions::{Action, Rule, Source};
+use ward_config::proxy::Protocol;
 use ward_config::Name;
 use ward_proto::v1;
 use ward_proxy::intentions::IntentionSnapshot;
@@ -16,15 +17,16 @@ pub enum SnapshotError {
     Duplicate { index: usize, written: String },
 }
 
-/// Converts an intentions snapshot for this (tcp) inbound. A rule that cannot be enforced as
-/// written (no L4 action, or L7 permissions, which a tcp inbound cannot check) denies its
-/// source and counts in `ward_intention_errors_total` (security rule 6, fail closed,
-/// docs/security.md).
+/// Converts an intentions snapshot for an inbound carrying `protocol`. A rule that cannot be
+/// enforced as written (no L4 action; L7 permissions on a tcp inbound, which cannot check
+/// requests; permissions this build does not accept) denies its source and counts in
+/// `ward_intention_errors_total` (security rule 6, fail closed, docs/security.md).
 pub fn intentions(
     snap: &v1::IntentionsSnapshot,
+    protocol: Protocol,
     local_namespace: &Name,
 ) -> Result<IntentionSnapshot, SnapshotError> {
-    intentions_for(snap, None, local_namespace)
+    intentions_for(snap, None, protocol, local_namespace)
 }
 
 /// As [`intentions`], also refusing a snapshot addressed to another service than `local`
@@ -32,6 +34,7 @@ pub fn intentions(
 pub fn intentions_for(
     snap: &v1::IntentionsSnapshot,
     local: Option<&Name>,
+    protocol: Protocol,
     local_namespace: &Name,
 ) -> Result<IntentionSnapshot, SnapshotError> {
     if let (Some(local), Some(dest)) = (local, &snap.destination) {
@@ -68,19 +71,30 @@ pub fn intentions_for(
                 written: i.source.clone(),
             });
         }
-        let action = match (v1::Action::try_from(i.action), i.permissions.is_empty()) {
-            (Ok(v1::Action::Allow), true) => Action::Allow,
-            (Ok(v1::Action::Deny), true) => Action::Deny,
-            _ => {
-                metrics::counter!(ward_proxy::metrics::INTENTION_ERRORS).increment(1);
-                tracing::warn!(
-                    source = %i.source,
-                    "an intention this tcp inbound cannot enforce as written denies its source"
-                );
-                Action::Deny
-            }
+        let unenforceable = |why: &str| {
+            metrics::counter!(ward_proxy::metrics::INTENTION_ERRORS).increment(1);
+            tracing::warn!(
+                source = %i.source,
+                "an intention this inbound cannot enforce as written denies its source: {why}"
+            );
+            Rule::l4(source.clone(), Action::Deny)
         };
-        rules.push(Rule::l4(source, action));
+        let action = v1::Action::try_from(i.action);
+        let rule = match (action, i.permissions.is_empty(), protocol) {
+            (Ok(v1::Action::Allow), true, _) => Rule::l4(source.clone(), Action::Allow),
+            (Ok(v1::Action::Deny), true, _) => Rule::l4(source.clone(), Action::Deny),
+            (Ok(v1::Action::Unspecified), false, Protocol::Http) => {
+                match ward_proto::permission::parse(&i.permissions) {
+                    Ok(p) => Rule::l7(source.clone(), p),
+                    Err(e) => unenforceable(&e.to_string()),
+                }
+            }
+            (_, false, Protocol::Tcp) => {
+                unenforceable("L7 permissions on a tcp inbound, which cannot check requests")
+            }
+            _ => unenforceable("no action, or an action and permissions together"),
+        };
+        rules.push(rule);
     }
     Ok(IntentionSnapshot::new(
         snap.version,
@@ -124,7 +138,7 @@ mod tests {
                 intention("web", v1::Action::Unspecified, true),
             ],
         };
-        let s = intentions(&snap, &ns).unwrap();
+        let s = intentions(&snap, Protocol::Tcp, &ns).unwrap();
         let id = |svc: &str| {
             SpiffeId::parse(&format!("spiffe://ward.local/ns/default/svc/{svc}")).unwrap()
         };
@@ -143,7 +157,7 @@ mod tests {
             intentions: vec![intention("Not A Name", v1::Action::Allow, false)],
             ..snap
         };
-        assert!(intentions(&bad, &ns).is_err());
+        assert!(intentions(&bad, Protocol::Tcp, &ns).is_err());
     }
 
     #[test]
@@ -158,7 +172,7 @@ mod tests {
                 intention("legacy", v1::Action::Deny, false),
             ],
         };
-        let Err(err) = intentions(&snap, &ns) else {
+        let Err(err) = intentions(&snap, Protocol::Tcp, &ns) else {
             panic!("a duplicate is refused")
         };
         assert!(
@@ -167,6 +181,73 @@ mod tests {
         );
         // In another namespace, `legacy` and `default/legacy` are two callers.
         let prod = Name::new("prod").unwrap();
-        assert!(intentions(&snap, &prod).is_ok());
+        assert!(intentions(&snap, Protocol::Tcp, &prod).is_ok());
+    }
+
+    #[test]
+    fn an_http_inbound_takes_permissions_and_a_tcp_one_denies_their_source() {
+        let ns = Name::new("default").unwrap();
+        let admin = v1::Permission {
+            action: v1::Action::Deny as i32,
+            path: Some(v1::permission::Path::PathExact("/admin".into())),
+            ..Default::default()
+        };
+        let stock = v1::Permission {
+            action: v1::Action::Allow as i32,
+            path: Some(v1::permission::Path::PathPrefix("/stock/".into())),
+            methods: vec!["GET".into()],
+            ..Default::default()
+        };
+        let l7 = |perms: Vec<v1::Permission>| v1::Intention {
+            permissions: perms,
+            ..intention("web", v1::Action::Unspecified, false)
+        };
+        let snap = |i: v1::Intention| v1::IntentionsSnapshot {
+            version: 5,
+            destination: None,
+            default_action: v1::Action::Deny as i32,
+            intentions: vec![i],
+        };
+        let web = SpiffeId::parse("spiffe://ward.local/ns/default/svc/web").unwrap();
+        let headers = http::HeaderMap::new();
+        let get = |s: &IntentionSnapshot, path: &str| {
+            s.decide_request(&web, &http::Method::GET, path, &headers)
+                .is_allow()
+        };
+
+        let http = intentions(
+            &snap(l7(vec![admin.clone(), stock.clone()])),
+            Protocol::Http,
+            &ns,
+        )
+        .unwrap();
+        assert!(
+            http.decide(&web).is_allow(),
+            "admitted; each request decided"
+        );
+        let perms = http.rules[0].permissions.as_ref().unwrap();
+        assert_eq!(perms.len(), 2);
+        assert!(get(&http, "/stock/1") && !get(&http, "/admin") && !get(&http, "/other"));
+
+        // A tcp inbound cannot check requests: the source is denied, never admitted whole.
+        let tcp = intentions(&snap(l7(vec![admin.clone(), stock])), Protocol::Tcp, &ns).unwrap();
+        assert!(!tcp.decide(&web).is_allow());
+        assert!(tcp.rules[0].permissions.is_none());
+
+        // Permissions this build does not accept deny the source on http too.
+        let bad = v1::Permission {
+            action: v1::Action::Allow as i32,
+            path: Some(v1::permission::Path::PathPrefix("no-slash".into())),
+            ..Default::default()
+        };
+        let s = intentions(&snap(l7(vec![bad])), Protocol::Http, &ns).unwrap();
+        assert!(!s.decide(&web).is_allow());
+        // An action and permissions together: deny.
+        let both = v1::Intention {
+            action: v1::Action::Allow as i32,
+            ..l7(vec![admin])
+        };
+        let s = intentions(&snap(both), Protocol::Http, &ns).unwrap();
+        assert!(!s.decide(&web).is_allow());
     }
 }

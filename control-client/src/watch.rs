@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use ward_config::proxy::ServiceConfig;
+use ward_config::proxy::{Protocol, ServiceConfig};
 use ward_proto::v1;
 use ward_proxy::outbound::Upstream;
 use ward_proxy::MeshHandles;
@@ -101,9 +101,12 @@ impl Watches {
     }
 
     fn apply_intentions(&self, snap: v1::IntentionsSnapshot) {
+        // Without an inbound no request is ever decided here: tcp, which takes no permissions.
+        let protocol = self.mesh.inbound_protocol.unwrap_or(Protocol::Tcp);
         match crate::convert::intentions_for(
             &snap,
             Some(&self.service.name),
+            protocol,
             &self.service.namespace,
         ) {
             Ok(s) => {
@@ -158,9 +161,14 @@ impl Watches {
     }
 
     async fn register(&self, ch: Channel, addr: SocketAddr) -> (bool, String) {
+        // The server accepts L7 permissions only for a destination registered as http.
+        let protocol = match self.mesh.inbound_protocol {
+            Some(Protocol::Http) => v1::Protocol::Http,
+            Some(Protocol::Tcp) | None => v1::Protocol::Tcp,
+        };
         let request = v1::RegisterRequest {
             address: addr.to_string(),
-            protocol: v1::Protocol::Tcp as i32,
+            protocol: protocol as i32,
         };
         let opened = mesh(ch).register(request).await;
         let mut first = true;
@@ -349,6 +357,7 @@ mod tests {
                 intentions: Arc::new(IntentionStore::default()),
                 upstreams: vec![],
                 inbound_addr: None,
+                inbound_protocol: None,
             },
             service: service("order"),
             stop: CancellationToken::new(),

@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use ward_config::proxy::{CredentialSource, ProxyConfig};
+use ward_config::proxy::{CredentialSource, Protocol, ProxyConfig};
 
 /// Why the proxy could not start; each names the config key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,8 @@ pub enum BuildError {
 pub struct ProxyHandle {
     pub admin_addr: SocketAddr,
     pub inbound_addr: Option<SocketAddr>,
+    /// `[inbound] protocol`, when there is an inbound.
+    pub inbound_protocol: Option<Protocol>,
     pub upstream_addrs: Vec<(String, SocketAddr)>,
     inputs: Arc<ProxyInputs>,
     upstreams: Vec<Arc<Upstream>>,
@@ -43,6 +45,9 @@ pub struct MeshHandles {
     pub intentions: Arc<IntentionStore>,
     pub upstreams: Vec<Arc<Upstream>>,
     pub inbound_addr: Option<SocketAddr>,
+    /// What the inbound carries: the client registers it, and takes L7 permissions only for
+    /// `http`, the inbound that decides each request.
+    pub inbound_protocol: Option<Protocol>,
 }
 
 async fn bind(key: String, addr: SocketAddr) -> Result<TcpListener, BuildError> {
@@ -204,6 +209,7 @@ pub async fn build(
     Ok(ProxyHandle {
         admin_addr: local_admin(&inputs),
         inbound_addr,
+        inbound_protocol: config.inbound.as_ref().map(|i| i.protocol),
         upstream_addrs,
         inputs,
         upstreams,
@@ -233,6 +239,7 @@ impl ProxyHandle {
             intentions: self.inputs.intentions.clone(),
             upstreams: self.upstreams.clone(),
             inbound_addr: self.inbound_addr,
+            inbound_protocol: self.inbound_protocol,
         }
     }
 
