@@ -398,6 +398,36 @@ fn an_l7_intention_from_the_cli_is_enforced_and_a_change_applies_to_the_next_req
     });
     assert!(created.is_some(), "intention create --file: {last}");
 
+    // A destination registered as tcp takes no permissions: the server refuses them.
+    let billing_token = server.token_create("billing", &[]);
+    let billing_file = DevServer::token_file(&dir, "billing", &billing_token);
+    let _billing = start_proxy(
+        &dir,
+        "billing",
+        &CpProxyConfig::new("billing", &server, &billing_file).inbound(app.addr),
+    );
+    let registered =
+        common::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            let out = server.cli(&["catalog", "endpoints", "billing"]);
+            out.success().then_some(())
+        });
+    assert!(registered.is_some(), "billing did not register");
+    let out = server.cli(&[
+        "intention",
+        "create",
+        "--source",
+        "order",
+        "--destination",
+        "billing",
+        "--file",
+        l7.to_str().unwrap(),
+    ]);
+    assert!(
+        !out.success(),
+        "permissions taken for a tcp destination: {out}"
+    );
+    assert!(out.stderr.contains("need an http destination"), "{out}");
+
     // One kept-alive connection through order's tcp upstream for everything below.
     let mut s = TcpStream::connect(order.upstream("inventory")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
