@@ -7,6 +7,7 @@ use ward_test_support as common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -334,6 +335,105 @@ fn a_tcp_upstream_caller_gets_no_raw_bytes_past_the_permissions() {
     assert_eq!(mesh.app.lines(), ["GET /stock/1 HTTP/1.1"]);
 }
 
+/// `inventory`'s proxy with `[control_plane]` and an inbound of `protocol` in front of `app`,
+/// started with a join token of its own and ready (certificate and intentions in).
+fn inventory(server: &DevServer, dir: &TempDir, app: SocketAddr, protocol: &str) -> WardProcess {
+    let token = server.token_create("inventory", &[]);
+    let file = DevServer::token_file(dir, &format!("inventory-{protocol}"), &token);
+    let toml = CpProxyConfig::new("inventory", server, &file)
+        .inbound(app)
+        .to_toml()
+        .replacen(
+            "protocol = \"tcp\"",
+            &format!("protocol = \"{protocol}\""),
+            1,
+        );
+    let path = dir.join(&format!("inventory-{protocol}.toml"));
+    std::fs::write(&path, toml).unwrap();
+    let p = WardProcess::spawn(&format!("inventory-{protocol}"), &path, &["inbound"]);
+    assert!(
+        p.wait_ready(Duration::from_secs(20)),
+        "inventory ({protocol}) not ready: {}",
+        p.stderr_text()
+    );
+    p
+}
+
+/// `ward intention create --source order --destination inventory --file FILE [--replace]`.
+fn create_l7(server: &DevServer, file: &Path, replace: bool) -> common::cp::CliOutput {
+    let mut args = vec![
+        "intention",
+        "create",
+        "--source",
+        "order",
+        "--destination",
+        "inventory",
+        "--file",
+        file.to_str().unwrap(),
+    ];
+    if replace {
+        args.push("--replace");
+    }
+    server.cli(&args)
+}
+
+/// [`create_l7`], retried: the server takes permissions once inventory has registered as http
+/// (just after /ready).
+fn create_l7_once_registered(server: &DevServer, file: &Path) {
+    let mut last = String::new();
+    let created = common::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let out = create_l7(server, file, false);
+        if out.success() {
+            Some(())
+        } else {
+            last = out.to_string();
+            None
+        }
+    });
+    assert!(created.is_some(), "intention create --file: {last}");
+}
+
+/// Security rule 6: an L7 rule that reaches a tcp inbound (the destination registered as http
+/// when the rule was written, then came back with a tcp inbound) denies its source, counts in
+/// `ward_intention_errors_total`, and lets no byte reach the app.
+#[test]
+fn an_l7_rule_that_reaches_a_tcp_inbound_denies_its_source() {
+    let dir = TempDir::new("l7-on-tcp");
+    let server = DevServer::start("l7-on-tcp-server", &dir.join("server-data"), None);
+    let app = RequestLog::start();
+    let http = inventory(&server, &dir, app.addr, "http");
+    let l7 = dir.join("l7.toml");
+    std::fs::write(&l7, PERMISSIONS).unwrap();
+    create_l7_once_registered(&server, &l7);
+    drop(http);
+    let tcp = inventory(&server, &dir, app.addr, "tcp");
+    assert!(
+        common::cp::metric(&tcp, "ward_intention_errors_total", &[]) >= 1.0,
+        "{}",
+        tcp.metrics()
+    );
+    let order_token = server.token_create("order", &[]);
+    let order_file = DevServer::token_file(&dir, "order", &order_token);
+    let order = start_proxy(
+        &dir,
+        "order",
+        &CpProxyConfig::new("order", &server, &order_file).upstream("inventory"),
+    );
+    // Until the tcp inbound has refused order's handshake (the catalog may still list the http
+    // instance, gone, for a while).
+    let denied = common::wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        if let Ok(mut s) = TcpStream::connect(order.upstream("inventory")) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            let _ = s.write_all(b"GET /stock/1 HTTP/1.1\r\nhost: inventory\r\n\r\n");
+            let _ = read_response(&mut s);
+        }
+        (tcp.handshakes("inbound", "denied") >= 1.0).then_some(())
+    });
+    assert!(denied.is_some(), "{}", tcp.metrics());
+    assert_eq!(tcp.handshakes("inbound", "ok"), 0.0, "{}", tcp.metrics());
+    assert!(app.lines().is_empty(), "{:?}", app.lines());
+}
+
 /// `ward intention create --file` on a dev server reaches the proxy (registered as http), and a
 /// change applies to the next request on an open, kept-alive connection; `intention check`
 /// names the permission that decided.
@@ -342,23 +442,7 @@ fn an_l7_intention_from_the_cli_is_enforced_and_a_change_applies_to_the_next_req
     let dir = TempDir::new("l7-cli");
     let server = DevServer::start("l7-cli-server", &dir.join("server-data"), None);
     let app = RequestLog::start();
-    let inv_token = server.token_create("inventory", &[]);
-    let inv_file = DevServer::token_file(&dir, "inventory", &inv_token);
-    let inv_cfg = CpProxyConfig::new("inventory", &server, &inv_file).inbound(app.addr);
-    let inv_toml = dir.join("inventory.toml");
-    std::fs::write(
-        &inv_toml,
-        inv_cfg
-            .to_toml()
-            .replacen("protocol = \"tcp\"", "protocol = \"http\"", 1),
-    )
-    .unwrap();
-    let inventory = WardProcess::spawn("inventory", &inv_toml, &["inbound"]);
-    assert!(
-        inventory.wait_ready(Duration::from_secs(20)),
-        "inventory not ready: {}",
-        inventory.stderr_text()
-    );
+    let _inventory = inventory(&server, &dir, app.addr, "http");
     let order_token = server.token_create("order", &[]);
     let order_file = DevServer::token_file(&dir, "order", &order_token);
     let order = start_proxy(
@@ -369,34 +453,8 @@ fn an_l7_intention_from_the_cli_is_enforced_and_a_change_applies_to_the_next_req
 
     let l7 = dir.join("l7.toml");
     std::fs::write(&l7, PERMISSIONS).unwrap();
-    let create = |file: &std::path::Path, replace: bool| {
-        let mut args = vec![
-            "intention",
-            "create",
-            "--source",
-            "order",
-            "--destination",
-            "inventory",
-            "--file",
-            file.to_str().unwrap(),
-        ];
-        if replace {
-            args.push("--replace");
-        }
-        server.cli(&args)
-    };
-    // The server takes permissions once inventory has registered as http (just after /ready).
-    let mut last = String::new();
-    let created = common::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
-        let out = create(&l7, false);
-        if out.success() {
-            Some(())
-        } else {
-            last = out.to_string();
-            None
-        }
-    });
-    assert!(created.is_some(), "intention create --file: {last}");
+    let create = |file: &Path, replace: bool| create_l7(&server, file, replace);
+    create_l7_once_registered(&server, &l7);
 
     // A destination registered as tcp takes no permissions: the server refuses them.
     let billing_token = server.token_create("billing", &[]);
