@@ -259,6 +259,12 @@ fn every_request_is_decided_on_its_normalized_path_and_forwarded_as_matched() {
         mesh.proxy.metrics()
     );
     assert_eq!(mesh.decisions("deny"), 12.0, "{}", mesh.proxy.metrics());
+    let config = mesh.proxy.config_json();
+    assert_eq!(
+        config.pointer("/intentions/rules/0"),
+        Some(&serde_json::json!({ "source": "order", "permissions": 3 })),
+        "{config}"
+    );
 }
 
 /// The same decisions over HTTP/2 (curl, `--path-as-is` so it sends the dot segments).
