@@ -341,6 +341,33 @@ fn a_tcp_upstream_caller_gets_no_raw_bytes_past_the_permissions() {
     assert_eq!(mesh.app.lines(), ["GET /stock/1 HTTP/1.1"]);
 }
 
+/// A caller whose upstream is `http` (each request over pooled HTTP/2) is decided request by
+/// request in the same way.
+#[test]
+fn an_http_upstream_caller_is_decided_request_by_request() {
+    let mesh = StaticMesh::start("l7-http-upstream");
+    let order = mesh.pki.leaf("order");
+    let files = write_tls_files(&mesh.dir, "order", &mesh.pki, &order);
+    let order_config = mesh.dir.join("order.toml");
+    let toml = ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
+        .upstream("inventory", &[mesh.proxy.inbound()])
+        .to_toml()
+        .replacen("protocol = \"tcp\"", "protocol = \"http\"", 1);
+    std::fs::write(&order_config, toml).unwrap();
+    let order_proxy = WardProcess::start("order", &order_config, &["upstream.inventory"]);
+    let mut s = TcpStream::connect(order_proxy.upstream("inventory")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(exchange(&mut s, "GET", "/admin").0, 403);
+    assert_eq!(exchange(&mut s, "GET", "/stock/../admin").0, 403);
+    assert_eq!(exchange(&mut s, "GET", "/stock//secret/1").0, 403);
+    assert_eq!(
+        exchange(&mut s, "GET", "/stock/1"),
+        (200, "GET /stock/1 HTTP/1.1".into())
+    );
+    assert_eq!(exchange(&mut s, "POST", "/stock/1").0, 403);
+    assert_eq!(mesh.app.lines(), ["GET /stock/1 HTTP/1.1"]);
+}
+
 /// `inventory`'s proxy with `[control_plane]` and an inbound of `protocol` in front of `app`,
 /// started with a join token of its own and ready (certificate and intentions in).
 fn inventory(server: &DevServer, dir: &TempDir, app: SocketAddr, protocol: &str) -> WardProcess {
