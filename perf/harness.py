@@ -743,10 +743,24 @@ def render(raw):
     if os.path.exists(notes):
         with open(notes) as f:
             md.append(f.read())
+    md.append(http_section())
     with open(OUT, "w") as f:
-        f.write("\n".join(md) + "\n")
+        f.write("\n".join(md).rstrip("\n") + "\n")
     log(f"wrote {OUT}; measurement took {elapsed / 60:.1f} min"
         + (f", the whole run {meta['run_s'] / 60:.1f} min" if meta.get("run_s") else ""))
+
+
+def http_section():
+    """The HTTP mode's section of OUT (http_harness.py writes it), kept as it is."""
+    try:
+        with open(OUT) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    begin, end = "<!-- http begin -->", "<!-- http end -->"
+    if begin not in text or end not in text:
+        return ""
+    return text[text.index(begin):text.index(end) + len(end)] + "\n"
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@
 #   DEFAULTS [1]        also run the everyone's-defaults table (DEFAULT_ROUNDS [1] rounds)
 #   SETUPS [ward,haproxy,nginx,stunnel,direct]
 #   PORT_BASE [24100]   ports PORT_BASE..PORT_BASE+41 on 127.0.0.1 are used
+#   MODE [l4]           http: the HTTP harness (perf/http_harness.py: wrk, h2load; ward,
+#                       haproxy and nginx as HTTP proxies), which writes its own section of OUT
+#   H2_CONNS [10], H2_STREAMS [10]  h2load's connections and concurrent streams (MODE=http)
 #   WARD_BIN, PKI_BIN   use these ward and ward-perf-pki binaries instead of building them
 #   CARGO_TARGET_DIR    where cargo builds (default: cargo's own)
 #   OUT [perf/RESULTS.md]
@@ -58,6 +61,7 @@ command -v nginx >/dev/null || need+=(nginx)
 command -v stunnel4 >/dev/null || command -v stunnel >/dev/null || need+=(stunnel4)
 command -v wrk >/dev/null || need+=(wrk)
 command -v iperf3 >/dev/null || need+=(iperf3)
+command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
@@ -124,7 +128,9 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # Raw per-round figures, kept after the scratch dir is gone.
 export RAW="${RAW:-/tmp/ward-perf-last-run.json}"
 log "running the harness (ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-6}s)"
-PYTHONDONTWRITEBYTECODE=1 python3 perf/harness.py &
+harness=perf/harness.py
+[ "${MODE:-l4}" = http ] && harness=perf/http_harness.py
+PYTHONDONTWRITEBYTECODE=1 python3 "$harness" &
 harness_pid=$!
 wait "$harness_pid"
 harness_pid=""
