@@ -7,13 +7,14 @@ use ward_test_support as common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::pki::{spiffe_id, Identity, Pki, TRUST_DOMAIN};
 use common::proc::{ProxyConfig, TempDir, WardProcess};
+use common::py::{Python, GRPC_CLIENT, GRPC_SERVER, WS_CLIENT, WS_SERVER};
 use common::tls::{tls_connect, Failure, ServerCheck};
 use common::{write_tls_files, TlsFiles};
 
@@ -415,113 +416,6 @@ fn an_oversized_header_is_answered_431() {
     assert_eq!(mesh.requests("431"), 1.0, "{}", mesh.proxy.metrics());
 }
 
-/// A python child (killed when dropped) and the first line it printed.
-struct Python {
-    child: Child,
-    first_line: String,
-}
-
-impl Python {
-    /// Runs `script` with `args`; `None` (after a loud skip) when python3 or `module` is missing.
-    fn start(dir: &TempDir, name: &str, script: &str, args: &[&str], module: &str) -> Option<Self> {
-        let have = common::tool_available("python3", &["-c", &format!("import {module}")]);
-        if !have {
-            common::skipped(&format!(
-                "python3 with the `{module}` package is not installed"
-            ));
-            return None;
-        }
-        let path = dir.join(name);
-        std::fs::write(&path, script).unwrap();
-        let mut child = Command::new("python3")
-            .arg(&path)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn python3");
-        let mut out = child.stdout.take().unwrap();
-        let mut first_line = Vec::new();
-        let mut byte = [0u8; 1];
-        while out.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
-            first_line.push(byte[0]);
-        }
-        let first_line = String::from_utf8_lossy(&first_line).into_owned();
-        Some(Python { child, first_line })
-    }
-
-    /// Runs `script` to its end; its stdout.
-    fn run(dir: &TempDir, name: &str, script: &str, args: &[&str]) -> String {
-        let path = dir.join(name);
-        std::fs::write(&path, script).unwrap();
-        let out = Command::new("python3")
-            .arg(&path)
-            .args(args)
-            .output()
-            .expect("run python3");
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Python {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A gRPC server-streaming method with raw-bytes messages (no generated code): three messages
-/// echoing the request, then a custom trailer, and status NOT_FOUND when asked for "missing".
-const GRPC_SERVER: &str = r#"
-import sys
-from concurrent import futures
-import grpc
-
-def watch(request, context):
-    for i in range(3):
-        yield b"update-%d:" % i + request
-    context.set_trailing_metadata((("x-stock-trailer", "kept"),))
-    if request == b"missing":
-        context.abort(grpc.StatusCode.NOT_FOUND, "no such item")
-
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-handler = grpc.method_handlers_generic_handler(
-    "test.Stock", {"Watch": grpc.unary_stream_rpc_method_handler(watch)})
-server.add_generic_rpc_handlers((handler,))
-port = server.add_insecure_port("127.0.0.1:0")
-server.start()
-print(port, flush=True)
-server.wait_for_termination()
-"#;
-
-/// Calls `Watch` for "item" and for "missing" at argv[1]; prints one JSON line per call.
-const GRPC_CLIENT: &str = r#"
-import json, sys
-import grpc
-
-channel = grpc.insecure_channel(sys.argv[1], options=[("grpc.enable_http_proxy", 0)])
-watch = channel.unary_stream("/test.Stock/Watch")
-for item in (b"item", b"missing"):
-    call = watch(item, timeout=20)
-    messages = []
-    try:
-        for m in call:
-            messages.append(m.decode())
-    except grpc.RpcError:
-        pass
-    print(json.dumps({
-        "messages": messages,
-        "code": call.code().name,
-        "details": call.details(),
-        "trailers": sorted([k, v] for k, v in call.trailing_metadata() or ()),
-    }))
-"#;
-
 #[test]
 fn grpc_server_streaming_crosses_two_sidecars_with_its_trailers() {
     let dir = TempDir::new("l7-grpc-app");
@@ -565,32 +459,6 @@ fn grpc_server_streaming_crosses_two_sidecars_with_its_trailers() {
     );
     assert_eq!(mesh.requests("200"), 2.0, "{}", mesh.proxy.metrics());
 }
-
-/// A WebSocket echo server (python websockets): prints its port, echoes every message.
-const WS_SERVER: &str = r#"
-from websockets.sync.server import serve
-
-def echo(ws):
-    for message in ws:
-        ws.send(message)
-
-with serve(echo, "127.0.0.1", 0) as server:
-    print(server.socket.getsockname()[1], flush=True)
-    server.serve_forever()
-"#;
-
-/// Sends a text and a 200 KB binary message to the WebSocket at argv[1]; prints what came back.
-const WS_CLIENT: &str = r#"
-import sys
-from websockets.sync.client import connect
-
-with connect("ws://%s/chat" % sys.argv[1], open_timeout=20, close_timeout=5) as ws:
-    ws.send("hello through two sidecars")
-    print(ws.recv(timeout=20))
-    big = bytes(range(256)) * 800
-    ws.send(big)
-    print("binary", ws.recv(timeout=20) == big)
-"#;
 
 #[test]
 fn a_websocket_echo_crosses_two_sidecars() {

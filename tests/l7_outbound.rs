@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::pki::{spiffe_id, Pki, TRUST_DOMAIN};
 use common::proc::{ProxyConfig, TempDir, WardProcess};
+use common::py::{Python, GRPC_CLIENT, GRPC_SERVER};
 use common::{write_tls_files, TlsFiles};
 
 /// An HTTP/1.1 app that answers 200 with `served-by=<name>` and the request header it received
@@ -123,6 +124,32 @@ impl Mesh {
         extra: &[SocketAddr],
         limits: &str,
     ) -> Self {
+        Self::start_full(service, action, prefix, inbounds, extra, limits, None)
+    }
+
+    /// One `inventory` http inbound (`a`) in front of the app at `local_app` (a [`NamedApp`]
+    /// is started but gets no request).
+    fn in_front_of(prefix: &str, local_app: SocketAddr) -> Self {
+        Self::start_full(
+            "inventory",
+            "allow",
+            prefix,
+            &["a"],
+            &[],
+            "",
+            Some(local_app),
+        )
+    }
+
+    fn start_full(
+        service: &str,
+        action: &str,
+        prefix: &str,
+        inbounds: &[&'static str],
+        extra: &[SocketAddr],
+        limits: &str,
+        local_app: Option<SocketAddr>,
+    ) -> Self {
         let dir = TempDir::new(prefix);
         let pki = Pki::new(TRUST_DOMAIN);
         let id = pki.leaf(service);
@@ -132,7 +159,7 @@ impl Mesh {
         for name in inbounds {
             let app = NamedApp::start(name);
             let toml = ProxyConfig::new(service, &files.cert, &files.key, &files.ca)
-                .inbound("127.0.0.1:0", app.addr)
+                .inbound("127.0.0.1:0", local_app.unwrap_or(app.addr))
                 .rule("order", action)
                 .to_toml()
                 .replacen("protocol = \"tcp\"", "protocol = \"http\"", 1);
@@ -181,6 +208,20 @@ impl Mesh {
             .map(|p| p.handshakes_total("inbound"))
             .sum();
         (self.order.handshakes_total("outbound"), inbound)
+    }
+
+    /// `ward_http_requests_total` of `order`'s requests the `inventory` inbounds answered `code`.
+    fn inbound_requests(&self, code: &str) -> f64 {
+        self.inbounds
+            .iter()
+            .map(|p| {
+                common::net::metric_sum(
+                    &p.metrics(),
+                    "ward_http_requests_total",
+                    &[("direction", "inbound"), ("peer", "order"), ("code", code)],
+                )
+            })
+            .sum()
     }
 
     fn outbound_requests(&self, code: &str) -> f64 {
@@ -541,4 +582,56 @@ fn a_new_certificate_of_the_caller_is_used_from_the_next_request() {
         xfcc_hash(2),
         "the new certificate is presented"
     );
+}
+
+#[test]
+fn grpc_unary_and_server_streaming_cross_the_http_upstream_with_their_trailers() {
+    let dir = TempDir::new("l7out-grpc-app");
+    let Some(app) = Python::start(&dir, "grpc_server.py", GRPC_SERVER, &[], "grpc") else {
+        return;
+    };
+    // app (h2c) -> order's http upstream -> pooled HTTP/2 mutual TLS -> inventory's http
+    // inbound -> h2c to the grpc app.
+    let mesh = Mesh::in_front_of("l7out-grpc", app.port_addr());
+    let target = mesh.order.upstream("inventory").to_string();
+    let out = Python::run(&dir, "grpc_client.py", GRPC_CLIENT, &[&target, "Watch,Get"]);
+    let calls: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {out}")))
+        .collect();
+    assert_eq!(calls.len(), 4, "{out}");
+    let trailer = serde_json::json!([["x-stock-trailer", "kept"]]);
+    let expected = [
+        (
+            serde_json::json!(["update-0:item", "update-1:item", "update-2:item"]),
+            "OK",
+            "",
+        ),
+        // A non-OK status and its message arrive in the trailers after the streamed messages.
+        (
+            serde_json::json!(["update-0:missing", "update-1:missing", "update-2:missing"]),
+            "NOT_FOUND",
+            "no such item",
+        ),
+        (serde_json::json!(["stock:item"]), "OK", ""),
+        // A unary error is a trailers-only response: status, details and trailer in one HEADERS.
+        (serde_json::json!([]), "NOT_FOUND", "no such item"),
+    ];
+    for (call, (messages, code, details)) in calls.iter().zip(expected) {
+        assert_eq!(call["messages"], messages, "{out}");
+        assert_eq!(call["code"], code, "{out}");
+        if !details.is_empty() {
+            assert_eq!(call["details"], details, "{out}");
+        }
+        assert_eq!(call["trailers"], trailer, "{out}");
+    }
+    assert_eq!(
+        mesh.outbound_requests("200"),
+        4.0,
+        "{}",
+        mesh.order.metrics()
+    );
+    assert_eq!(mesh.inbound_requests("200"), 4.0);
+    // All four on the pooled HTTP/2 connection.
+    assert_eq!(mesh.order.handshakes("outbound", "ok"), 1.0);
 }

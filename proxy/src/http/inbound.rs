@@ -101,6 +101,8 @@ where
         let served = if h2 {
             let served = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                // A trailers-only gRPC answer's header is its trailers: no Date of ours in it.
+                .auto_date_header(false)
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
                 .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
                 .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)

@@ -6,6 +6,7 @@ pub mod cp;
 pub mod net;
 pub mod pki;
 pub mod proc;
+pub mod py;
 pub mod tls;
 
 use std::path::PathBuf;
