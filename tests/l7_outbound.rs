@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::pki::{spiffe_id, Pki, TRUST_DOMAIN};
 use common::proc::{ProxyConfig, TempDir, WardProcess};
-use common::py::{Python, GRPC_CLIENT, GRPC_SERVER};
+use common::py::{Python, GRPC_CLIENT, GRPC_SERVER, WS_CLIENT, WS_SERVER};
 use common::{write_tls_files, TlsFiles};
 
 /// An HTTP/1.1 app that answers 200 with `served-by=<name>` and the request header it received
@@ -634,4 +634,139 @@ fn grpc_unary_and_server_streaming_cross_the_http_upstream_with_their_trailers()
     assert_eq!(mesh.inbound_requests("200"), 4.0);
     // All four on the pooled HTTP/2 connection.
     assert_eq!(mesh.order.handshakes("outbound", "ok"), 1.0);
+}
+
+#[test]
+fn a_websocket_echo_crosses_the_http_upstream() {
+    let dir = TempDir::new("l7out-ws-app");
+    let Some(app) = Python::start(
+        &dir,
+        "ws_server.py",
+        WS_SERVER,
+        &[],
+        "websockets.sync.server",
+    ) else {
+        return;
+    };
+    let mesh = Mesh::in_front_of("l7out-ws", app.port_addr());
+    let target = mesh.order.upstream("inventory").to_string();
+    let out = Python::run(&dir, "ws_client.py", WS_CLIENT, &[&target]);
+    assert_eq!(out, "hello through two sidecars\nbinary True\n");
+    assert_eq!(
+        mesh.outbound_requests("101"),
+        1.0,
+        "{}",
+        mesh.order.metrics()
+    );
+    assert_eq!(mesh.inbound_requests("101"), 1.0);
+}
+
+/// An app that switches every request to protocol `x-echo` (answers 101), then echoes the
+/// bytes it reads until the client half-closes, then writes `bye` and closes.
+fn start_echo_upgrade_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match conn.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let answer = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x-echo\r\n\r\n";
+                if conn.write_all(answer).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) if conn.write_all(&buf[..n]).is_ok() => {}
+                        _ => return,
+                    }
+                }
+                let _ = conn.write_all(b"bye");
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn any_upgrade_is_spliced_through_the_http_upstream_with_half_close_carried() {
+    let mesh = Mesh::in_front_of("l7out-upgrade", start_echo_upgrade_app());
+    let mut c = TcpStream::connect(mesh.order.upstream("inventory")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(
+        b"GET /raw HTTP/1.1\r\nhost: inventory\r\nconnection: upgrade\r\nupgrade: x-echo\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            c.read(&mut byte).unwrap(),
+            1,
+            "{:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    assert_eq!(header_values(&head, "upgrade"), ["x-echo"], "{head}");
+    // Bytes both ways, in several rounds, then our half-close reaches the app, whose last
+    // bytes still come back.
+    for round in 0..3 {
+        let sent = format!("round {round}: {}", "x".repeat(100_000));
+        c.write_all(sent.as_bytes()).unwrap();
+        let mut got = vec![0u8; sent.len()];
+        c.read_exact(&mut got).unwrap();
+        assert!(got == sent.as_bytes(), "round {round}");
+    }
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    c.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "bye");
+    assert_eq!(mesh.outbound_requests("101"), 1.0);
+    assert_eq!(mesh.inbound_requests("101"), 1.0);
+}
+
+#[test]
+fn an_upgrade_the_app_declines_stays_a_plain_exchange() {
+    let mesh = Mesh::start("l7out-upgrade-declined", &["a"], &[], "");
+    let mut c = TcpStream::connect(mesh.order.upstream("inventory")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The app answers 200 to the handshake: the connection stays HTTP/1.1 for the next request.
+    c.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: inventory\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n\
+          GET /next HTTP/1.1\r\nhost: inventory\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    assert_eq!(served_by(&answer), ["a", "a"], "{answer}");
+    let heads = mesh.apps[0].heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    // The handshake reached the app with its upgrade headers, and only those hop-by-hop ones.
+    assert!(heads[0].starts_with("GET /ws HTTP/1.1\r\n"), "{heads:?}");
+    assert_eq!(
+        header_values(&heads[0], "upgrade"),
+        ["websocket"],
+        "{heads:?}"
+    );
+    assert_eq!(
+        header_values(&heads[0], "connection"),
+        ["upgrade"],
+        "{heads:?}"
+    );
+    assert!(header_values(&heads[1], "upgrade").is_empty(), "{heads:?}");
+    assert_eq!(mesh.outbound_requests("200"), 2.0);
 }

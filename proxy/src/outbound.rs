@@ -28,6 +28,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// At most one failed-handshake line per upstream this often; the next says how many were left
 /// out.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(1);
+/// The one ALPN protocol an http upstream's upgrade connections offer.
+const UPGRADE_ALPN: &[u8] = b"http/1.1";
 /// What the tunnel reads ahead while it waits for the server's first frame; h2's own reads are
 /// larger and bypass it.
 const FIRST_FRAME_READ: usize = 64;
@@ -41,6 +43,9 @@ pub struct Upstream {
     alpn: &'static [u8],
     /// Replaced (with an empty session cache) whenever our credentials change.
     connector: ArcSwap<TlsConnector>,
+    /// An http upstream's connector for HTTP/1.1 upgrades: the same config with ALPN
+    /// `http/1.1` (see `http::upgrade_out`), replaced with `connector`.
+    upgrade_connector: Option<ArcSwap<TlsConnector>>,
     /// Static endpoints, or the catalog's (replaced on each update).
     pub endpoints: ArcSwap<Vec<SocketAddr>>,
     pub(crate) next: AtomicUsize,
@@ -76,6 +81,7 @@ impl Upstream {
             namespace,
             alpn: mux::ALPN,
             connector: ArcSwap::from_pointee(TlsConnector::from(config)),
+            upgrade_connector: None,
             endpoints: ArcSwap::from_pointee(endpoints),
             next: AtomicUsize::new(0),
             pool: mux::pool::Pool::default(),
@@ -86,15 +92,12 @@ impl Upstream {
     }
 
     /// This upstream serving `protocol = "http"`: the app's requests, each to an endpoint over
-    /// a pooled HTTP/2 connection (ALPN `h2`, never the tunnel).
+    /// a pooled HTTP/2 connection (ALPN `h2`, never the tunnel); an HTTP/1.1 upgrade over a
+    /// connection of its own (ALPN `http/1.1`).
     pub fn serving_http(mut self) -> Self {
         self.alpn = b"h2";
-        let config = tls::config::client_config(
-            self.inputs.credentials.clone(),
-            self.verifier.clone(),
-            self.alpn,
-        );
-        self.connector = ArcSwap::from_pointee(TlsConnector::from(config));
+        self.connector = ArcSwap::from_pointee(self.new_connector(self.alpn));
+        self.upgrade_connector = Some(ArcSwap::from_pointee(self.new_connector(UPGRADE_ALPN)));
         self.http = Some(crate::http::h2_pool::H2Pool::default());
         self
     }
@@ -115,6 +118,16 @@ impl Upstream {
         .await
     }
 
+    /// A connector offering `alpn` alone, with a new session cache.
+    fn new_connector(&self, alpn: &[u8]) -> TlsConnector {
+        let config = tls::config::client_config(
+            self.inputs.credentials.clone(),
+            self.verifier.clone(),
+            alpn,
+        );
+        TlsConnector::from(config)
+    }
+
     /// A fresh client config (and session cache) whenever our certificate or roots change.
     async fn renew_connector_on_new_credentials(self: Arc<Self>) {
         let mut changed = self.inputs.credentials.subscribe();
@@ -123,12 +136,11 @@ impl Upstream {
                 _ = self.inputs.drain.force_close.cancelled() => return,
                 r = changed.changed() => if r.is_err() { return },
             }
-            let config = tls::config::client_config(
-                self.inputs.credentials.clone(),
-                self.verifier.clone(),
-                self.alpn,
-            );
-            self.connector.store(Arc::new(TlsConnector::from(config)));
+            self.connector
+                .store(Arc::new(self.new_connector(self.alpn)));
+            if let Some(upgrades) = &self.upgrade_connector {
+                upgrades.store(Arc::new(self.new_connector(UPGRADE_ALPN)));
+            }
             // Tunnels opened with the old certificate or roots take no new streams (nor do
             // HTTP/2 connections new requests).
             self.pool.retire_all();
@@ -226,7 +238,7 @@ impl Upstream {
     async fn open_tunnel(&self, ep: SocketAddr) -> Result<mux::pool::StreamSlot, Attempt> {
         // Read before the connector: a rotation during the handshake retires this connection.
         let generation = self.pool.generation();
-        let result = match self.handshake(ep).await {
+        let result = match self.handshake(ep, &self.connector).await {
             Err(attempt) => Err(attempt),
             Ok((tls, accepted)) if tls.get_ref().1.alpn_protocol() != Some(mux::ALPN) => {
                 self.pool.note_plain(ep, true);
@@ -260,20 +272,31 @@ impl Upstream {
         result
     }
 
-    /// [`Self::handshake`] for an http upstream; `Err(true)`: the endpoint did not answer the
-    /// TCP connect, `Err(false)`: the handshake failed (counted and logged).
+    /// [`Self::handshake`] for an http upstream, offering `h2` (or, `upgrade`, `http/1.1`);
+    /// `Err(true)`: the endpoint did not answer the TCP connect, `Err(false)`: the handshake
+    /// failed (counted and logged).
     pub(crate) async fn handshake_http(
         &self,
         ep: SocketAddr,
+        upgrade: bool,
     ) -> Result<(MeshStream, Accepted), bool> {
-        self.handshake(ep)
+        let connector = match &self.upgrade_connector {
+            Some(upgrades) if upgrade => upgrades,
+            _ => &self.connector,
+        };
+        self.handshake(ep, connector)
             .await
             .map_err(|a| matches!(a, Attempt::Unreachable))
     }
 
-    /// TCP connect and mutual TLS handshake to `ep`, accepted on our side; counted once the
-    /// server has answered it (see [`Unanswered`]). A failure on our side is counted here.
-    async fn handshake(&self, ep: SocketAddr) -> Result<(MeshStream, Accepted), Attempt> {
+    /// TCP connect and mutual TLS handshake to `ep` with `connector`, accepted on our side;
+    /// counted once the server has answered it (see [`Unanswered`]). A failure on our side is
+    /// counted here.
+    async fn handshake(
+        &self,
+        ep: SocketAddr,
+        connector: &ArcSwap<TlsConnector>,
+    ) -> Result<(MeshStream, Accepted), Attempt> {
         let inputs = &self.inputs;
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(ep)).await {
             Ok(Ok(s)) => s,
@@ -298,7 +321,7 @@ impl Upstream {
         // SNI is off and the verifier checks the SPIFFE ID, so the name only keys the session
         // ticket cache: one entry per endpoint.
         let name = endpoint_name(ep);
-        let connector = self.connector.load_full();
+        let connector = connector.load_full();
         let handshake = tokio::time::timeout(
             inputs.limits.handshake_timeout,
             connector.connect(name, crate::tls::large_reads::LargeReads::new(tcp)),
@@ -490,12 +513,19 @@ pub(crate) async fn first_frame(
 
 /// A plain connection whose handshake is counted at the server's first record: a session
 /// ticket or data (it took our certificate), its clean close, or an alert (it refused it).
-struct Answered {
+pub(crate) struct Answered {
     tls: Box<MeshStream>,
     unanswered: Option<Unanswered>,
 }
 
 impl Answered {
+    pub(crate) fn new(tls: MeshStream, unanswered: Unanswered) -> Self {
+        Self {
+            tls: Box::new(tls),
+            unanswered: Some(unanswered),
+        }
+    }
+
     fn settle(&mut self, result: HandshakeResult, error: Option<&io::Error>) {
         if let Some(unanswered) = self.unanswered.take() {
             let alert = error.and_then(tls::verify::received_alert);

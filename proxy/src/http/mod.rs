@@ -12,6 +12,7 @@
 //! - [`app_client`]: the pooled clients to `local_app`.
 //! - [`sniff`]: HTTP/2 prior knowledge on a connection without ALPN.
 //! - [`upgrade`]: HTTP/1.1 upgrades (WebSocket) spliced to the app.
+//! - [`upgrade_out`]: the outbound's HTTP/1.1 upgrades, each over a connection of its own.
 //! - [`idle_body`]: the body idle timeout.
 //! - [`hop_by_hop`]: the headers that never cross a proxy (RFC 9110 section 7.6.1).
 //!
@@ -24,6 +25,7 @@ pub(crate) mod inbound;
 pub(crate) mod outbound;
 pub(crate) mod sniff;
 pub(crate) mod upgrade;
+pub(crate) mod upgrade_out;
 pub(crate) mod xfcc;
 
 use http::header::{self, HeaderMap, HeaderName};

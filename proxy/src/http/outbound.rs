@@ -12,6 +12,7 @@
 use super::h2_pool::{H2Pool, Pooled};
 use super::idle_body::IdleBody;
 use super::inbound::{local, until_done, Body, Counted};
+use super::upgrade::Slot;
 use crate::copy::CopyEnd;
 use crate::metrics::{self as m, Direction, HandshakeResult};
 use crate::outbound::Upstream;
@@ -75,11 +76,12 @@ async fn serve_app(
         }
     };
     let io = TokioIo::new(io);
-    let u = upstream.clone();
-    let service = hyper::service::service_fn(move |req| handle(u.clone(), req));
+    let (u, upgrade) = (upstream.clone(), Arc::new(Slot::default()));
+    let slot = upgrade.clone();
+    let service = hyper::service::service_fn(move |req| handle(u.clone(), slot.clone(), req));
     let drain = &inputs.drain.stop_accepting;
     let served = async {
-        if h2 {
+        let served = if h2 {
             let served = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 // A trailers-only gRPC answer's header is its trailers: no Date of ours in it.
@@ -97,16 +99,23 @@ async fn serve_app(
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_header_size(limits.max_header_bytes)
-                .serve_connection(io, service);
+                .serve_connection(io, service)
+                .with_upgrades();
             until_done(served, drain, |c| c.graceful_shutdown()).await
+        };
+        match served {
+            Ok(()) => {}
+            Err(e) if e.is_timeout() => return CopyEnd::Idle,
+            Err(e) => return CopyEnd::Failed(io::Error::other(e)),
+        }
+        // An HTTP/1.1 connection that switched protocols: hyper has handed it over.
+        match upgrade.take() {
+            Some(upgrade) => upgrade.splice(limits.idle_timeout, close).await,
+            None => CopyEnd::Done,
         }
     };
     tokio::select! {
-        r = served => match r {
-            Ok(()) => CopyEnd::Done,
-            Err(e) if e.is_timeout() => CopyEnd::Idle,
-            Err(e) => CopyEnd::Failed(io::Error::other(e)),
-        },
+        end = served => end,
         _ = idle => CopyEnd::Idle,
         _ = close.cancelled() => CopyEnd::Closed,
     }
@@ -182,13 +191,18 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     }
 }
 
-/// One request from the app: forwarded, answered, counted where it is decided.
+/// One request from the app: forwarded (an HTTP/1.1 upgrade over a connection of its own,
+/// [`super::upgrade_out`], left in `upgrade` once agreed), answered, counted where it is decided.
 async fn handle(
     upstream: Arc<Upstream>,
+    upgrade: Arc<Slot>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let response = forward(&upstream, req).await;
+    let response = match super::upgrade_out::requested(&req) {
+        Some(protocol) => super::upgrade_out::forward(&upstream, req, protocol, &upgrade).await,
+        None => forward(&upstream, req).await,
+    };
     let (d, peer) = (Direction::Outbound.as_str(), upstream.service.to_string());
     metrics::counter!(m::HTTP_REQUESTS, "direction" => d, "peer" => peer.clone(),
         "code" => response.status().as_str().to_owned())
@@ -311,8 +325,9 @@ fn to_upstream(upstream: &Upstream, req: Request<Incoming>) -> Option<Request<In
     Some(Request::from_parts(parts, body))
 }
 
-enum Reach {
-    Open(Pooled),
+/// What trying one endpoint came to: a connection (`C`) to send on, or why not.
+pub(super) enum Reach<C = Pooled> {
+    Open(C),
     /// The endpoint did not answer the TCP connect: try the next one.
     Unreachable,
     /// The endpoint answered but the connection failed (handshake refused, no `h2`).
@@ -349,7 +364,7 @@ async fn connection(
 /// A new connection to `ep`: TCP, the mutual-TLS handshake (the server proves the upstream's
 /// identity), then HTTP/2, pooled.
 async fn open(upstream: &Upstream, pool: &H2Pool, ep: SocketAddr, generation: u64) -> Reach {
-    let (tls, accepted) = match upstream.handshake_http(ep).await {
+    let (tls, accepted) = match upstream.handshake_http(ep, false).await {
         Ok(done) => done,
         Err(true) => return Reach::Unreachable,
         Err(false) => return Reach::Failed,
