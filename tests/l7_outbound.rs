@@ -128,15 +128,15 @@ impl Mesh {
     }
 
     /// One `inventory` http inbound (`a`) in front of the app at `local_app` (a [`NamedApp`]
-    /// is started but gets no request).
-    fn in_front_of(prefix: &str, local_app: SocketAddr) -> Self {
+    /// is started but gets no request); `limits` is `order`'s `[limits]` table.
+    fn in_front_of(prefix: &str, local_app: SocketAddr, limits: &str) -> Self {
         Self::start_full(
             "inventory",
             "allow",
             prefix,
             &["a"],
             &[],
-            "",
+            limits,
             Some(local_app),
         )
     }
@@ -592,7 +592,7 @@ fn grpc_unary_and_server_streaming_cross_the_http_upstream_with_their_trailers()
     };
     // app (h2c) -> order's http upstream -> pooled HTTP/2 mutual TLS -> inventory's http
     // inbound -> h2c to the grpc app.
-    let mesh = Mesh::in_front_of("l7out-grpc", app.port_addr());
+    let mesh = Mesh::in_front_of("l7out-grpc", app.port_addr(), "");
     let target = mesh.order.upstream("inventory").to_string();
     let out = Python::run(&dir, "grpc_client.py", GRPC_CLIENT, &[&target, "Watch,Get"]);
     let calls: Vec<serde_json::Value> = out
@@ -648,7 +648,7 @@ fn a_websocket_echo_crosses_the_http_upstream() {
     ) else {
         return;
     };
-    let mesh = Mesh::in_front_of("l7out-ws", app.port_addr());
+    let mesh = Mesh::in_front_of("l7out-ws", app.port_addr(), "");
     let target = mesh.order.upstream("inventory").to_string();
     let out = Python::run(&dir, "ws_client.py", WS_CLIENT, &[&target]);
     assert_eq!(out, "hello through two sidecars\nbinary True\n");
@@ -698,9 +698,9 @@ fn start_echo_upgrade_app() -> SocketAddr {
     addr
 }
 
-#[test]
-fn any_upgrade_is_spliced_through_the_http_upstream_with_half_close_carried() {
-    let mesh = Mesh::in_front_of("l7out-upgrade", start_echo_upgrade_app());
+/// A client connection to `order`'s upstream listener switched to `x-echo` (see
+/// [`start_echo_upgrade_app`]).
+fn upgraded_to_echo(mesh: &Mesh) -> TcpStream {
     let mut c = TcpStream::connect(mesh.order.upstream("inventory")).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.write_all(
@@ -721,6 +721,13 @@ fn any_upgrade_is_spliced_through_the_http_upstream_with_half_close_carried() {
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101 "), "{head}");
     assert_eq!(header_values(&head, "upgrade"), ["x-echo"], "{head}");
+    c
+}
+
+#[test]
+fn any_upgrade_is_spliced_through_the_http_upstream_with_half_close_carried() {
+    let mesh = Mesh::in_front_of("l7out-upgrade", start_echo_upgrade_app(), "");
+    let mut c = upgraded_to_echo(&mesh);
     // Bytes both ways, in several rounds, then our half-close reaches the app, whose last
     // bytes still come back.
     for round in 0..3 {
@@ -769,4 +776,42 @@ fn an_upgrade_the_app_declines_stays_a_plain_exchange() {
     );
     assert!(header_values(&heads[1], "upgrade").is_empty(), "{heads:?}");
     assert_eq!(mesh.outbound_requests("200"), 2.0);
+}
+
+#[test]
+fn an_upgraded_connection_through_the_http_upstream_is_closed_at_the_drain_deadline() {
+    let limits = "drain_timeout = \"1s\"";
+    let mut mesh = Mesh::in_front_of("l7out-upgrade-drain", start_echo_upgrade_app(), limits);
+    let mut c = upgraded_to_echo(&mesh);
+    c.write_all(b"before").unwrap();
+    let mut got = [0u8; 6];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"before");
+    let ok = Command::new("kill")
+        .args(["-TERM", &mesh.order.pid().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM order");
+    let exited = common::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        mesh.order.try_wait()
+    });
+    let exited = exited.unwrap_or_else(|| panic!("order still running after its drain deadline"));
+    assert_eq!(exited.code(), Some(0));
+    // The open splice kept the drain waiting until its deadline (not cut when it began).
+    let log = mesh.order.stderr_text();
+    assert!(log.contains("drain_timeout reached"), "{log}");
+    // The splice was cut at the deadline: EOF or a reset, not the client's read timeout.
+    let mut rest = Vec::new();
+    match c.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the upgraded connection was left open: {e}"
+        ),
+    }
+    assert!(rest.is_empty(), "{rest:?}");
 }
