@@ -815,3 +815,33 @@ fn an_upgraded_connection_through_the_http_upstream_is_closed_at_the_drain_deadl
     }
     assert!(rest.is_empty(), "{rest:?}");
 }
+
+#[test]
+fn an_upgrade_keeps_the_identity_check_and_the_refusals_of_the_pooled_path() {
+    let upgrade = |mesh: &Mesh| {
+        let mut c = TcpStream::connect(mesh.order.upstream("inventory")).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(
+            b"GET /ws HTTP/1.1\r\nhost: inventory\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+              connection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    // A genuine mesh sidecar, allowing order, but of `billing`, not `inventory`.
+    let impostor = Mesh::start_as("billing", "allow", "l7out-up-impostor", &["a"], &[], "");
+    let answer = upgrade(&impostor);
+    assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+    assert_eq!(impostor.order.handshakes("outbound", "bad_identity"), 1.0);
+    assert!(impostor.apps[0].heads().is_empty());
+    // An upstream whose intention denies order: its alert is counted as what it means.
+    let denied = Mesh::start_as("inventory", "deny", "l7out-up-denied", &["a"], &[], "");
+    let answer = upgrade(&denied);
+    assert!(answer.starts_with("HTTP/1.1 502 "), "{answer}");
+    assert_eq!(denied.order.handshakes("outbound", "denied"), 1.0);
+    assert_eq!(denied.order.handshakes("outbound", "ok"), 0.0);
+    assert!(denied.apps[0].heads().is_empty());
+    assert_eq!(denied.outbound_requests("502"), 1.0);
+}
