@@ -543,6 +543,28 @@ fn an_upgrade_the_app_declines_is_an_ordinary_exchange() {
 }
 
 #[test]
+fn an_upgrade_to_h2c_never_reaches_the_app() {
+    let mesh = Mesh::start("l7-upgrade-h2c", "");
+    let mut c = mesh.connect_as_order();
+    // Were the app to accept it, the connection would carry HTTP/2 requests the inbound does
+    // not parse: it reaches the app as a plain HTTP/1.1 request.
+    c.stream
+        .write_all(
+            b"GET /admin HTTP/1.1\r\nhost: inventory\r\nconnection: Upgrade, HTTP2-Settings, close\r\n\
+              upgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n",
+        )
+        .unwrap();
+    let (answer, timed_out) = read_all(&mut c);
+    assert!(!timed_out);
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let heads = mesh.app.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    for name in ["upgrade", "http2-settings"] {
+        assert!(header_values(&heads[0], name).is_empty(), "{heads:?}");
+    }
+}
+
+#[test]
 fn malformed_requests_are_answered_400_and_counted() {
     let mesh = Mesh::start("l7-malformed", "");
     let cases: [(&str, &[u8]); 6] = [

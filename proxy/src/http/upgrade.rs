@@ -13,7 +13,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// The `Upgrade` value of an HTTP/1.1 request that names `upgrade` in `Connection`.
+/// The `Upgrade` value of an HTTP/1.1 request that names `upgrade` in `Connection`, without
+/// `h2c`. An upgrade to h2c is never passed on: after it the connection would carry HTTP/2
+/// requests the sidecar does not parse, past the per-request decisions (L7 permissions); such
+/// a request goes on as a plain HTTP/1.1 one (RFC 9113 dropped the h2c upgrade too).
 pub(crate) fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
@@ -25,9 +28,21 @@ pub(crate) fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asked
-        .then(|| req.headers().get(header::UPGRADE).cloned())
-        .flatten()
+    if !asked {
+        return None;
+    }
+    let value = req.headers().get(header::UPGRADE)?;
+    let text = value.to_str().ok()?;
+    let kept: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))
+        .collect();
+    match kept.len() {
+        0 => None,
+        n if n == text.split(',').count() => Some(value.clone()),
+        _ => HeaderValue::from_str(&kept.join(", ")).ok(),
+    }
 }
 
 /// Puts back the two hop-by-hop headers an upgrade needs on the next hop.
@@ -76,5 +91,32 @@ impl Pending {
             &uncounted,
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asking(upgrade: &str) -> Request<()> {
+        Request::builder()
+            .header(header::CONNECTION, "Upgrade, HTTP2-Settings")
+            .header(header::UPGRADE, upgrade)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn an_upgrade_to_h2c_is_never_passed_on() {
+        assert_eq!(requested(&asking("h2c")), None);
+        assert_eq!(requested(&asking("H2C")), None);
+        assert_eq!(
+            requested(&asking("h2c, websocket")).unwrap(),
+            HeaderValue::from_static("websocket")
+        );
+        assert_eq!(
+            requested(&asking("websocket")).unwrap(),
+            HeaderValue::from_static("websocket")
+        );
     }
 }

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 /// `h2c` alone is left to the pooled path, which drops it as any hop-by-hop header: the app's
 /// requests already reach the upstream over HTTP/2.
 pub(crate) fn requested<B>(req: &Request<B>) -> Option<HeaderValue> {
-    super::upgrade::requested(req).filter(|p| !p.as_bytes().eq_ignore_ascii_case(b"h2c"))
+    super::upgrade::requested(req)
 }
 
 /// Sends the upgrade request `req` (asking for `protocol`) to the upstream's next endpoint and
