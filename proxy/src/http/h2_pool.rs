@@ -19,8 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+/// A request body as it goes upstream: bounded by `idle_timeout`, and telling when it is sent.
+pub(crate) type ReqBody = super::idle_body::SentBody<Incoming>;
+
 /// Sends requests on one pooled connection.
-pub(crate) type Sender = http2::SendRequest<Incoming>;
+pub(crate) type Sender = http2::SendRequest<ReqBody>;
 
 /// The connections of one upstream, by endpoint.
 #[derive(Default)]
@@ -128,7 +131,7 @@ impl H2Pool {
 /// it is done, or at the drain deadline.
 async fn drive<T>(
     inputs: Arc<ProxyInputs>,
-    connection: http2::Connection<TokioIo<T>, Incoming, TokioExecutor>,
+    connection: http2::Connection<TokioIo<T>, ReqBody, TokioExecutor>,
     conns: Arc<DashMap<SocketAddr, Conn>>,
     ep: SocketAddr,
     id: u64,

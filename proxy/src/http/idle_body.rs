@@ -73,6 +73,76 @@ where
     }
 }
 
+/// How far the request body has gone out: the response clock starts once it is `Sent`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Not asked for yet (the request has not gone out).
+    Waiting,
+    /// Being sent: bounded by `idle_timeout`, not by `request_timeout`.
+    Sending,
+    /// Sent whole (or given up on).
+    Sent,
+}
+
+/// A request body (with [`IdleBody`]'s stall bound) that reports through `phase` when it has
+/// been sent whole, so that a slow upload does not eat the wait for the response.
+pub(crate) struct SentBody<B> {
+    inner: IdleBody<B>,
+    phase: tokio::sync::watch::Sender<Phase>,
+}
+
+impl<B> SentBody<B> {
+    pub(crate) fn new(inner: B, idle: Duration) -> (Self, tokio::sync::watch::Receiver<Phase>) {
+        let (phase, rx) = tokio::sync::watch::channel(Phase::Waiting);
+        let inner = IdleBody::new(inner, idle);
+        (Self { inner, phase }, rx)
+    }
+}
+
+impl<B> Drop for SentBody<B> {
+    fn drop(&mut self) {
+        // Dropped by the client: sent, failed or cancelled; nothing more will go out.
+        self.phase.send_replace(Phase::Sent);
+    }
+}
+
+impl<B> Body for SentBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if *self.phase.borrow() == Phase::Waiting {
+            self.phase.send_replace(Phase::Sending);
+        }
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        // The client stops asking once `is_end_stream` is true, so report it here.
+        let done = match &frame {
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if done {
+            self.phase.send_replace(Phase::Sent);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 //! `[limits] request_timeout`.
 
 use super::h2_pool::{H2Pool, Pooled};
-use super::idle_body::IdleBody;
+use super::idle_body::{IdleBody, Phase, SentBody};
 use super::inbound::{local, until_done, Body, Counted};
 use super::upgrade::Slot;
 use crate::copy::CopyEnd;
@@ -217,10 +217,13 @@ async fn handle(
 /// on the next endpoint; one that was sent is never sent twice.
 async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> {
     let pool = upstream.http.as_ref().expect("an http upstream");
-    let mut req = match to_upstream(upstream, req) {
-        Some(req) => req,
+    let (parts, body) = match to_upstream(upstream, req) {
+        Some(req) => req.into_parts(),
         None => return local(StatusCode::BAD_REQUEST, "bad request target\n"),
     };
+    // A request body that stalls for idle_timeout ends; request_timeout waits until it is sent.
+    let (body, phase) = SentBody::new(body, upstream.inputs.limits.idle_timeout);
+    let mut req = Request::from_parts(parts, body);
     let endpoints = upstream.endpoints.load_full();
     let n = endpoints.len();
     if n == 0 {
@@ -255,8 +258,13 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
             };
             let Pooled { id, mut send } = conn;
             let timeout = upstream.inputs.limits.request_timeout;
-            match tokio::time::timeout(timeout, send.try_send_request(req)).await {
-                Err(_) => {
+            let deadline = response_deadline(phase.clone(), Instant::now(), timeout);
+            let sent = tokio::select! {
+                sent = send.try_send_request(req) => Ok(sent),
+                () = deadline => Err(()),
+            };
+            match sent {
+                Err(()) => {
                     tracing::debug!(upstream = %upstream.service, endpoint = %ep, "no response header within request_timeout");
                     return local(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -295,6 +303,32 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
         StatusCode::BAD_GATEWAY,
         "no endpoint of the upstream is reachable\n",
     )
+}
+
+/// Resolves when the wait for the response header is over: `timeout` after `from` while the
+/// request body has not been asked for (or there is none), else `timeout` after it was sent
+/// whole; an upload in progress is bounded by `idle_timeout`, not here.
+async fn response_deadline(
+    mut phase: tokio::sync::watch::Receiver<Phase>,
+    from: Instant,
+    timeout: std::time::Duration,
+) {
+    loop {
+        let now = *phase.borrow_and_update();
+        match now {
+            Phase::Waiting => tokio::select! {
+                () = tokio::time::sleep_until(from + timeout) => return,
+                changed = phase.changed() => if changed.is_err() { break },
+            },
+            Phase::Sending => {
+                if phase.changed().await.is_err() {
+                    break;
+                }
+            }
+            Phase::Sent => break,
+        }
+    }
+    tokio::time::sleep(timeout).await
 }
 
 /// The app's request as the upstream gets it: HTTP/2 with `:authority` from the app's `Host`
