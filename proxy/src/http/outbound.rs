@@ -200,6 +200,12 @@ async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let response = match super::upgrade_out::requested(&req) {
+        // Not forwarded (a tunnel is a tcp upstream's job); hyper's HTTP/2 client refuses one
+        // with a body anyway.
+        _ if req.method() == http::Method::CONNECT => local(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported by an http upstream\n",
+        ),
         Some(protocol) => super::upgrade_out::forward(&upstream, req, protocol, &upgrade).await,
         None => forward(&upstream, req).await,
     };
@@ -279,7 +285,11 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
                     return Response::from_parts(parts, Either::Left(IdleBody::new(body, idle)));
                 }
                 Ok(Err(mut e)) => {
-                    pool.retire(ep, id);
+                    // Only a connection that failed is retired: a stream reset or a local
+                    // refusal of one request leaves the others on it (and later ones) alone.
+                    if send.is_closed() {
+                        pool.retire(ep, id);
+                    }
                     match e.take_message() {
                         Some(unsent) => {
                             tracing::debug!(upstream = %upstream.service, endpoint = %ep, error = %e.error(), "pooled connection could not take the request; trying the next endpoint");
