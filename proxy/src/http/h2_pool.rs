@@ -71,7 +71,10 @@ impl H2Pool {
                 });
             }
         }
-        self.conns.remove_if(&ep, |_, c| !c.usable(generation));
+        // A reader holding an older generation must not evict a newer connection.
+        self.conns.remove_if(&ep, |_, c| {
+            c.generation <= generation && !c.usable(generation)
+        });
         None
     }
 
@@ -167,4 +170,51 @@ async fn drive<T>(
         }
     }
     retire();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sender on a real HTTP/2 connection (over an in-memory pipe to a hyper server).
+    async fn sender() -> Sender {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let service = hyper::service::service_fn(|_req| async {
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(String::new()))
+        });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server), service),
+        );
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    #[tokio::test]
+    async fn a_reader_with_an_older_generation_does_not_evict_a_newer_connection() {
+        let pool = H2Pool::default();
+        let ep: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let conn = |generation| async move {
+            Conn {
+                id: generation,
+                send: sender().await,
+                generation,
+                server_not_after: i64::MAX,
+                used: Arc::new(Activity::new()),
+            }
+        };
+        pool.conns.insert(ep, conn(2).await);
+        assert!(
+            pool.get(ep, 1).is_none(),
+            "not usable with older credentials"
+        );
+        assert_eq!(pool.get(ep, 2).map(|p| p.id), Some(2), "still pooled");
+        // A newer generation does retire it.
+        assert!(pool.get(ep, 3).is_none());
+        assert!(pool.conns.get(&ep).is_none());
+    }
 }

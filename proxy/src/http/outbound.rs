@@ -397,6 +397,9 @@ async fn connection(
     let Some(_opening) = upstream.pool.opening(ep, retry_failed_before).await else {
         return Reach::Skipped;
     };
+    // Again under the lock: credentials may have rotated while we waited for it, and a
+    // connection opened with the old ones would be retired at once.
+    let generation = upstream.pool.generation();
     if let Some(conn) = pool.get(ep, generation) {
         return Reach::Open(conn);
     }
