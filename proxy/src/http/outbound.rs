@@ -7,7 +7,8 @@
 //! The proxy answers on its own, with a short text body: 503 when the upstream has no endpoint,
 //! 502 when none can be reached (TCP connect refused or over `CONNECT_TIMEOUT`, handshake
 //! refused) or the connection fails mid-request, 504 when no response header came within
-//! `[limits] request_timeout`.
+//! `[limits] request_timeout` of the start of forwarding (connect included) or, for a request
+//! with a body, of that body having been sent whole.
 
 use super::h2_pool::{H2Pool, Pooled};
 use super::idle_body::{IdleBody, Phase, SentBody};
@@ -239,7 +240,8 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
             "the upstream has no endpoints\n",
         );
     }
-    let started = Instant::now();
+    // One deadline for the whole forward, connect attempts included (see response_deadline).
+    let (started, timeout) = (Instant::now(), upstream.inputs.limits.request_timeout);
     let first = upstream.next.fetch_add(1, Ordering::Relaxed);
     let mut turn: Vec<(SocketAddr, Option<Instant>)> =
         (0..n).map(|i| (endpoints[(first + i) % n], None)).collect();
@@ -248,7 +250,15 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
     // failures never leave the upstream with nothing to try.
     for pass in 0..2 {
         for (ep, retry_failed_before) in std::mem::take(&mut turn) {
-            let conn = match connection(upstream, pool, ep, retry_failed_before).await {
+            let reach = connection(upstream, pool, ep, retry_failed_before);
+            let Ok(reach) = tokio::time::timeout_at(started + timeout, reach).await else {
+                tracing::debug!(upstream = %upstream.service, endpoint = %ep, "no connection within request_timeout");
+                return local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the upstream did not answer within request_timeout\n",
+                );
+            };
+            let conn = match reach {
                 Reach::Open(conn) => conn,
                 Reach::Skipped if pass == 0 => {
                     skipped.push((ep, Some(started)));
@@ -263,8 +273,7 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
                 }
             };
             let Pooled { id, mut send } = conn;
-            let timeout = upstream.inputs.limits.request_timeout;
-            let deadline = response_deadline(phase.clone(), Instant::now(), timeout);
+            let deadline = response_deadline(phase.clone(), started, timeout);
             let sent = tokio::select! {
                 sent = send.try_send_request(req) => Ok(sent),
                 () = deadline => Err(()),
@@ -315,9 +324,9 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
     )
 }
 
-/// Resolves when the wait for the response header is over: `timeout` after `from` while the
-/// request body has not been asked for (or there is none), else `timeout` after it was sent
-/// whole; an upload in progress is bounded by `idle_timeout`, not here.
+/// Resolves when the wait for the response header is over: `timeout` after `from` (the start
+/// of forwarding) while the request body has not been asked for (or there is none), else
+/// `timeout` after it was sent whole; an upload in progress is bounded by `idle_timeout`.
 async fn response_deadline(
     mut phase: tokio::sync::watch::Receiver<Phase>,
     from: Instant,
