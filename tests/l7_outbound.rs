@@ -845,3 +845,58 @@ fn an_upgrade_keeps_the_identity_check_and_the_refusals_of_the_pooled_path() {
     assert!(denied.apps[0].heads().is_empty());
     assert_eq!(denied.outbound_requests("502"), 1.0);
 }
+
+#[test]
+fn a_request_body_slower_than_request_timeout_is_not_cut_with_504() {
+    // request_timeout bounds the wait for the response header once the request is sent
+    // (Envoy's route timeout starts at the downstream end of stream); an upload that takes
+    // longer than it, to an app that answers once it has the whole body, must not be a 504.
+    let mesh = Mesh::start("l7out-upload", &["a"], &[], "request_timeout = \"1s\"");
+    let mut c = TcpStream::connect(mesh.order.upstream("inventory")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"POST /upload HTTP/1.1\r\nhost: inventory\r\ncontent-length: 10\r\n\r\n12345")
+        .unwrap();
+    // The rest of the body comes later than request_timeout (a fixed wait is the point here).
+    thread::sleep(Duration::from_millis(2500));
+    let _ = c.write_all(b"67890");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match c.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
+fn a_request_the_h2_client_refuses_does_not_retire_the_shared_connection() {
+    if !common::tool_available("curl", &["--version"]) {
+        return;
+    }
+    let mesh = Mesh::start("l7out-retire", &["a"], &[], "");
+    let out = curl(&[mesh.url("/before")], &["--http1.1"]);
+    assert_eq!(curl_results(&out)[0].1, "200", "{out}");
+    assert_eq!(mesh.order.handshakes("outbound", "ok"), 1.0);
+    // A CONNECT with a body: hyper's HTTP/2 client refuses it locally, before any frame is
+    // sent, and nothing about the connection to the endpoint is wrong.
+    let mut c = TcpStream::connect(mesh.order.upstream("inventory")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(
+        b"CONNECT inventory:80 HTTP/1.1\r\nhost: inventory:80\r\ncontent-length: 5\r\n\r\nhello",
+    )
+    .unwrap();
+    let mut answer = [0u8; 512];
+    let n = c.read(&mut answer).unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    drop(c);
+    let out = curl(&[mesh.url("/after")], &["--http1.1"]);
+    assert_eq!(curl_results(&out)[0].1, "200", "{out}");
+    assert_eq!(
+        mesh.order.handshakes("outbound", "ok"),
+        1.0,
+        "the pooled connection was retired by one request's local error (CONNECT answered: {answer:?})"
+    );
+}
