@@ -900,3 +900,29 @@ fn a_request_the_h2_client_refuses_does_not_retire_the_shared_connection() {
         "the pooled connection was retired by one request's local error (CONNECT answered: {answer:?})"
     );
 }
+
+#[test]
+fn a_request_with_two_hosts_or_userinfo_in_its_authority_is_a_400() {
+    // RFC 9112 3.2 (one Host, no userinfo) and RFC 9113 8.3.1: which host is meant must not be
+    // ambiguous, so the proxy refuses rather than picking one.
+    let mesh = Mesh::start("l7out-host", &["a"], &[], "");
+    let bad: [&[u8]; 3] = [
+        b"GET /a HTTP/1.1\r\nhost: inventory\r\nhost: other\r\n\r\n",
+        b"GET /b HTTP/1.1\r\nhost: user@inventory\r\n\r\n",
+        b"GET http://user:pw@inventory/c HTTP/1.1\r\nhost: inventory\r\n\r\n",
+    ];
+    for request in bad {
+        let mut c = TcpStream::connect(mesh.order.upstream("inventory")).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c.write_all(request).unwrap();
+        let mut answer = [0u8; 512];
+        let n = c.read(&mut answer).unwrap_or(0);
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(
+            answer.starts_with("HTTP/1.1 400 "),
+            "{}: {answer}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    assert!(mesh.apps[0].heads().is_empty(), "nothing reached the app");
+}

@@ -355,7 +355,18 @@ async fn response_deadline(
 fn to_upstream(upstream: &Upstream, req: Request<Incoming>) -> Option<Request<Incoming>> {
     let (mut parts, body) = req.into_parts();
     super::hop_by_hop(&mut parts.headers);
+    // One Host, no userinfo anywhere (RFC 9112 3.2, RFC 9113 8.3.1): else which host is meant
+    // is ambiguous, and the proxy refuses rather than picks one.
+    if parts.headers.get_all(header::HOST).iter().count() > 1 {
+        return None;
+    }
     let host = parts.headers.remove(header::HOST);
+    let userinfo = |a: &str| a.contains('@');
+    if parts.uri.authority().is_some_and(|a| userinfo(a.as_str()))
+        || host.as_ref().is_some_and(|h| h.as_bytes().contains(&b'@'))
+    {
+        return None;
+    }
     let authority = match parts.uri.authority() {
         Some(a) => a.as_str().to_owned(),
         None => match &host {
