@@ -17,7 +17,6 @@ use super::upgrade::Slot;
 use crate::copy::CopyEnd;
 use crate::metrics::{self as m, Direction, HandshakeResult};
 use crate::outbound::Upstream;
-use bytes::Bytes;
 use http::{header, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -26,18 +25,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// What an HTTP/2 client with prior knowledge sends first (RFC 9113 section 3.4).
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Serves one connection from the app until it is done, idle for `idle_timeout`, or the drain
 /// deadline passes; gracefully once the drain closes the listeners.
@@ -52,7 +45,7 @@ pub(crate) async fn serve(upstream: Arc<Upstream>, tcp: TcpStream, _slot: OwnedS
 
 async fn serve_app(
     upstream: Arc<Upstream>,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     rx: metrics::Counter,
     tx: metrics::Counter,
     close: &CancellationToken,
@@ -60,12 +53,13 @@ async fn serve_app(
     let inputs = upstream.inputs.clone();
     let limits = &inputs.limits;
     // HTTP/2 by its preface (there is no TLS and so no ALPN on the app's side), else HTTP/1.1.
-    let (h2, seen) = match tokio::time::timeout(limits.header_read_timeout, sniff(&mut tcp)).await {
+    let sniffed = super::sniff::preface(tcp);
+    let (h2, io) = match tokio::time::timeout(limits.header_read_timeout, sniffed).await {
         Err(_) => return CopyEnd::Idle,
         Ok(Err(e)) => return CopyEnd::Failed(e),
         Ok(Ok(sniffed)) => sniffed,
     };
-    let io = Counted::new(Rewind { seen, io: tcp }, rx, tx);
+    let io = Counted::new(io, rx, tx);
     let activity = io.activity();
     let idle = async {
         loop {
@@ -119,76 +113,6 @@ async fn serve_app(
         end = served => end,
         _ = idle => CopyEnd::Idle,
         _ = close.cancelled() => CopyEnd::Closed,
-    }
-}
-
-/// Reads until the bytes are the HTTP/2 preface (`true`) or cannot become it; returns what
-/// it read, for the server to read again.
-async fn sniff(tcp: &mut TcpStream) -> io::Result<(bool, Bytes)> {
-    let mut seen = [0u8; PREFACE.len()];
-    let mut n = 0;
-    while n < PREFACE.len() {
-        let read = tcp.read(&mut seen[n..]).await?;
-        if read == 0 {
-            break;
-        }
-        n += read;
-        if seen[..n] != PREFACE[..n] {
-            break;
-        }
-    }
-    Ok((seen[..n] == *PREFACE, Bytes::copy_from_slice(&seen[..n])))
-}
-
-/// A stream that first yields the bytes already read from it.
-struct Rewind<I> {
-    seen: Bytes,
-    io: I,
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.seen.is_empty() {
-            let n = self.seen.len().min(buf.remaining());
-            let first = self.seen.split_to(n);
-            buf.put_slice(&first);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -458,43 +382,5 @@ async fn open(upstream: &Upstream, pool: &H2Pool, ep: SocketAddr, generation: u6
             tracing::warn!(upstream = %upstream.service, endpoint = %ep, error = %e, "HTTP/2 setup failed");
             Reach::Failed
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::AsyncWriteExt;
-
-    /// What the server side reads after sniffing what `sent` wrote: (h2?, every byte again).
-    async fn sniffed(sent: &'static [u8]) -> (bool, Vec<u8>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = tokio::spawn(async move {
-            let mut c = TcpStream::connect(addr).await.unwrap();
-            c.write_all(sent).await.unwrap();
-            c.shutdown().await.unwrap();
-        });
-        let (mut tcp, _) = listener.accept().await.unwrap();
-        let (h2, seen) = sniff(&mut tcp).await.unwrap();
-        let mut all = Vec::new();
-        Rewind { seen, io: tcp }
-            .read_to_end(&mut all)
-            .await
-            .unwrap();
-        client.await.unwrap();
-        (h2, all)
-    }
-
-    #[tokio::test]
-    async fn the_http2_preface_is_recognised_and_every_byte_read_again() {
-        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04";
-        assert_eq!(sniffed(h2).await, (true, h2.to_vec()));
-        let h1 = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
-        assert_eq!(sniffed(h1).await, (false, h1.to_vec()));
-        // A request that starts like the preface but is not it, and one cut short.
-        let near = b"PRI * HTTP/1.1\r\n\r\n";
-        assert_eq!(sniffed(near).await, (false, near.to_vec()));
-        assert_eq!(sniffed(b"PRI").await, (false, b"PRI".to_vec()));
     }
 }

@@ -113,5 +113,8 @@ mod tests {
         assert_eq!(sniffed(&h1).await, (false, h1.clone()));
         // A client that stops inside the preface is not HTTP/2, and loses no byte.
         assert_eq!(sniffed(b"PRI * HT").await, (false, b"PRI * HT".to_vec()));
+        // A request that starts like the preface but is not it.
+        let near = b"PRI * HTTP/1.1\r\n\r\n".to_vec();
+        assert_eq!(sniffed(&near).await, (false, near.clone()));
     }
 }
