@@ -772,18 +772,23 @@ fn a_stalled_http2_body_is_cut_by_idle_timeout_on_a_busy_connection() {
     ]
     .concat();
     c.stream.write_all(&start).unwrap();
+    // Reads wait at most 200 ms, the PINGs' period.
     c.stream
         .sock
-        .set_read_timeout(Some(Duration::from_millis(300)))
+        .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     // PINGs keep the connection busy, so only the stream's own idle timeout can end it.
     let mut got = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     let mut ended = None;
-    // A PING every 200 ms for up to 10 s (idle_timeout is 2 s).
-    for _ in 0..50 {
-        thread::sleep(Duration::from_millis(200));
-        c.stream.write_all(&frame(PING, 0, 0, &[0; 8])).unwrap();
+    // Until the stream ends, for up to 10 s (idle_timeout is 2 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut next_ping = Instant::now();
+    while Instant::now() < deadline {
+        if Instant::now() >= next_ping {
+            c.stream.write_all(&frame(PING, 0, 0, &[0; 8])).unwrap();
+            next_ping += Duration::from_millis(200);
+        }
         match c.stream.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
