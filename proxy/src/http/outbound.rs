@@ -131,7 +131,14 @@ async fn handle(
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not supported by an http upstream\n",
         ),
-        Some(protocol) => super::upgrade_out::forward(&upstream, req, protocol, &upgrade).await,
+        // Boxed: its handshake makes it a large future, which would otherwise be moved along
+        // with every request's.
+        Some(protocol) => {
+            Box::pin(super::upgrade_out::forward(
+                &upstream, req, protocol, &upgrade,
+            ))
+            .await
+        }
         None => forward(&upstream, req).await,
     };
     let (d, peer) = (Direction::Outbound.as_str(), upstream.service.to_string());
@@ -174,8 +181,18 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
     // failures never leave the upstream with nothing to try.
     for pass in 0..2 {
         for (ep, retry_failed_before) in std::mem::take(&mut turn) {
-            let reach = connection(upstream, pool, ep, retry_failed_before);
-            let Ok(reach) = tokio::time::timeout_at(started + timeout, reach).await else {
+            // The pooled connection without building the connect future: that one holds a
+            // whole handshake, kilobytes that every request would otherwise copy (boxed when
+            // needed, so this future stays small).
+            let generation = upstream.pool.generation();
+            let reach = match pool.get(ep, generation) {
+                Some(conn) => Ok(Reach::Open(conn)),
+                None => {
+                    let reach = Box::pin(connection(upstream, pool, ep, retry_failed_before));
+                    tokio::time::timeout_at(started + timeout, reach).await
+                }
+            };
+            let Ok(reach) = reach else {
                 tracing::debug!(upstream = %upstream.service, endpoint = %ep, "no connection within request_timeout");
                 return local(
                     StatusCode::GATEWAY_TIMEOUT,
