@@ -37,6 +37,10 @@ pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 /// `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`, and `TE` unless it is exactly
 /// `trailers` (which gRPC needs end to end).
 pub(crate) fn hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none of them: one pass over the names costs less than the lookups.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -63,6 +67,19 @@ pub(crate) fn hop_by_hop(headers: &mut HeaderMap) {
     if !trailers_only {
         headers.remove(header::TE);
     }
+}
+
+/// Whether `name` is hop-by-hop by itself or may be (`TE`), so [`hop_by_hop`] has work to do.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+    ]
+    .contains(name)
+        || name == "keep-alive"
+        || name == "proxy-connection"
 }
 
 #[cfg(test)]
