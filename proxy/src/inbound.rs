@@ -186,7 +186,10 @@ impl Inbound {
                 local_app: self.local_app,
                 xfcc: crate::http::xfcc::value(&own.leaf.id, leaf, &peer_id),
                 peer: peer_id.clone(),
-                peer_name: peer_name.clone(),
+                metrics: crate::http::request_metrics::RequestMetrics::new(
+                    Direction::Inbound,
+                    peer_name.clone(),
+                ),
                 upgrade: Default::default(),
             });
             tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), ?h2, "inbound http connection admitted");

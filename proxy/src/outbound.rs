@@ -54,6 +54,8 @@ pub struct Upstream {
     pub(crate) pool: mux::pool::Pool,
     /// `protocol = "http"`: the HTTP/2 connections to the endpoints.
     pub(crate) http: Option<crate::http::h2_pool::H2Pool>,
+    /// An http upstream's request metrics (`peer` = the upstream's service).
+    pub(crate) http_metrics: crate::http::request_metrics::RequestMetrics,
     /// The `:authority` of our tunnel streams.
     authority: String,
     failure_log: Arc<LineBudget>,
@@ -74,6 +76,10 @@ impl Upstream {
         let config =
             tls::config::client_config(inputs.credentials.clone(), verifier.clone(), mux::ALPN);
         let authority = mux::authority(&service, &namespace);
+        let http_metrics = crate::http::request_metrics::RequestMetrics::new(
+            Direction::Outbound,
+            service.to_string(),
+        );
         Self {
             verifier,
             inputs,
@@ -86,6 +92,7 @@ impl Upstream {
             next: AtomicUsize::new(0),
             pool: mux::pool::Pool::default(),
             http: None,
+            http_metrics,
             authority,
             failure_log: Arc::new(LineBudget::new(1, FAILURE_LOG_EVERY)),
         }

@@ -41,8 +41,8 @@ pub(crate) struct HttpConn {
     pub local_app: SocketAddr,
     /// The caller's identity, from its verified certificate.
     pub peer: SpiffeId,
-    /// The `peer` label: the caller's service name.
-    pub peer_name: String,
+    /// The request metrics, labelled with the caller's service name.
+    pub metrics: super::request_metrics::RequestMetrics,
     /// The `x-forwarded-client-cert` every forwarded request carries.
     pub xfcc: HeaderValue,
     /// An HTTP/1.1 upgrade the app accepted, for `serve` to splice.
@@ -148,19 +148,17 @@ fn count_malformed(conn: &HttpConn, e: &hyper::Error) {
     let code = if e.is_parse_too_large() {
         // hyper answers an oversized request line 414 and an oversized header 431.
         if e.to_string().contains("URI") {
-            "414"
+            StatusCode::URI_TOO_LONG
         } else {
-            "431"
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
         }
     } else if e.is_parse() && !e.is_parse_version_h2() {
-        "400"
+        StatusCode::BAD_REQUEST
     } else {
         return;
     };
-    tracing::debug!(peer = %conn.peer_name, error = %e, "malformed http request refused");
-    metrics::counter!(m::HTTP_REQUESTS, "direction" => m::Direction::Inbound.as_str(),
-        "peer" => conn.peer_name.clone(), "code" => code)
-    .increment(1);
+    tracing::debug!(peer = %conn.metrics.peer(), error = %e, "malformed http request refused");
+    conn.metrics.count(code);
 }
 
 /// Runs `served` to its end; once the drain closes the listeners, shuts it down gracefully
@@ -247,12 +245,7 @@ async fn handle(
         Ok(()) if request_decision(&conn, &req) => forward(&conn, req).await,
         Ok(()) => local(StatusCode::FORBIDDEN, "denied by intention\n"),
     };
-    let d = m::Direction::Inbound.as_str();
-    metrics::counter!(m::HTTP_REQUESTS, "direction" => d, "peer" => conn.peer_name.clone(),
-        "code" => response.status().as_str().to_owned())
-    .increment(1);
-    metrics::histogram!(m::HTTP_REQUEST_DURATION, "direction" => d, "peer" => conn.peer_name.clone())
-        .record(started.elapsed().as_secs_f64());
+    conn.metrics.record(response.status(), started.elapsed());
     Ok(response)
 }
 
@@ -440,6 +433,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::request_metrics::RequestMetrics;
     use super::*;
     use crate::test_pki::{ca, id, inputs, intentions, snapshot, store_for};
     use ward_config::intentions::Action;
@@ -458,7 +452,7 @@ mod tests {
             app: crate::http::app_client::new(),
             local_app: "127.0.0.1:1".parse().unwrap(),
             peer: id("order"),
-            peer_name: "order".into(),
+            metrics: RequestMetrics::new(m::Direction::Inbound, "order".into()),
             xfcc: HeaderValue::from_static("By=x"),
             upgrade: Default::default(),
         };
@@ -486,7 +480,7 @@ mod tests {
             app: crate::http::app_client::new(),
             local_app: "127.0.0.1:1".parse().unwrap(),
             peer: id("order"),
-            peer_name: "order".into(),
+            metrics: RequestMetrics::new(m::Direction::Inbound, "order".into()),
             xfcc: HeaderValue::from_static("By=x"),
             upgrade: Default::default(),
         }
@@ -598,7 +592,7 @@ mod tests {
             app: crate::http::app_client::new(),
             local_app: "127.0.0.1:1".parse().unwrap(),
             peer: id("order"),
-            peer_name: "order".into(),
+            metrics: RequestMetrics::new(m::Direction::Inbound, "order".into()),
             xfcc: HeaderValue::from_static("By=x"),
             upgrade: Default::default(),
         })

@@ -9,6 +9,7 @@
 //! - [`outbound`]: the upstream's local listener, endpoint choice per request, own answers.
 //! - [`h2_pool`]: the outbound's HTTP/2 connections, one per endpoint, shared by requests.
 //! - [`xfcc`]: the `x-forwarded-client-cert` value.
+//! - [`request_metrics`]: the request counter and histogram of one direction and peer.
 //! - [`app_client`]: the pooled clients to `local_app`.
 //! - [`sniff`]: HTTP/2 prior knowledge on a connection without ALPN.
 //! - [`upgrade`]: HTTP/1.1 upgrades (WebSocket) spliced to the app.
@@ -23,6 +24,7 @@ pub(crate) mod h2_pool;
 pub(crate) mod idle_body;
 pub(crate) mod inbound;
 pub(crate) mod outbound;
+pub(crate) mod request_metrics;
 pub(crate) mod sniff;
 pub(crate) mod upgrade;
 pub(crate) mod upgrade_out;

@@ -15,7 +15,7 @@ use super::idle_body::{IdleBody, Phase, SentBody};
 use super::inbound::{local, until_done, Body, Counted};
 use super::upgrade::Slot;
 use crate::copy::CopyEnd;
-use crate::metrics::{self as m, Direction, HandshakeResult};
+use crate::metrics::{Direction, HandshakeResult};
 use crate::outbound::Upstream;
 use http::{header, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
@@ -141,12 +141,9 @@ async fn handle(
         }
         None => forward(&upstream, req).await,
     };
-    let (d, peer) = (Direction::Outbound.as_str(), upstream.service.to_string());
-    metrics::counter!(m::HTTP_REQUESTS, "direction" => d, "peer" => peer.clone(),
-        "code" => response.status().as_str().to_owned())
-    .increment(1);
-    metrics::histogram!(m::HTTP_REQUEST_DURATION, "direction" => d, "peer" => peer)
-        .record(started.elapsed().as_secs_f64());
+    upstream
+        .http_metrics
+        .record(response.status(), started.elapsed());
     Ok(response)
 }
 
