@@ -190,6 +190,7 @@ impl Inbound {
                     Direction::Inbound,
                     peer_name.clone(),
                 ),
+                app_authority: crate::http::inbound::authority_of(self.local_app),
                 upgrade: Default::default(),
             });
             tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), ?h2, "inbound http connection admitted");

@@ -43,10 +43,19 @@ pub(crate) struct HttpConn {
     pub peer: SpiffeId,
     /// The request metrics, labelled with the caller's service name.
     pub metrics: super::request_metrics::RequestMetrics,
+    /// `local_app` as the `Host` and `:authority` of forwarded requests.
+    pub app_authority: http::uri::Authority,
     /// The `x-forwarded-client-cert` every forwarded request carries.
     pub xfcc: HeaderValue,
     /// An HTTP/1.1 upgrade the app accepted, for `serve` to splice.
     pub upgrade: super::upgrade::Slot,
+}
+
+/// `addr` as an authority (`Host`): a socket address always is one.
+pub(crate) fn authority_of(addr: SocketAddr) -> http::uri::Authority {
+    addr.to_string()
+        .parse()
+        .expect("a socket address is an authority")
 }
 
 /// Serves `io` until the client is done, the connection fails, no byte moved either way for
@@ -285,7 +294,7 @@ async fn forward(conn: &HttpConn, mut req: Request<Incoming>) -> Response<Body> 
         .unwrap_or("/");
     parts.uri = match Uri::builder()
         .scheme("http")
-        .authority(conn.local_app.to_string())
+        .authority(conn.app_authority.clone())
         .path_and_query(path)
         .build()
     {
@@ -453,6 +462,7 @@ mod tests {
             local_app: "127.0.0.1:1".parse().unwrap(),
             peer: id("order"),
             metrics: RequestMetrics::new(m::Direction::Inbound, "order".into()),
+            app_authority: authority_of("127.0.0.1:1".parse().unwrap()),
             xfcc: HeaderValue::from_static("By=x"),
             upgrade: Default::default(),
         };
@@ -481,6 +491,7 @@ mod tests {
             local_app: "127.0.0.1:1".parse().unwrap(),
             peer: id("order"),
             metrics: RequestMetrics::new(m::Direction::Inbound, "order".into()),
+            app_authority: authority_of("127.0.0.1:1".parse().unwrap()),
             xfcc: HeaderValue::from_static("By=x"),
             upgrade: Default::default(),
         }
@@ -593,6 +604,7 @@ mod tests {
             local_app: "127.0.0.1:1".parse().unwrap(),
             peer: id("order"),
             metrics: RequestMetrics::new(m::Direction::Inbound, "order".into()),
+            app_authority: authority_of("127.0.0.1:1".parse().unwrap()),
             xfcc: HeaderValue::from_static("By=x"),
             upgrade: Default::default(),
         })
