@@ -88,21 +88,42 @@ pub(crate) enum Phase {
 /// been sent whole, so that a slow upload does not eat the wait for the response.
 pub(crate) struct SentBody<B> {
     inner: IdleBody<B>,
-    phase: tokio::sync::watch::Sender<Phase>,
+    /// None for a body that is empty from the start: there is nothing to report.
+    phase: Option<tokio::sync::watch::Sender<Phase>>,
+}
+
+impl<B: Body> SentBody<B> {
+    /// The body, and where its phase can be followed; none for a body with nothing to send
+    /// (most requests: the channel would cost each of them an allocation and its wakeups).
+    pub(crate) fn new(
+        inner: B,
+        idle: Duration,
+    ) -> (Self, Option<tokio::sync::watch::Receiver<Phase>>) {
+        let (phase, rx) = if inner.is_end_stream() {
+            (None, None)
+        } else {
+            let (tx, rx) = tokio::sync::watch::channel(Phase::Waiting);
+            (Some(tx), Some(rx))
+        };
+        let inner = IdleBody::new(inner, idle);
+        (Self { inner, phase }, rx)
+    }
 }
 
 impl<B> SentBody<B> {
-    pub(crate) fn new(inner: B, idle: Duration) -> (Self, tokio::sync::watch::Receiver<Phase>) {
-        let (phase, rx) = tokio::sync::watch::channel(Phase::Waiting);
-        let inner = IdleBody::new(inner, idle);
-        (Self { inner, phase }, rx)
+    fn report(&self, now: Phase) {
+        if let Some(phase) = &self.phase {
+            if *phase.borrow() != now {
+                phase.send_replace(now);
+            }
+        }
     }
 }
 
 impl<B> Drop for SentBody<B> {
     fn drop(&mut self) {
         // Dropped by the client: sent, failed or cancelled; nothing more will go out.
-        self.phase.send_replace(Phase::Sent);
+        self.report(Phase::Sent);
     }
 }
 
@@ -118,8 +139,12 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if *self.phase.borrow() == Phase::Waiting {
-            self.phase.send_replace(Phase::Sending);
+        if self
+            .phase
+            .as_ref()
+            .is_some_and(|p| *p.borrow() == Phase::Waiting)
+        {
+            self.report(Phase::Sending);
         }
         let frame = Pin::new(&mut self.inner).poll_frame(cx);
         // The client stops asking once `is_end_stream` is true, so report it here.
@@ -129,7 +154,7 @@ where
             Poll::Pending => false,
         };
         if done {
-            self.phase.send_replace(Phase::Sent);
+            self.report(Phase::Sent);
         }
         frame
     }

@@ -266,10 +266,13 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
 /// of forwarding) while the request body has not been asked for (or there is none), else
 /// `timeout` after it was sent whole; an upload in progress is bounded by `idle_timeout`.
 async fn response_deadline(
-    mut phase: tokio::sync::watch::Receiver<Phase>,
+    phase: Option<tokio::sync::watch::Receiver<Phase>>,
     from: Instant,
     timeout: std::time::Duration,
 ) {
+    let Some(mut phase) = phase else {
+        return tokio::time::sleep_until(from + timeout).await;
+    };
     loop {
         let now = *phase.borrow_and_update();
         match now {
