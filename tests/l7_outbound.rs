@@ -17,6 +17,9 @@ use common::proc::{ProxyConfig, TempDir, WardProcess};
 use common::py::{Python, GRPC_CLIENT, GRPC_SERVER, WS_CLIENT, WS_SERVER};
 use common::{write_tls_files, TlsFiles};
 
+/// Set to end every `GET /hold` answer of every [`NamedApp`].
+static HOLDS_RELEASED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// An HTTP/1.1 app that answers 200 with `served-by=<name>` and the request header it received
 /// as the body; `GET /stall` is answered only after 5 s. Keeps every header it received.
 struct NamedApp {
@@ -66,6 +69,23 @@ impl NamedApp {
             }
             buf.drain(..end + 4 + body_len);
             kept.lock().unwrap().push(head.clone());
+            if head.starts_with("GET /hold ") {
+                // Headers and a first chunk at once, the end only once the test releases it.
+                let start = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nheld\n\r\n";
+                if conn.write_all(start.as_bytes()).is_err() {
+                    return;
+                }
+                for _ in 0..600 {
+                    if HOLDS_RELEASED.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                if conn.write_all(b"0\r\n\r\n").is_err() {
+                    return;
+                }
+                continue;
+            }
             if head.starts_with("GET /stall ") {
                 // Slower than the caller's request_timeout (a fixed wait is the point here).
                 thread::sleep(Duration::from_secs(5));
@@ -925,4 +945,49 @@ fn a_request_with_two_hosts_or_userinfo_in_its_authority_is_a_400() {
         );
     }
     assert!(mesh.apps[0].heads().is_empty(), "nothing reached the app");
+}
+
+#[test]
+fn a_request_beyond_the_endpoints_stream_limit_is_not_queued_into_a_504() {
+    if !common::tool_available("curl", &["--version"]) {
+        return;
+    }
+    // The http inbound takes 100 concurrent streams per connection. With 100 responses still
+    // streaming from a healthy endpoint, one more request must get a stream (a second
+    // connection, as the tcp path's tunnel pool opens when one is full), not wait for one
+    // until request_timeout.
+    let mesh = Mesh::start("l7out-streams", &["a"], &[], "request_timeout = \"2s\"");
+    let addr = mesh.order.upstream("inventory");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let held = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        let mut responses = Vec::new();
+        for _ in 0..100 {
+            let mut send = send.clone().ready().await.unwrap();
+            let req = http::Request::get(format!("http://{addr}/hold"))
+                .body(())
+                .unwrap();
+            responses.push(send.send_request(req, true).unwrap().0);
+        }
+        let mut held = Vec::new();
+        for r in responses {
+            let r = tokio::time::timeout(Duration::from_secs(20), r)
+                .await
+                .expect("a response header within 20 s")
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            held.push(r);
+        }
+        (send, held)
+    });
+    let out = curl(&[mesh.url("/fine")], &["--http1.1"]);
+    HOLDS_RELEASED.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(held);
+    assert_eq!(curl_results(&out)[0].1, "200", "{out}");
 }

@@ -3,6 +3,7 @@
 //! connection's own idle timeout already does this; on HTTP/2 one stalled stream would
 //! otherwise live as long as its connection's other streams keep it busy.
 
+use super::h2_pool::Slot;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use std::future::Future;
@@ -23,6 +24,8 @@ pub(crate) struct IdleBody<B> {
     idle: Duration,
     /// Armed while the receiver waits.
     timer: Option<Pin<Box<Sleep>>>,
+    /// A response's stream on a pooled upstream connection, given back once the body ends.
+    stream: Option<Slot>,
 }
 
 impl<B> IdleBody<B> {
@@ -31,6 +34,16 @@ impl<B> IdleBody<B> {
             inner,
             idle,
             timer: None,
+            stream: None,
+        }
+    }
+
+    /// A response body that came on `stream` of a pooled connection: the stream stays taken
+    /// until the body has ended or is dropped.
+    pub(crate) fn holding(inner: B, idle: Duration, stream: Slot) -> Self {
+        Self {
+            stream: Some(stream),
+            ..Self::new(inner, idle)
         }
     }
 }
@@ -49,6 +62,10 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             self.timer = None;
+            let ended = || frame.as_ref().is_none_or(|f| f.is_err()) || self.inner.is_end_stream();
+            if self.stream.is_some() && ended() {
+                self.stream = None;
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         let idle = self.idle;

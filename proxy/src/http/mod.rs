@@ -7,7 +7,7 @@
 //!
 //! - [`inbound`]: the per-connection server, the per-request decision and the metrics.
 //! - [`outbound`]: the upstream's local listener, endpoint choice per request, own answers.
-//! - [`h2_pool`]: the outbound's HTTP/2 connections, one per endpoint, shared by requests.
+//! - [`h2_pool`]: the outbound's HTTP/2 connections per endpoint, shared by requests.
 //! - [`xfcc`]: the `x-forwarded-client-cert` value.
 //! - [`request_metrics`]: the request counter and histogram of one direction and peer.
 //! - [`app_client`]: the pooled clients to `local_app`.

@@ -1,7 +1,7 @@
 //! The http outbound (`[[upstreams]] protocol = "http"`): the app speaks HTTP/1.1, or HTTP/2
 //! with prior knowledge, to the upstream's plain local listener; each request goes to one of
 //! the upstream's endpoints in turn (round robin per request, not per connection), over the
-//! pooled HTTP/2 mutual-TLS connection to it ([`super::h2_pool`]), which must prove the
+//! pooled HTTP/2 mutual-TLS connections to it ([`super::h2_pool`]), which must prove the
 //! upstream's identity exactly as a tcp upstream's does. Bodies are streamed both ways.
 //!
 //! The proxy answers on its own, with a short text body: 503 when the upstream has no endpoint,
@@ -210,7 +210,7 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
                     )
                 }
             };
-            let Pooled { id, mut send } = conn;
+            let Pooled { id, mut send, slot } = conn;
             let deadline = response_deadline(phase.clone(), started, timeout);
             let sent = tokio::select! {
                 sent = send.try_send_request(req) => Ok(sent),
@@ -228,8 +228,10 @@ async fn forward(upstream: &Upstream, req: Request<Incoming>) -> Response<Body> 
                     let (mut parts, body) = response.into_parts();
                     super::hop_by_hop(&mut parts.headers);
                     // As on the inbound: a response body that stalls for idle_timeout ends.
+                    // It keeps the request's stream on the connection until it is done.
                     let idle = upstream.inputs.limits.idle_timeout;
-                    return Response::from_parts(parts, Either::Left(IdleBody::new(body, idle)));
+                    let body = IdleBody::holding(body, idle, slot);
+                    return Response::from_parts(parts, Either::Left(body));
                 }
                 Ok(Err(mut e)) => {
                     // Only a connection that failed is retired: a stream reset or a local
@@ -341,9 +343,10 @@ pub(super) enum Reach<C = Pooled> {
     Skipped,
 }
 
-/// The pooled connection to `ep`, or a new one: one handshake at a time per endpoint, so
-/// requests that arrive together share it; failures are remembered as the tcp path does
-/// (`retry_failed_before`: see `mux::pool::Pool::opening`).
+/// A stream on a pooled connection to `ep`, or a new connection when every pooled one is full
+/// (see [`H2Pool::when_full`]): one handshake at a time per endpoint, so requests that arrive
+/// together share it; failures are remembered as the tcp path does (`retry_failed_before`:
+/// see `mux::pool::Pool::opening`).
 async fn connection(
     upstream: &Upstream,
     pool: &H2Pool,
@@ -364,14 +367,24 @@ async fn connection(
     if let Some(conn) = pool.get(ep, generation) {
         return Reach::Open(conn);
     }
-    let reach = open(upstream, pool, ep, generation).await;
+    let slot = match pool.when_full(&upstream.inputs.conn_slots, ep, generation) {
+        Ok(conn) => return Reach::Open(conn),
+        Err(slot) => slot,
+    };
+    let reach = open(upstream, pool, ep, generation, slot).await;
     upstream.pool.attempted(ep, matches!(reach, Reach::Open(_)));
     reach
 }
 
 /// A new connection to `ep`: TCP, the mutual-TLS handshake (the server proves the upstream's
-/// identity), then HTTP/2, pooled.
-async fn open(upstream: &Upstream, pool: &H2Pool, ep: SocketAddr, generation: u64) -> Reach {
+/// identity), then HTTP/2, pooled (holding `slot` while open).
+async fn open(
+    upstream: &Upstream,
+    pool: &H2Pool,
+    ep: SocketAddr,
+    generation: u64,
+    slot: Option<OwnedSemaphorePermit>,
+) -> Reach {
     let (tls, accepted) = match upstream.handshake_http(ep, false).await {
         Ok(done) => done,
         Err(true) => return Reach::Unreachable,
@@ -391,7 +404,7 @@ async fn open(upstream: &Upstream, pool: &H2Pool, ep: SocketAddr, generation: u6
         return Reach::Failed;
     };
     match pool
-        .add(&upstream.inputs, ep, tls, not_after, generation)
+        .add(&upstream.inputs, ep, tls, not_after, generation, slot)
         .await
     {
         Ok(conn) => Reach::Open(conn),
