@@ -43,23 +43,23 @@ pub(crate) fn hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    // Only names present are removed (each lookup costs), and the usual `Connection: close`
+    // or `keep-alive` names nothing beyond the fixed list.
+    let mut gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n) && *n != header::TE)
+        .cloned()
+        .collect();
+    let named = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok());
+    gone.extend(named);
+    for name in gone {
         headers.remove(name);
     }
     let trailers_only = headers
@@ -98,10 +98,19 @@ mod tests {
         h.insert("te", "trailers".parse().unwrap());
         h.insert("x-kept", "1".parse().unwrap());
         hop_by_hop(&mut h);
-        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
         assert_eq!(left, ["te", "x-kept"]);
         h.insert("te", "gzip".parse().unwrap());
         hop_by_hop(&mut h);
         assert!(h.get("te").is_none());
+        // `keep-alive` as a header is removed whether or not Connection names it; a header
+        // Connection names is removed whatever its case there.
+        h.insert("connection", "Keep-Alive, X-Hop".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-hop", "1".parse().unwrap());
+        hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
     }
 }
