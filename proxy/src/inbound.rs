@@ -63,7 +63,7 @@ impl Inbound {
         tls.alpn_protocols = crate::http::ALPN.iter().map(|p| p.to_vec()).collect();
         self.http = Some(Http {
             tls: Arc::new(tls),
-            app: crate::http::app_client::new(),
+            app: crate::http::app_client::new(self.local_app),
         });
         self.mux = None;
         self

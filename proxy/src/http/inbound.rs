@@ -290,16 +290,21 @@ async fn forward(conn: &HttpConn, mut req: Request<Incoming>) -> Response<Body> 
     let path = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(conn.app_authority.clone())
-        .path_and_query(path)
-        .build()
-    {
-        Ok(uri) => uri,
-        Err(_) => return local(StatusCode::BAD_REQUEST, "bad request target\n"),
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // HTTP/1.1 in origin form (its host is in `Host`); the h2c client wants the whole URI.
+    parts.uri = if grpc {
+        match Uri::builder()
+            .scheme("http")
+            .authority(conn.app_authority.clone())
+            .path_and_query(path)
+            .build()
+        {
+            Ok(uri) => uri,
+            Err(_) => return local(StatusCode::BAD_REQUEST, "bad request target\n"),
+        }
+    } else {
+        Uri::from(path)
     };
     parts.version = if grpc {
         Version::HTTP_2
@@ -458,7 +463,7 @@ mod tests {
         );
         let conn = HttpConn {
             inputs: inputs.clone(),
-            app: crate::http::app_client::new(),
+            app: crate::http::app_client::new("127.0.0.1:1".parse().unwrap()),
             local_app: "127.0.0.1:1".parse().unwrap(),
             peer: id("order"),
             metrics: RequestMetrics::new(m::Direction::Inbound, "order".into()),
@@ -487,7 +492,7 @@ mod tests {
         ));
         HttpConn {
             inputs: inputs("inventory", credentials, Arc::new(store)),
-            app: crate::http::app_client::new(),
+            app: crate::http::app_client::new("127.0.0.1:1".parse().unwrap()),
             local_app: "127.0.0.1:1".parse().unwrap(),
             peer: id("order"),
             metrics: RequestMetrics::new(m::Direction::Inbound, "order".into()),
@@ -600,7 +605,7 @@ mod tests {
         let inputs = Arc::new(ProxyInputs::new(service, credentials, intentions, limits));
         Arc::new(HttpConn {
             inputs,
-            app: crate::http::app_client::new(),
+            app: crate::http::app_client::new("127.0.0.1:1".parse().unwrap()),
             local_app: "127.0.0.1:1".parse().unwrap(),
             peer: id("order"),
             metrics: RequestMetrics::new(m::Direction::Inbound, "order".into()),
