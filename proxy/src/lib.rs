@@ -18,6 +18,7 @@
 //! - [`admin`]: /live /ready /metrics /config /drain; [`process_metrics`]: the `process_*` set
 //!   and `ward_build_info`, which the proxy and the server both serve.
 //! - [`startup_memory`]: gives back the memory only startup needed, once ready.
+//! - [`redirect`]: the nat rules of transparent mode (`ward redirect`).
 //! - [`app`]: binds everything and returns a handle; [`app::ProxyHandle::wait`] drains.
 
 pub mod admin;
@@ -40,6 +41,7 @@ pub mod metrics;
 pub mod mux;
 pub mod outbound;
 pub mod process_metrics;
+pub mod redirect;
 pub mod startup_memory;
 #[cfg(test)]
 mod test_pki;
