@@ -102,6 +102,12 @@ enum Command {
         #[command(subcommand)]
         command: cli::catalog::CatalogCmd,
     },
+    /// Transparent mode's nat rules: redirect this network namespace's TCP connections to the
+    /// proxy (iptables or nftables).
+    Redirect {
+        #[command(subcommand)]
+        command: cli::redirect::RedirectCmd,
+    },
     /// Play the whole story on this machine: two services behind sidecars and a rogue client.
     Demo {
         /// Leave after the attacks and the order instead of staying up until Ctrl-C.
@@ -220,6 +226,7 @@ fn main() -> ExitCode {
         Command::Intention { command } => cli::intention::run(command),
         Command::Ca { command } => cli::ca::run(command).map(|()| ExitCode::SUCCESS),
         Command::Catalog { command } => cli::catalog::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Redirect { command } => cli::redirect::run(command).map(|()| ExitCode::SUCCESS),
         Command::Demo { once } => demo::run(once, log_format).map(|()| ExitCode::SUCCESS),
         Command::Cert {
             command: CertCommand::Inspect { file },

@@ -1,4 +1,5 @@
-//! The operator CLI: `ward server`, `ward token`, `ward intention`, `ward ca`, `ward catalog`.
+//! The operator CLI: `ward server`, `ward token`, `ward intention`, `ward ca`, `ward catalog`,
+//! `ward redirect`.
 //!
 //! Admin commands read `WARD_ADDR` (https:// only), `WARD_TOKEN` (or `--token-file`) and
 //! `WARD_CACERT` (or the matching flags) and talk to the server's `Admin` gRPC service.
@@ -8,6 +9,7 @@ pub mod ca;
 pub mod catalog;
 pub mod intention;
 pub mod output;
+pub mod redirect;
 pub mod server;
 pub mod token;
 

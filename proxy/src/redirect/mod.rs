@@ -11,6 +11,7 @@
 //! excluded CIDR or port. Only ward's own chains (`WARD_INBOUND`, `WARD_OUTBOUND` and one jump
 //! to each) or its own nftables table (`ward`) are written, so `remove` restores what was there.
 
+pub mod apply;
 pub mod rules;
 
 use std::fmt;
