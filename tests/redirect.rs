@@ -644,3 +644,108 @@ fn other_users_are_redirected_to_the_outbound_port_and_the_proxy_uid_is_not() {
         assert_eq!(probe(&ns, &script, 0, "fd99::1", 8080), "direct 0");
     }
 }
+
+/// In the namespace that has the rules: which listener the next connection reaches, the
+/// inbound port's (`inbound`) or the address's own (`direct`). Prints `ready` once listening.
+const INBOUND_PROBE: &str = r#"
+import select, socket, sys
+family, addr, port, inbound_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+fam = socket.AF_INET6 if family == "6" else socket.AF_INET
+def listen(a, p):
+    s = socket.socket(fam)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((a, p))
+    s.listen(8)
+    return s
+inbound = listen("::" if family == "6" else "0.0.0.0", inbound_port)
+direct = listen(addr, port)
+print("ready", flush=True)
+ready, _, _ = select.select([inbound, direct], [], [], 10)
+# Accepted and read to the client's close: exiting first would reset a connection the client
+# may not have seen established yet.
+for s in ready:
+    conn, _ = s.accept()
+    conn.settimeout(10)
+    conn.recv(1)
+print("inbound" if inbound in ready else "direct" if direct in ready else "none", flush=True)
+"#;
+
+const CONNECT: &str = r#"
+import socket, sys
+socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()
+"#;
+
+/// Where a connection from `client` to `addr`:`port` in `pod` arrives.
+fn inbound_probe(pod: &Netns, client: &Netns, dir: &TempDir, addr: &str, port: u16) -> String {
+    use std::io::{BufRead, BufReader};
+    let listener = dir.join("inbound_probe.py");
+    let connect = dir.join("connect.py");
+    std::fs::write(&listener, INBOUND_PROBE).unwrap();
+    std::fs::write(&connect, CONNECT).unwrap();
+    let family = if addr.contains(':') { "6" } else { "4" };
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &pod.name, "python3"])
+        .arg(&listener)
+        .args([family, addr, &port.to_string(), "15006"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the listener");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().and_then(Result::ok);
+    assert_eq!(
+        first.as_deref(),
+        Some("ready"),
+        "the listener did not start"
+    );
+    let out = client.exec(
+        "python3",
+        &[connect.to_str().unwrap(), addr, &port.to_string()],
+        None,
+    );
+    // The listener answers within its own 10 s select.
+    let which = lines.next().and_then(Result::ok).unwrap_or_default();
+    let _ = child.wait();
+    assert!(out.success(), "connect to [{addr}]:{port}: {out}");
+    which
+}
+
+#[test]
+fn connections_arriving_from_another_host_are_redirected_to_the_inbound_port() {
+    if !can_run() {
+        return;
+    }
+    let dir = TempDir::new("redirect-in");
+    for backend in ["iptables", "nftables"] {
+        let pod = Netns::new();
+        let client = Netns::new();
+        pod.sh(&format!(
+            "ip link add wa type veth peer name wb netns {}
+             ip link set wa up
+             ip addr add 10.98.0.1/24 dev wa
+             ip -6 addr add fd98::1/64 dev wa nodad",
+            client.name
+        ));
+        client.sh("ip link set wb up
+             ip addr add 10.98.0.2/24 dev wb
+             ip -6 addr add fd98::2/64 dev wb nodad");
+        install(&pod, backend, &["--exclude-inbound-ports", "9090"]);
+        for addr in ["10.98.0.1", "fd98::1"] {
+            assert_eq!(
+                inbound_probe(&pod, &client, &dir, addr, 8080),
+                "inbound",
+                "{backend}: [{addr}]:8080"
+            );
+            assert_eq!(
+                inbound_probe(&pod, &client, &dir, addr, 9090),
+                "direct",
+                "{backend}: [{addr}]:9090, an excluded port"
+            );
+        }
+        remove(&pod, backend);
+        assert_eq!(
+            inbound_probe(&pod, &client, &dir, "fd98::1", 8080),
+            "direct",
+            "{backend}: after remove"
+        );
+    }
+}
