@@ -749,3 +749,64 @@ fn connections_arriving_from_another_host_are_redirected_to_the_inbound_port() {
         );
     }
 }
+
+/// An `ip6tables-restore` that checks (`--test`) as the real one does and then refuses to apply:
+/// a kernel or a tool that fails between the check and the write.
+const REFUSING_IP6TABLES_RESTORE: &str = r#"#!/bin/sh
+case " $* " in
+  *" --test "*) exec "$REAL" "$@" ;;
+esac
+echo "ip6tables-restore: refused by the test" >&2
+exit 4
+"#;
+
+#[test]
+fn an_ipv6_failure_after_ipv4_was_written_leaves_nothing_installed() {
+    use std::os::unix::fs::PermissionsExt;
+    if !can_run() {
+        return;
+    }
+    let dir = TempDir::new("redirect-v6-fails");
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v ip6tables-restore"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let fake = dir.join("ip6tables-restore");
+    std::fs::write(&fake, REFUSING_IP6TABLES_RESTORE).unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "PATH={}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let ns = Netns::new();
+    ns.sh(OTHER_RULES);
+    let before = ns.rules();
+    let bin = ward_bin().to_str().unwrap().to_owned();
+    let env_real = format!("REAL={}", real.trim());
+    let out = ns.exec(
+        "env",
+        &[
+            &path,
+            &env_real,
+            &bin,
+            "redirect",
+            "install",
+            "--proxy-uid",
+            "4242",
+        ],
+        None,
+    );
+    assert!(!out.success() && out.status.is_some(), "{out}");
+    assert!(out.stderr.contains("IPv6 rules were refused"), "{out}");
+    assert!(out.stderr.contains("refused by the test"), "{out}");
+    assert_eq!(
+        ns.rules(),
+        before,
+        "an install that failed left rules behind"
+    );
+}

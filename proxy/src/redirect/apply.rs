@@ -69,6 +69,8 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// Said on stdout when there is nothing to do.
     pub notes: Vec<String>,
+    /// An install with iptables: if the IPv6 step fails, remove the IPv4 rules it just wrote.
+    undo_ipv4_if_ipv6_fails: bool,
 }
 
 impl Plan {
@@ -106,6 +108,7 @@ pub fn plan_install(spec: &Spec, backend: Backend, host: Host) -> Result<Plan, A
         Backend::Iptables => {
             let (families, warning) = iptables_families(host);
             plan.warnings.extend(warning);
+            plan.undo_ipv4_if_ipv6_fails = true;
             for family in families {
                 let now = read_iptables(family)?;
                 plan.steps.push(Step {
@@ -172,8 +175,8 @@ pub fn plan_remove(backend: Backend, host: Host) -> Result<Plan, ApplyError> {
     Ok(plan)
 }
 
-/// Runs the steps in order. Each step is one transaction; if an IPv6 step fails after the
-/// IPv4 one was applied, the IPv4 rules are removed again so that one family is never
+/// Runs the steps in order. Each step is one transaction; if an install's IPv6 step fails
+/// after its IPv4 one was applied, the IPv4 rules are removed again so that one family is never
 /// redirected without the other.
 pub fn apply(plan: &Plan) -> Result<(), ApplyError> {
     // Parse and check every input first (`--test` commits nothing): a typo in one family then
@@ -185,7 +188,7 @@ pub fn apply(plan: &Plan) -> Result<(), ApplyError> {
     }
     for (i, step) in plan.steps.iter().enumerate() {
         if let Err(e) = run(step.tool, step.args, &step.input) {
-            if i > 0 && step.tool == Family::V6.restore_tool() {
+            if plan.undo_ipv4_if_ipv6_fails && i > 0 && step.tool == Family::V6.restore_tool() {
                 let undo = rules::iptables_remove(Family::V4, &read_iptables(Family::V4)?);
                 if let Some(input) = undo {
                     run(Family::V4.restore_tool(), RESTORE_ARGS, &input)?;
