@@ -512,6 +512,31 @@ fn assert_served(mesh: &Mesh) {
 }
 
 #[test]
+fn a_request_without_a_host_reaches_the_app_with_local_apps() {
+    let mesh = Mesh::start("l7-no-host", "");
+    let mut c = mesh.connect_as_order();
+    // HTTP/1.0 needs no Host; the app speaks HTTP/1.1, which does.
+    c.stream
+        .write_all(b"GET /stock/1 HTTP/1.0\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let (answer, timed_out) = read_all(&mut c);
+    assert!(!timed_out);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    let heads = mesh.app.heads();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        heads[0].starts_with("GET /stock/1 HTTP/1.1\r\n"),
+        "{heads:?}"
+    );
+    assert_eq!(
+        header_values(&heads[0], "host"),
+        [mesh.app.addr.to_string()],
+        "{heads:?}"
+    );
+}
+
+#[test]
 fn an_upgrade_the_app_declines_is_an_ordinary_exchange() {
     let mesh = Mesh::start("l7-upgrade-declined", "");
     let mut c = mesh.connect_as_order();

@@ -43,7 +43,7 @@ pub(crate) struct HttpConn {
     pub peer: SpiffeId,
     /// The request metrics, labelled with the caller's service name.
     pub metrics: super::request_metrics::RequestMetrics,
-    /// `local_app` as the `Host` and `:authority` of forwarded requests.
+    /// `local_app` as the `:authority` of gRPC requests, and the `Host` of those naming none.
     pub app_authority: http::uri::Authority,
     /// The `x-forwarded-client-cert` every forwarded request carries.
     pub xfcc: HeaderValue,
@@ -267,20 +267,21 @@ async fn forward(conn: &HttpConn, mut req: Request<Incoming>) -> Response<Body> 
     let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let grpc = req.version() == Version::HTTP_2 && is_grpc(req.headers());
     let (mut parts, body) = req.into_parts();
+    super::hop_by_hop(&mut parts.headers);
     if grpc {
         // HTTP/2 names the host in `:authority` alone.
         parts.headers.remove(header::HOST);
     } else if !parts.headers.contains_key(header::HOST) {
-        // HTTP/2 carries the host in `:authority`; HTTP/1.1 to the app needs it as `Host`.
-        if let Some(host) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
+        // HTTP/2 carries the host in `:authority`; HTTP/1.1 to the app needs it as `Host`,
+        // local_app's own when the caller named none (HTTP/1.0, or HTTP/2 without one).
+        let host = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => HeaderValue::from_str(conn.app_authority.as_str()).ok(),
+        };
+        if let Some(host) = host {
             parts.headers.insert(header::HOST, host);
         }
     }
-    super::hop_by_hop(&mut parts.headers);
     if let Some(upgrade) = upgrade {
         super::upgrade::restore(&mut parts.headers, upgrade);
     }
