@@ -22,7 +22,7 @@ use tokio::time::Instant;
 /// and closes (connections in use are bounded by the requests in flight, which
 /// `max_connections` and the streams per connection bound).
 const MAX_POOLED: usize = 256;
-/// How long an idle pooled connection is kept.
+/// How long an idle pooled connection is kept (closed by the next request or the sweep after).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Tries for one request whose connection closed before the request went out (the app closed
 /// a kept-alive connection as we took it): the request is unsent, so it is safe to try again.
@@ -79,9 +79,20 @@ pub(crate) fn new(local_app: SocketAddr) -> AppClient {
         .timer(TokioTimer::new())
         .http2_only(true)
         .build(connector);
-    AppClient {
-        http1: Arc::new(Http1Pool::new(local_app)),
-        h2c,
+    let http1 = Arc::new(Http1Pool::new(local_app));
+    tokio::spawn(sweep(Arc::downgrade(&http1)));
+    AppClient { http1, h2c }
+}
+
+/// Closes the pool's connections idle for [`IDLE_TIMEOUT`] even when no request comes to do
+/// it, until the pool is gone.
+async fn sweep<B>(pool: std::sync::Weak<Http1Pool<B>>) {
+    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.prune(&mut pool.conns.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -94,8 +105,26 @@ struct Http1Pool<B> {
 
 struct Pooled<B> {
     send: http1::SendRequest<B>,
-    /// When a request last took it.
-    used: Instant,
+    /// When it was last seen serving a request: once it is ready, it has been idle since
+    /// about then.
+    busy: Instant,
+}
+
+impl<B> Http1Pool<B> {
+    /// Drops the connections that are closed or idle for [`IDLE_TIMEOUT`], and notes which
+    /// are busy.
+    fn prune(&self, conns: &mut Vec<Pooled<B>>) {
+        let now = Instant::now();
+        conns.retain_mut(|c| {
+            if c.send.is_closed() {
+                return false;
+            }
+            if !c.send.is_ready() {
+                c.busy = now;
+            }
+            now - c.busy <= IDLE_TIMEOUT
+        });
+    }
 }
 
 impl<B> Http1Pool<B>
@@ -137,10 +166,8 @@ where
 
     /// A pooled connection ready for a request; those closed or idle too long are dropped.
     fn take(&self) -> Option<http1::SendRequest<B>> {
-        let now = Instant::now();
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let stale = |c: &Pooled<B>| c.send.is_ready() && now - c.used > IDLE_TIMEOUT;
-        conns.retain(|c| !c.send.is_closed() && !stale(c));
+        self.prune(&mut conns);
         let ready = conns.iter().rposition(|c| c.send.is_ready())?;
         Some(conns.swap_remove(ready).send)
     }
@@ -151,7 +178,7 @@ where
         if conns.len() < MAX_POOLED {
             conns.push(Pooled {
                 send,
-                used: Instant::now(),
+                busy: Instant::now(),
             });
         }
     }
@@ -245,6 +272,22 @@ mod tests {
             (2..=4).contains(&n),
             "{n} connections for 4 requests at once"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_by_the_sweep_without_a_request() {
+        let (addr, accepted) = app(false).await;
+        let pool = Arc::new(Http1Pool::new(addr));
+        tokio::spawn(sweep(Arc::downgrade(&pool)));
+        assert_eq!(get(&pool).await, "ok");
+        assert_eq!(pool.conns.lock().unwrap().len(), 1);
+        // Paused time jumps to each sweep; the connection is gone by the second past the limit.
+        tokio::time::sleep(IDLE_TIMEOUT + IDLE_TIMEOUT / 2).await;
+        assert!(
+            pool.conns.lock().unwrap().is_empty(),
+            "idle past IDLE_TIMEOUT"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -519,8 +519,9 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn l7_permissions_decide_each_request_on_the_normalized_path() {
+    // A runtime: the app client sweeps its idle connections in a task.
+    #[tokio::test]
+    async fn l7_permissions_decide_each_request_on_the_normalized_path() {
         let conn = conn_under(l7(r#"permissions = [
   { action = "deny", path_prefix = "/stock/secret" },
   { action = "allow", path_prefix = "/stock/", methods = ["GET"] },
@@ -571,8 +572,9 @@ mod tests {
         assert_eq!(normalize_target(&mut req), Err(Rejection::NotOriginForm));
     }
 
-    #[test]
-    fn a_change_of_permissions_applies_to_the_next_request() {
+    // A runtime: the app client sweeps its idle connections in a task.
+    #[tokio::test]
+    async fn a_change_of_permissions_applies_to_the_next_request() {
         let conn = conn_under(l7(
             r#"permissions = [{ action = "allow", path_prefix = "/a" }]"#,
         ));
