@@ -43,8 +43,8 @@ pub(crate) fn hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    // Only names present are removed (each lookup costs), and the usual `Connection: close`
-    // or `keep-alive` names nothing beyond the fixed list.
+    // Only names present are removed (each lookup costs), and the usual `Connection:
+    // keep-alive` names nothing beyond the fixed list.
     let mut gone: Vec<HeaderName> = headers
         .keys()
         .filter(|n| is_hop_by_hop(n) && *n != header::TE)
@@ -56,7 +56,7 @@ pub(crate) fn hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok());
     gone.extend(named);
     for name in gone {
@@ -109,6 +109,12 @@ mod tests {
         h.insert("connection", "Keep-Alive, X-Hop".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert("x-hop", "1".parse().unwrap());
+        hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+        // Every name Connection lists goes, `close` included (RFC 9110 section 7.6.1).
+        h.insert("connection", "close".parse().unwrap());
+        h.insert("close", "1".parse().unwrap());
         hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["x-kept"]);
