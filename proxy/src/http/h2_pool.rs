@@ -24,7 +24,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -61,9 +61,38 @@ struct ConnState {
     max_streams: AtomicU32,
     /// When a request last gave back a stream.
     used: Activity,
+    /// The `max_connections` slot of an endpoint's further connection. hyper's connection
+    /// future ends once no sender is left, while the streams in flight still run in a task of
+    /// hyper's own: the slot is given back when the driver has ended *and* the last stream is.
+    permit: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+    /// The driver task has ended.
+    ended: AtomicBool,
 }
 
 impl ConnState {
+    fn new(max_streams: u32, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self {
+            in_flight: AtomicU32::new(0),
+            max_streams: AtomicU32::new(max_streams),
+            used: Activity::new(),
+            permit: std::sync::Mutex::new(permit),
+            ended: AtomicBool::new(false),
+        }
+    }
+
+    /// Gives the `max_connections` slot back.
+    fn release(&self) {
+        drop(self.permit.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
+    /// The driver task has ended: the slot goes back now, or with the last stream.
+    fn end(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+        if self.in_flight.load(Ordering::SeqCst) == 0 {
+            self.release();
+        }
+    }
+
     /// A stream for one request: only one free under the server's limit, unless `over_limit`.
     fn take(self: &Arc<Self>, over_limit: bool) -> Option<Slot> {
         if over_limit {
@@ -87,7 +116,12 @@ pub(crate) struct Slot(Arc<ConnState>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.used.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // SeqCst with `end`: one of the two sees the other, so the slot is given back.
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.ended.load(Ordering::SeqCst)
+        {
+            self.0.release();
+        }
     }
 }
 
@@ -207,13 +241,9 @@ impl H2Pool {
             .handshake(TokioIo::new(io))
             .await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let state = Arc::new(ConnState {
-            in_flight: AtomicU32::new(0),
-            // hyper's initial 100 (the http inbound's limit too) until the server's SETTINGS
-            // are read; the driver task keeps it up to date from then on.
-            max_streams: AtomicU32::new(max_streams(&connection)),
-            used: Activity::new(),
-        });
+        // hyper's initial 100 (the http inbound's limit too) until the server's SETTINGS are
+        // read; the driver task keeps it up to date from then on.
+        let state = Arc::new(ConnState::new(max_streams(&connection), slot));
         let conn = Conn {
             id,
             send,
@@ -225,15 +255,10 @@ impl H2Pool {
         let first = conn.pooled(state.take(true).expect("taken over the limit"));
         self.conns.entry(ep).or_default().push(conn);
         let conns = self.conns.clone();
-        inputs.drain.tracker.spawn(drive(
-            inputs.clone(),
-            connection,
-            conns,
-            ep,
-            id,
-            state,
-            slot,
-        ));
+        inputs
+            .drain
+            .tracker
+            .spawn(drive(inputs.clone(), connection, conns, ep, id, state));
         Ok(first)
     }
 }
@@ -262,7 +287,6 @@ async fn drive<T>(
     ep: SocketAddr,
     id: u64,
     state: Arc<ConnState>,
-    _slot: Option<OwnedSemaphorePermit>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -303,6 +327,7 @@ async fn drive<T>(
         }
     }
     retire(&conns, ep, id);
+    state.end();
 }
 
 #[cfg(test)]
@@ -333,11 +358,7 @@ mod tests {
             send,
             generation,
             server_not_after: i64::MAX,
-            state: Arc::new(ConnState {
-                in_flight: AtomicU32::new(0),
-                max_streams: AtomicU32::new(max_streams),
-                used: Activity::new(),
-            }),
+            state: Arc::new(ConnState::new(max_streams, None)),
         }
     }
 
@@ -384,5 +405,27 @@ mod tests {
             "a stream given back"
         );
         drop(b);
+    }
+
+    #[test]
+    fn a_further_connections_slot_is_held_until_its_driver_and_its_last_stream_have_ended() {
+        let slots = Arc::new(Semaphore::new(1));
+        let permit = slots.clone().try_acquire_owned().unwrap();
+        let state = Arc::new(ConnState::new(100, Some(permit)));
+        let streaming = state.take(false).unwrap();
+        // hyper's connection future ends when the last sender goes; a response still streams.
+        state.end();
+        assert_eq!(slots.available_permits(), 0, "a stream still runs");
+        drop(streaming);
+        assert_eq!(
+            slots.available_permits(),
+            1,
+            "given back with the last stream"
+        );
+        // Ended with nothing in flight: given back at once.
+        let permit = slots.clone().try_acquire_owned().unwrap();
+        let state = ConnState::new(100, Some(permit));
+        state.end();
+        assert_eq!(slots.available_permits(), 1);
     }
 }
