@@ -17,6 +17,7 @@ use super::upgrade::Slot;
 use crate::copy::CopyEnd;
 use crate::metrics::{Direction, HandshakeResult};
 use crate::outbound::Upstream;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
@@ -310,24 +311,23 @@ fn to_upstream(upstream: &Upstream, req: Request<Incoming>) -> Option<Request<In
     {
         return None;
     }
+    // The parts as they are (shared bytes), not formatted and parsed again.
     let authority = match parts.uri.authority() {
-        Some(a) => a.as_str().to_owned(),
+        Some(a) => a.clone(),
         None => match &host {
-            Some(h) => h.to_str().ok()?.to_owned(),
-            None => crate::mux::authority(&upstream.service, &upstream.namespace),
+            Some(h) => Authority::try_from(h.as_bytes()).ok()?,
+            None => crate::mux::authority(&upstream.service, &upstream.namespace)
+                .parse()
+                .ok()?,
         },
     };
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(path)
-        .build()
-        .ok()?;
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority);
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(uri).ok()?;
     parts.version = Version::HTTP_2;
     Some(Request::from_parts(parts, body))
 }
