@@ -14,6 +14,9 @@ Workloads, setups interleaved round after round:
 - h1: wrk, HTTP/1.1 keep-alive, KA_CONNS connections (req/s, p99, CPU per request);
 - seq: wrk -c1, sequential requests on one connection (p50; added p50 = minus direct's);
 - h2: h2load, HTTP/2 with prior knowledge, H2_CONNS connections x H2_STREAMS streams;
+- grpc: h2load sending gRPC unary calls (a 5-byte message, `content-type: application/grpc`,
+  `te: trailers`) to a gRPC backend (ward-perf-grpc-backend) through a path of its own (the
+  `catalog` service), H2_CONNS connections x H2_STREAMS streams;
 - handshakes (ward only): 1000 sequential requests on one client connection, first thing after
   the readiness check, and the TLS handshakes the outbound hop made since it started
   (`ward_tls_handshakes_total`).
@@ -45,13 +48,21 @@ SETUPS = ENV.get("HTTP_SETUPS", "ward,haproxy,nginx,direct").split(",")
 PEERS = ["haproxy", "nginx"]
 BASE = int(ENV.get("PORT_BASE", "24100")) + 100
 BACKEND = BASE  # HTTP/1.1; BACKEND + 1 serves h2c for `direct` under h2load
+GRPC_BACKEND = BASE + 2
+GRPC_BIN = ENV.get("GRPC_BIN", "ward-perf-grpc-backend")
 PORTS = {  # (outbound hop, outbound hop's h2c port, inbound hop)
     "ward": (BASE + 10, BASE + 10, BASE + 11),
     "haproxy": (BASE + 20, BASE + 21, BASE + 22),
     "nginx": (BASE + 30, BASE + 31, BASE + 32),
     "direct": (BACKEND, BACKEND + 1, None),
 }
-WARD_ADMIN = (BASE + 12, BASE + 13)
+GRPC_PORTS = {  # (outbound hop, inbound hop) of the gRPC path
+    "ward": (BASE + 14, BASE + 15),
+    "haproxy": (BASE + 24, BASE + 25),
+    "nginx": (BASE + 34, BASE + 35),
+    "direct": (GRPC_BACKEND, None),
+}
+WARD_ADMIN = (BASE + 12, BASE + 13, BASE + 16)
 PKI = h.PKI
 WORK = h.WORK
 BEGIN, END = "<!-- http begin -->", "<!-- http end -->"
@@ -63,16 +74,25 @@ def ward_configs():
     out_p, _, in_p = PORTS["ward"]
     tls = (f'[tls]\ncert_file = "{PKI}/{{svc}}.chain.pem"\nkey_file = "{PKI}/{{svc}}.key.pem"\n'
            f'ca_file = "{PKI}/root.pem"\n')
+    g_out, g_in = GRPC_PORTS["ward"]
     outbound = (f'[service]\nname = "order"\n\n[[upstreams]]\nservice = "inventory"\n'
                 f'listen = "127.0.0.1:{out_p}"\nprotocol = "http"\n'
                 f'endpoints = ["127.0.0.1:{in_p}"]\n\n'
+                f'[[upstreams]]\nservice = "catalog"\nlisten = "127.0.0.1:{g_out}"\n'
+                f'protocol = "http"\nendpoints = ["127.0.0.1:{g_in}"]\n\n'
                 + tls.format(svc="order") + f'\n[admin]\nlisten = "127.0.0.1:{WARD_ADMIN[0]}"\n')
     inbound = (f'[service]\nname = "inventory"\n\n[inbound]\nlisten = "127.0.0.1:{in_p}"\n'
                f'local_app = "127.0.0.1:{BACKEND}"\nprotocol = "http"\n\n'
                + tls.format(svc="inventory")
                + '\n[intentions]\ndefault = "deny"\nrules = [{ source = "order", action = "allow" }]\n'
                + f'\n[admin]\nlisten = "127.0.0.1:{WARD_ADMIN[1]}"\n')
-    return outbound, inbound
+    # The gRPC path's inbound hop: the `catalog` service in front of the gRPC backend.
+    grpc_in = (f'[service]\nname = "catalog"\n\n[inbound]\nlisten = "127.0.0.1:{g_in}"\n'
+               f'local_app = "127.0.0.1:{GRPC_BACKEND}"\nprotocol = "http"\n\n'
+               + tls.format(svc="catalog")
+               + '\n[intentions]\ndefault = "deny"\nrules = [{ source = "order", action = "allow" }]\n'
+               + f'\n[admin]\nlisten = "127.0.0.1:{WARD_ADMIN[2]}"\n')
+    return outbound, inbound, grpc_in
 
 
 def haproxy_configs():
@@ -80,10 +100,14 @@ def haproxy_configs():
     head = ("global\n  maxconn 8000\n  nbthread 1\n"
             "defaults\n  mode http\n  timeout connect 5s\n  timeout client 1h\n"
             "  timeout server 1h\n  http-reuse always\n")
+    g_out, g_in = GRPC_PORTS["haproxy"]
     outbound = head + (
         f"frontend out\n  bind 127.0.0.1:{out_p}\n  bind 127.0.0.1:{out_h2} proto h2\n"
         "  default_backend mesh\n"
         f"backend mesh\n  server inv 127.0.0.1:{in_p} ssl verify required "
+        f"ca-file {PKI}/root.pem crt {PKI}/order.bundle.pem ssl-min-ver TLSv1.3 alpn h2\n"
+        f"frontend grpcout\n  bind 127.0.0.1:{g_out} proto h2\n  default_backend grpcmesh\n"
+        f"backend grpcmesh\n  server cat 127.0.0.1:{g_in} ssl verify required "
         f"ca-file {PKI}/root.pem crt {PKI}/order.bundle.pem ssl-min-ver TLSv1.3 alpn h2\n")
     # The caller's certificate hash for the app, as ward's x-forwarded-client-cert carries it.
     inbound = head + (
@@ -91,7 +115,11 @@ def haproxy_configs():
         f"ca-file {PKI}/root.pem verify required ssl-min-ver TLSv1.3 alpn h2,http/1.1\n"
         "  http-request set-header x-forwarded-client-cert Hash=%[ssl_c_der,digest(sha256),hex]\n"
         "  default_backend app\n"
-        f"backend app\n  server app 127.0.0.1:{BACKEND}\n")
+        f"backend app\n  server app 127.0.0.1:{BACKEND}\n"
+        f"frontend grpcin\n  bind 127.0.0.1:{g_in} ssl crt {PKI}/catalog.bundle.pem "
+        f"ca-file {PKI}/root.pem verify required ssl-min-ver TLSv1.3 alpn h2\n"
+        "  default_backend grpcapp\n"
+        f"backend grpcapp\n  server app 127.0.0.1:{GRPC_BACKEND} proto h2\n")
     return outbound, inbound
 
 
@@ -103,6 +131,7 @@ def nginx_head(name):
 
 def nginx_configs():
     out_p, out_h2, in_p = PORTS["nginx"]
+    g_out, g_in = GRPC_PORTS["nginx"]
     keep = "  keepalive_requests 100000000;\n  keepalive_timeout 300s;\n"
     outbound = nginx_head("nginx-http-out") + (
         "http {\n  access_log off;\n" + keep
@@ -115,7 +144,16 @@ def nginx_configs():
         f"      proxy_ssl_certificate_key {PKI}/order.key.pem;\n"
         f"      proxy_ssl_trusted_certificate {PKI}/root.pem;\n"
         "      proxy_ssl_verify on;\n      proxy_ssl_verify_depth 3;\n"
-        "      proxy_ssl_name inventory.ward.local;\n    }\n  }\n}\n")
+        "      proxy_ssl_name inventory.ward.local;\n    }\n  }\n"
+        # The gRPC path: grpc_pass over mutual TLS (HTTP/2), the upstream kept alive.
+        + f"  upstream cat {{\n    server 127.0.0.1:{g_in};\n    keepalive 256;\n  }}\n"
+        f"  server {{\n    listen 127.0.0.1:{g_out} http2;\n"
+        "    location / {\n      grpc_pass grpcs://cat;\n      grpc_ssl_protocols TLSv1.3;\n"
+        f"      grpc_ssl_certificate {PKI}/order.chain.pem;\n"
+        f"      grpc_ssl_certificate_key {PKI}/order.key.pem;\n"
+        f"      grpc_ssl_trusted_certificate {PKI}/root.pem;\n"
+        "      grpc_ssl_verify on;\n      grpc_ssl_verify_depth 3;\n"
+        "      grpc_ssl_name catalog.ward.local;\n    }\n  }\n}\n")
     inbound = nginx_head("nginx-http-in") + (
         "http {\n  access_log off;\n" + keep
         + f"  upstream app {{\n    server 127.0.0.1:{BACKEND};\n    keepalive 256;\n"
@@ -128,17 +166,26 @@ def nginx_configs():
         "    location / {\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n"
         "      proxy_set_header Connection \"\";\n"
         "      proxy_set_header x-forwarded-client-cert \"Hash=$ssl_client_fingerprint\";\n"
+        "    }\n  }\n"
+        + f"  upstream grpcapp {{\n    server 127.0.0.1:{GRPC_BACKEND};\n    keepalive 256;\n  }}\n"
+        f"  server {{\n    listen 127.0.0.1:{g_in} ssl http2;\n    ssl_protocols TLSv1.3;\n"
+        f"    ssl_certificate {PKI}/catalog.chain.pem;\n"
+        f"    ssl_certificate_key {PKI}/catalog.key.pem;\n"
+        f"    ssl_client_certificate {PKI}/root.pem;\n"
+        "    ssl_verify_client on;\n    ssl_verify_depth 3;\n"
+        "    location / {\n      grpc_pass grpc://grpcapp;\n"
+        "      grpc_set_header x-forwarded-client-cert \"Hash=$ssl_client_fingerprint\";\n"
         "    }\n  }\n}\n")
     return outbound, inbound
 
 
 def start_setup(name):
     if name == "ward":
-        o, i = ward_configs()
+        o, i, g = ward_configs()
         return [h.spawn(f"ward-http-{hop}", [h.WARD_BIN, "proxy", "--config",
                                              h.write(f"ward-http-{hop}.toml", t), "--workers", "1"],
                         env=dict(ENV, WARD_LOG="warn"))
-                for hop, t in (("out", o), ("in", i))]
+                for hop, t in (("out", o), ("in", i), ("grpc-in", g))]
     if name == "haproxy":
         o, i = haproxy_configs()
         return [h.spawn(f"haproxy-http-{hop}", ["haproxy", "-db", "-f",
@@ -168,6 +215,30 @@ def start_backend():
     return p
 
 
+def start_grpc_backend():
+    p = h.spawn("backend-grpc", [GRPC_BIN, f"127.0.0.1:{GRPC_BACKEND}"])
+    for _ in range(100):
+        if grpc_call(GRPC_BACKEND):
+            return p
+        time.sleep(0.1)
+    raise RuntimeError(f"the gRPC backend did not answer; see {WORK}/backend-grpc.log")
+
+
+GRPC_REQUEST = b"\x00\x00\x00\x00\x05hello"  # one uncompressed gRPC message of 5 bytes
+GRPC_ARGS = ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+
+
+def grpc_call(port):
+    """One gRPC unary call (h2load, one request): whether it was answered 200."""
+    request = f"{WORK}/grpc-request.bin"
+    with open(request, "wb") as f:
+        f.write(GRPC_REQUEST)
+    r = subprocess.run(["h2load", "-n1", "-c1", "-d", request]
+                       + GRPC_ARGS + [f"http://127.0.0.1:{port}/bench.Echo/Unary"],
+                       capture_output=True, text=True, timeout=30)
+    return "1 succeeded" in r.stdout and "status codes: 1 2xx" in r.stdout
+
+
 def wait_ready(name, procs, port, tries=100):
     for _ in range(tries):
         for p in procs:
@@ -184,9 +255,15 @@ def wait_ready(name, procs, port, tries=100):
 
 # ---------------------------------------------------------------- workloads
 
-def h2load(port):
-    argv = ["h2load", "-t1", f"-c{H2_CONNS}", f"-m{H2_STREAMS}", f"-D{DURATION}",
-            f"http://127.0.0.1:{port}/"]
+def h2load(port, grpc=False):
+    target = f"http://127.0.0.1:{port}/"
+    if grpc:
+        extra = ["-d", f"{WORK}/grpc-request.bin"] + GRPC_ARGS
+        target += "bench.Echo/Unary"
+    else:
+        extra = []
+    argv = (["h2load", "-t1", f"-c{H2_CONNS}", f"-m{H2_STREAMS}", f"-D{DURATION}"] + extra
+            + [target])
     r = subprocess.run(argv, capture_output=True, text=True, timeout=DURATION + 30)
     out = r.stdout
     res = {"rps": None, "failed": None, "mean_ms": None}
@@ -239,9 +316,16 @@ def run(rounds):
         data[setup].setdefault(key, []).append(val)
 
     backend = start_backend()
+    grpc_backend = start_grpc_backend()
     procs = {s: start_setup(s) for s in SETUPS}
     for s in SETUPS:
         wait_ready(s, procs[s], PORTS[s][0])
+        for _ in range(100):
+            if grpc_call(GRPC_PORTS[s][0]):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"{s}: no gRPC answer through the path; see {WORK}")
     time.sleep(1.0)
     if "ward" in SETUPS:
         # Before any load: the sidecars' own connection, as the app's first 1000 requests see it.
@@ -262,6 +346,10 @@ def run(rounds):
             put(s, "h2_rps", res["rps"])
             put(s, "h2_cpu_us_req", per_request(res["cpu_s"], res["rps"]))
             put(s, "h2_failed", res["failed"])
+            res = h.measured(procs[s], lambda: h2load(GRPC_PORTS[s][0], grpc=True))
+            put(s, "grpc_rps", res["rps"])
+            put(s, "grpc_cpu_us_req", per_request(res["cpu_s"], res["rps"]))
+            put(s, "grpc_failed", res["failed"])
             h.log(f"http round {r + 1}/{rounds} {s}: "
                   + ", ".join(f"{k}={v[-1]:.4g}" for k, v in data[s].items()
                               if v and isinstance(v[-1], (int, float))))
@@ -271,6 +359,7 @@ def run(rounds):
                 h.log(f"WARNING: {p.name} exited during the run ({p.returncode})")
             h.stop(p)
     h.stop(backend)
+    h.stop(grpc_backend)
     return data
 
 
@@ -290,6 +379,8 @@ COLUMNS = [  # (title, key, higher is better, format)
     ("added p50 µs", "added_p50_us", False, "{:.0f}"),
     ("HTTP/2 req/s", "h2_rps", True, "{:,.0f}"),
     ("CPU µs/req HTTP/2", "h2_cpu_us_req", False, "{:.1f}"),
+    ("gRPC unary req/s", "grpc_rps", True, "{:,.0f}"),
+    ("CPU µs/req gRPC", "grpc_cpu_us_req", False, "{:.1f}"),
 ]
 
 
@@ -354,7 +445,7 @@ def render(raw):
     meta = raw["meta"]
     med = medians(raw["http"])
     fails = [f"{s}: {k} = {d[k]}" for s, d in raw["http"].items()
-             for k in ("h1_errors", "h2_failed") if any(v for v in d.get(k, []) if v)]
+             for k in ("h1_errors", "h2_failed", "grpc_failed") if any(v for v in d.get(k, []) if v)]
     md = [BEGIN, "## HTTP mode (`MODE=http bash perf/run.sh`)\n",
           f"Run: {meta['date']}, {meta['elapsed_s'] / 60:.1f} min, ROUNDS={meta['rounds']} "
           f"DURATION={meta['duration']}s KA_CONNS={KA_CONNS} H2_CONNS={H2_CONNS} "
@@ -372,7 +463,11 @@ def render(raw):
           "stime of both hops during the workload divided by the requests served; 1-conn = wrk "
           "-c1; added p50 = minus direct's; HTTP/2 = h2load with prior knowledge, H2_CONNS "
           "connections x H2_STREAMS concurrent streams (peers take HTTP/2 on a port of their "
-          "own, ward on the same listener).\n"]
+          "own, ward on the same listener); gRPC unary = h2load sending gRPC calls (a 5-byte "
+          "message; the answer is 16 bytes and `grpc-status: 0` in trailers) through a path of "
+          "its own (service `catalog`) to a gRPC backend on hyper (ward-perf-grpc-backend), "
+          "same connections x streams; nginx with `grpc_pass grpcs://` to the inbound hop and "
+          "`grpc_pass grpc://` to the backend, haproxy with `proto h2` to the backend.\n"]
     if fails:
         md.append("Errors seen: " + "; ".join(fails) + "\n")
     md += ["### Targets\n", targets(med) + "\n", END]

@@ -17,7 +17,8 @@
 #   MODE [l4]           http: the HTTP harness (perf/http_harness.py: wrk, h2load; ward,
 #                       haproxy and nginx as HTTP proxies), which writes its own section of OUT
 #   H2_CONNS [10], H2_STREAMS [10]  h2load's connections and concurrent streams (MODE=http)
-#   WARD_BIN, PKI_BIN   use these ward and ward-perf-pki binaries instead of building them
+#   WARD_BIN, PKI_BIN, GRPC_BIN  use these ward, ward-perf-pki and ward-perf-grpc-backend
+#                       binaries instead of building them
 #   CARGO_TARGET_DIR    where cargo builds (default: cargo's own)
 #   OUT [perf/RESULTS.md]
 #   WORK                scratch directory (default: a new mktemp -d; removed unless KEEP=1)
@@ -35,6 +36,7 @@ target="${CARGO_TARGET_DIR:-target}"
 build=()
 [ -n "${WARD_BIN:-}" ] || build+=(-p ward --bin ward)
 [ -n "${PKI_BIN:-}" ] || build+=(-p ward-perf --bin ward-perf-pki)
+[ -n "${GRPC_BIN:-}" ] || build+=(-p ward-perf --bin ward-perf-grpc-backend)
 build_pid=""
 stop_build() {
   # The build runs in its own process group (setsid): end cargo and its compilers, by group id.
@@ -83,10 +85,11 @@ if [ -n "$build_pid" ]; then
 fi
 WARD_BIN="$(readlink -f "${WARD_BIN:-$target/release/ward}" || echo "${WARD_BIN:-$target/release/ward}")"
 PKI_BIN="$(readlink -f "${PKI_BIN:-$target/release/ward-perf-pki}" || echo "${PKI_BIN:-$target/release/ward-perf-pki}")"
-for bin in "$WARD_BIN" "$PKI_BIN"; do
+GRPC_BIN="$(readlink -f "${GRPC_BIN:-$target/release/ward-perf-grpc-backend}" || echo "${GRPC_BIN:-$target/release/ward-perf-grpc-backend}")"
+for bin in "$WARD_BIN" "$PKI_BIN" "$GRPC_BIN"; do
   [ -x "$bin" ] || { echo "perf/run.sh: $bin is not an executable" >&2; exit 1; }
 done
-export WARD_BIN
+export WARD_BIN GRPC_BIN
 
 # ---- scratch dir, PID list, cleanup
 WORK="${WORK:-$(mktemp -d /tmp/ward-perf.XXXXXX)}"

@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (svc, dns) in [
         ("order", vec![]),
         ("inventory", vec!["inventory.ward.local"]),
+        // The gRPC service of the HTTP harness.
+        ("catalog", vec!["catalog.ward.local"]),
     ] {
         let leaf = pki.leaf(svc, &dns)?;
         std::fs::write(dir.join(format!("{svc}.chain.pem")), &leaf.chain_pem)?;
