@@ -353,3 +353,21 @@ fn the_compose_example_mounts_its_config_and_certificates() {
         .collect();
     assert!(published.contains(&format!("{inbound}:{inbound}").as_str()));
 }
+
+/// CI builds the runtime stage on a base it imports under the name `FROM` uses; the two must
+/// not drift apart, and the runtime keeps `ward` as its entrypoint and the redirect tools.
+#[test]
+fn the_image_script_imports_the_base_the_dockerfile_names() {
+    let dockerfile = read("Dockerfile");
+    let script = read(".ci/image.sh");
+    let base = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("FROM ")?.strip_suffix(" AS runtime-base"))
+        .expect("a runtime-base stage");
+    assert!(
+        script.contains(&format!("base={base} ")),
+        "{base} is what .ci/image.sh imports"
+    );
+    assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/ward\"]"));
+    assert!(dockerfile.contains("install -y --no-install-recommends iptables nftables"));
+}
