@@ -17,8 +17,9 @@ use common::proc::{ProxyConfig, TempDir, WardProcess};
 use common::py::{Python, GRPC_CLIENT, GRPC_SERVER, WS_CLIENT, WS_SERVER};
 use common::{write_tls_files, TlsFiles};
 
-/// Set to end every `GET /hold` answer of every [`NamedApp`].
-static HOLDS_RELEASED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set to end every `GET /hold` answer of every [`NamedApp`]; the condvar wakes the holders.
+static HOLDS_RELEASED: (Mutex<bool>, std::sync::Condvar) =
+    (Mutex::new(false), std::sync::Condvar::new());
 
 /// An HTTP/1.1 app that answers 200 with `served-by=<name>` and the request header it received
 /// as the body; `GET /stall` is answered only after 5 s. Keeps every header it received.
@@ -75,12 +76,13 @@ impl NamedApp {
                 if conn.write_all(start.as_bytes()).is_err() {
                     return;
                 }
-                for _ in 0..600 {
-                    if HOLDS_RELEASED.load(std::sync::atomic::Ordering::SeqCst) {
-                        break;
-                    }
-                    thread::sleep(Duration::from_millis(50));
-                }
+                // Bounded: the answer ends after 30 s whether or not the test released it.
+                let (released, wake) = &HOLDS_RELEASED;
+                let held = released.lock().unwrap();
+                drop(
+                    wake.wait_timeout_while(held, Duration::from_secs(30), |r| !*r)
+                        .unwrap(),
+                );
                 if conn.write_all(b"0\r\n\r\n").is_err() {
                     return;
                 }
@@ -987,7 +989,8 @@ fn a_request_beyond_the_endpoints_stream_limit_is_not_queued_into_a_504() {
         (send, held)
     });
     let out = curl(&[mesh.url("/fine")], &["--http1.1"]);
-    HOLDS_RELEASED.store(true, std::sync::atomic::Ordering::SeqCst);
+    *HOLDS_RELEASED.0.lock().unwrap() = true;
+    HOLDS_RELEASED.1.notify_all();
     drop(held);
     assert_eq!(curl_results(&out)[0].1, "200", "{out}");
 }
