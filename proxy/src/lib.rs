@@ -18,7 +18,8 @@
 //! - [`admin`]: /live /ready /metrics /config /drain; [`process_metrics`]: the `process_*` set
 //!   and `ward_build_info`, which the proxy and the server both serve.
 //! - [`startup_memory`]: gives back the memory only startup needed, once ready.
-//! - [`redirect`]: the nat rules of transparent mode (`ward redirect`).
+//! - [`redirect`]: the nat rules of transparent mode (`ward redirect`); [`transparent`]: what
+//!   the redirected connections need (the owners of mesh addresses).
 //! - [`app`]: binds everything and returns a handle; [`app::ProxyHandle::wait`] drains.
 
 pub mod admin;
@@ -46,6 +47,7 @@ pub mod startup_memory;
 #[cfg(test)]
 mod test_pki;
 pub mod tls;
+pub mod transparent;
 
 pub use app::{build, check_listeners, BuildError, MeshHandles, ProxyHandle};
 pub(crate) use ward_config::time::now_unix;
