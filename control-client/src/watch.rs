@@ -358,6 +358,7 @@ mod tests {
                 upstreams: vec![],
                 inbound_addr: None,
                 inbound_protocol: None,
+                transparent: None,
             },
             service: service("order"),
             stop: CancellationToken::new(),

@@ -34,6 +34,8 @@ pub struct ProxyHandle {
     /// `[inbound] protocol`, when there is an inbound.
     pub inbound_protocol: Option<Protocol>,
     pub upstream_addrs: Vec<(String, SocketAddr)>,
+    /// `[transparent]`: the owners of mesh addresses and the bound transparent inbound.
+    pub transparent: Option<TransparentHandles>,
     inputs: Arc<ProxyInputs>,
     upstreams: Vec<Arc<Upstream>>,
 }
@@ -48,6 +50,17 @@ pub struct MeshHandles {
     /// What the inbound carries: the client registers it, and takes L7 permissions only for
     /// `http`, the inbound that decides each request.
     pub inbound_protocol: Option<Protocol>,
+    /// With `[transparent]`: the client watches every service's endpoints into `index`, and
+    /// registers the transparent inbound's port (as the address too when there is no inbound).
+    pub transparent: Option<TransparentHandles>,
+}
+
+/// What a control-plane client feeds and registers for `[transparent]`.
+#[derive(Clone)]
+pub struct TransparentHandles {
+    pub index: Arc<crate::transparent::index::MeshIndex>,
+    /// The transparent inbound's bound address, if it has one.
+    pub inbound_addr: Option<SocketAddr>,
 }
 
 async fn bind(key: String, addr: SocketAddr) -> Result<TcpListener, BuildError> {
@@ -210,6 +223,7 @@ pub async fn build(
         admin_addr: local_admin(&inputs),
         inbound_addr,
         inbound_protocol: config.inbound.as_ref().map(|i| i.protocol),
+        transparent: None,
         upstream_addrs,
         inputs,
         upstreams,
@@ -240,6 +254,7 @@ impl ProxyHandle {
             upstreams: self.upstreams.clone(),
             inbound_addr: self.inbound_addr,
             inbound_protocol: self.inbound_protocol,
+            transparent: self.transparent.clone(),
         }
     }
 

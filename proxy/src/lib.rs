@@ -49,5 +49,5 @@ mod test_pki;
 pub mod tls;
 pub mod transparent;
 
-pub use app::{build, check_listeners, BuildError, MeshHandles, ProxyHandle};
+pub use app::{build, check_listeners, BuildError, MeshHandles, ProxyHandle, TransparentHandles};
 pub(crate) use ward_config::time::now_unix;
