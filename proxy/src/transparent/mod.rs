@@ -2,5 +2,7 @@
 //! the proxy, with their original destinations.
 //!
 //! - [`index`]: which mesh service owns an IP address.
+//! - [`socket`]: the original destination of a redirected connection; IPv6 twin listeners.
 
 pub mod index;
+pub mod socket;
