@@ -1,9 +1,11 @@
-//! Inbound: terminate mTLS, decide in the handshake, forward allowed connections to the app.
+//! Inbound: terminate mTLS, decide in the handshake, forward allowed connections to the app
+//! (explicit `[inbound]`), or to the pod's own address at their original port (transparent).
 
 use crate::connlog::ConnectionLog;
 use crate::forward::{connect_app, forward};
 use crate::inputs::ProxyInputs;
 use crate::metrics::{self as m, Direction, HandshakeResult};
+use crate::mux::server::Destination;
 use crate::tls;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ pub struct Inbound {
     /// sidecars, docs/security.md: chosen by ALPN only). An http inbound offers no tunnel, so
     /// every request it forwards is parsed and decided here, never carried as raw bytes.
     mux: Option<Arc<rustls::ServerConfig>>,
-    local_app: SocketAddr,
+    target: Target,
     log: Arc<ConnectionLog>,
     /// `protocol = "http"`: clients offering `h2` or `http/1.1` get it; others HTTP/2 if they
     /// open with its preface, else HTTP/1.1.
@@ -30,6 +32,41 @@ pub struct Inbound {
 struct Http {
     tls: Arc<rustls::ServerConfig>,
     app: crate::http::app_client::AppClient,
+    local_app: SocketAddr,
+}
+
+/// Where admitted connections go.
+enum Target {
+    /// `[inbound] local_app`.
+    LocalApp(SocketAddr),
+    /// `[transparent] inbound_listen`: the pod's own address at the port the connection (or
+    /// its tunnel stream) was addressed to; `own_ports` are the proxy's listeners, never a target.
+    Transparent { own_ports: Arc<[u16]> },
+}
+
+impl Target {
+    /// Where the connection `tcp` and its tunnel streams may go.
+    fn destination(&self, tcp: &TcpStream) -> Destination {
+        match self {
+            Target::LocalApp(app) => Destination::LocalApp(*app),
+            Target::Transparent { own_ports } => {
+                let local = tcp.local_addr().ok();
+                // A connection made straight to our port (a tunnel from a transparent outbound)
+                // was not redirected: it has no destination of its own.
+                let redirected = crate::transparent::socket::original_dst(tcp)
+                    .ok()
+                    .filter(|dst| Some(*dst) != local)
+                    .map(|dst| dst.port());
+                Destination::Pod {
+                    ip: local.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |l| {
+                        l.ip().to_canonical()
+                    }),
+                    redirected,
+                    own_ports: own_ports.clone(),
+                }
+            }
+        }
+    }
 }
 
 impl Inbound {
@@ -51,7 +88,7 @@ impl Inbound {
             inputs,
             plain,
             mux: Some(Arc::new(mux)),
-            local_app,
+            target: Target::LocalApp(local_app),
             log: Arc::new(log),
             http: None,
         }
@@ -59,13 +96,28 @@ impl Inbound {
 
     /// This inbound serving `protocol = "http"`: HTTP/2 or HTTP/1.1 by ALPN, no tunnel.
     pub fn serving_http(mut self) -> Self {
+        let Target::LocalApp(local_app) = self.target else {
+            return self;
+        };
         let mut tls = (*self.plain).clone();
         tls.alpn_protocols = crate::http::ALPN.iter().map(|p| p.to_vec()).collect();
         self.http = Some(Http {
             tls: Arc::new(tls),
-            app: crate::http::app_client::new(self.local_app),
+            app: crate::http::app_client::new(local_app),
+            local_app,
         });
         self.mux = None;
+        self
+    }
+
+    /// This inbound as `[transparent] inbound_listen`: each connection goes to the pod's own
+    /// address at its original destination port, each tunnel stream at the port it names; never
+    /// to one of `own_ports` (the proxy's listeners).
+    pub fn transparent(mut self, own_ports: Vec<u16>) -> Self {
+        self.target = Target::Transparent {
+            own_ports: own_ports.into(),
+        };
+        self.http = None;
         self
     }
 
@@ -89,6 +141,7 @@ impl Inbound {
     async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, _slot: OwnedSemaphorePermit) {
         let inputs = &self.inputs;
         let started = Instant::now();
+        let destination = self.target.destination(&tcp);
         let Some(pending) = inputs.handshakes.begin(peer.ip()) else {
             tracing::debug!("pending handshake cap reached; connection refused");
             return;
@@ -183,14 +236,14 @@ impl Inbound {
             let conn = Arc::new(crate::http::inbound::HttpConn {
                 inputs: inputs.clone(),
                 app: http.app.clone(),
-                local_app: self.local_app,
+                local_app: http.local_app,
                 xfcc: crate::http::xfcc::value(&own.leaf.id, leaf, &peer_id),
                 peer: peer_id.clone(),
                 metrics: crate::http::request_metrics::RequestMetrics::new(
                     Direction::Inbound,
                     peer_name.clone(),
                 ),
-                app_authority: crate::http::inbound::authority_of(self.local_app),
+                app_authority: crate::http::inbound::authority_of(http.local_app),
                 upgrade: Default::default(),
             });
             tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), ?h2, "inbound http connection admitted");
@@ -212,11 +265,15 @@ impl Inbound {
             };
             let close = registration.close.clone();
             let log = self.log.clone();
-            crate::mux::server::serve(inputs.clone(), self.local_app, tls, peer, close, log).await;
+            crate::mux::server::serve(inputs.clone(), destination, tls, peer, close, log).await;
             return;
         }
 
-        let Some(app) = connect_app(self.local_app).await else {
+        let Some(target) = destination.default_target() else {
+            tracing::debug!(peer = %escape_peer_value(&peer_id.to_string()), "a connection to the transparent inbound's own port names no destination; closed");
+            return;
+        };
+        let Some(app) = connect_app(target).await else {
             return;
         };
 

@@ -1,5 +1,6 @@
 //! The inbound side of a tunnel connection: every stream is a `CONNECT` to this service, and
-//! goes to `local_app`.
+//! goes to `local_app` (explicit inbound) or to the pod's own address at the port it names
+//! (transparent inbound).
 
 use super::io::StreamIo;
 use super::keepalive::Keepalive;
@@ -9,7 +10,7 @@ use crate::metrics::{self as m, Direction};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode, Uri};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,12 +31,65 @@ pub struct TunnelPeer {
     pub not_after: i64,
 }
 
+/// Where the streams of a tunnel connection may go (security rule 9, docs/security.md).
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// An explicit inbound: every stream goes to `local_app`.
+    LocalApp(SocketAddr),
+    /// A transparent inbound: a stream naming `:PORT` goes to the pod's own address `ip` (where
+    /// the tunnel connection arrived) at that port; one naming no port goes to `redirected`,
+    /// the original destination port of the tunnel connection itself, if it was redirected.
+    /// Never to loopback, another host, or one of the proxy's own ports.
+    Pod {
+        ip: IpAddr,
+        redirected: Option<u16>,
+        own_ports: Arc<[u16]>,
+    },
+}
+
+impl Destination {
+    /// Where a connection that names no port goes: `local_app`, or the redirected port.
+    pub fn default_target(&self) -> Option<SocketAddr> {
+        match self {
+            Destination::LocalApp(app) => Some(*app),
+            Destination::Pod { redirected, .. } => redirected.and_then(|p| self.pod_port(p)),
+        }
+    }
+
+    /// The pod's own address at `port`, unless that would reach loopback or the proxy itself.
+    fn pod_port(&self, port: u16) -> Option<SocketAddr> {
+        match self {
+            Destination::Pod { ip, own_ports, .. }
+                if port != 0
+                    && !ip.is_loopback()
+                    && !ip.is_unspecified()
+                    && !own_ports.contains(&port) =>
+            {
+                Some(SocketAddr::new(*ip, port))
+            }
+            _ => None,
+        }
+    }
+
+    /// Where the stream `method uri` goes, or the status that refuses it before any connect.
+    fn resolve(&self, method: &Method, uri: &Uri, target: &str) -> Result<SocketAddr, StatusCode> {
+        match self {
+            Destination::LocalApp(app) => check_request(method, uri, target).map(|()| *app),
+            Destination::Pod { .. } => match check_transparent_request(method, uri, target)? {
+                Some(port) => self.pod_port(port),
+                None => self.default_target(),
+            }
+            .ok_or(StatusCode::MISDIRECTED_REQUEST),
+        }
+    }
+}
+
 /// Serves one tunnel connection until the peer closes it, `close` fires (intention deny, drain
 /// deadline), it has carried no stream for `idle_timeout`, or the peer leaves a PING
 /// unanswered (closed with its streams). A drain sends GOAWAY and lets the open streams finish.
 pub async fn serve<T>(
     inputs: Arc<ProxyInputs>,
-    local_app: SocketAddr,
+    destination: Destination,
     io: T,
     peer: TunnelPeer,
     close: CancellationToken,
@@ -135,7 +189,7 @@ pub async fn serve<T>(
                 };
                 let stream = Stream {
                     inputs: inputs.clone(),
-                    local_app,
+                    destination: destination.clone(),
                     tunnel: tunnel.clone(),
                     close: close.child_token(),
                     _slot: slot,
@@ -168,7 +222,7 @@ struct Tunnel {
 
 struct Stream {
     inputs: Arc<ProxyInputs>,
-    local_app: SocketAddr,
+    destination: Destination,
     tunnel: Arc<Tunnel>,
     close: CancellationToken,
     _slot: OwnedSemaphorePermit,
@@ -189,6 +243,29 @@ pub fn check_request(method: &Method, uri: &Uri, target: &str) -> Result<(), Sta
     Ok(())
 }
 
+/// Security rule 9 on a transparent inbound: a `CONNECT` whose `:authority` is exactly `target`
+/// or `target:PORT` (the port in its plain decimal form); the port it names.
+/// Public for the fuzz target only.
+#[doc(hidden)]
+pub fn check_transparent_request(
+    method: &Method,
+    uri: &Uri,
+    target: &str,
+) -> Result<Option<u16>, StatusCode> {
+    if method != Method::CONNECT {
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(StatusCode::MISDIRECTED_REQUEST);
+    };
+    let named = authority.as_str();
+    match authority.port_u16() {
+        None if named == target => Ok(None),
+        Some(port) if port != 0 && named == format!("{target}:{port}") => Ok(Some(port)),
+        _ => Err(StatusCode::MISDIRECTED_REQUEST),
+    }
+}
+
 fn refuse(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     m::mux_stream(Direction::Inbound, false);
     let mut response = Response::new(());
@@ -206,16 +283,23 @@ impl Stream {
     async fn run(self, req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>) {
         let inputs = &self.inputs;
         // Security rule 9 (tunnel between sidecars, docs/security.md): only a CONNECT to this
-        // service; anything else is refused before any connect.
-        if let Err(status) = check_request(req.method(), req.uri(), &self.tunnel.target) {
-            if status == StatusCode::MISDIRECTED_REQUEST {
-                tracing::debug!(
-                    target = %escape_peer_value(&req.uri().to_string()),
-                    "tunnel stream names another target; refused"
-                );
+        // service (and on a transparent inbound, a port of the pod); anything else is refused
+        // before any connect.
+        let app_addr = match self
+            .destination
+            .resolve(req.method(), req.uri(), &self.tunnel.target)
+        {
+            Ok(addr) => addr,
+            Err(status) => {
+                if status == StatusCode::MISDIRECTED_REQUEST {
+                    tracing::debug!(
+                        target = %escape_peer_value(&req.uri().to_string()),
+                        "tunnel stream names another target; refused"
+                    );
+                }
+                return refuse(&mut respond, status);
             }
-            return refuse(&mut respond, status);
-        }
+        };
         // The handshake checked the peer's certificate; a stream opened later still needs it
         // to be valid, and the current intentions to allow it.
         let peer = &self.tunnel.peer;
@@ -235,7 +319,7 @@ impl Stream {
             return refuse_for_now(&mut respond);
         };
         let connected = tokio::select! {
-            app = crate::forward::connect_app(self.local_app) => Some(app),
+            app = crate::forward::connect_app(app_addr) => Some(app),
             _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => None,
         };
         let app = match connected {
@@ -306,6 +390,94 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_transparent_stream_names_this_service_and_at_most_a_plain_port() {
+        let check = |method: Method, uri: &str| {
+            check_transparent_request(&method, &uri.parse().unwrap(), "web.default")
+        };
+        assert_eq!(check(Method::CONNECT, "web.default"), Ok(None));
+        assert_eq!(check(Method::CONNECT, "web.default:8080"), Ok(Some(8080)));
+        assert_eq!(
+            check(Method::GET, "web.default:8080"),
+            Err(StatusCode::METHOD_NOT_ALLOWED)
+        );
+        for other in [
+            "api.default:8080",
+            "web.default:0",
+            "web.default:08080",
+            "web.default:+80",
+            "user@web.default:8080",
+            "WEB.default:8080",
+            "web.default.:8080",
+            "/web.default:8080",
+        ] {
+            assert_eq!(
+                check(Method::CONNECT, other),
+                Err(StatusCode::MISDIRECTED_REQUEST),
+                "{other}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_transparent_destination_is_the_pods_own_address_never_loopback_or_the_proxy() {
+        let pod = |ip: &str, redirected: Option<u16>| Destination::Pod {
+            ip: ip.parse().unwrap(),
+            redirected,
+            own_ports: vec![15001, 15006, 19000].into(),
+        };
+        let resolve = |d: &Destination, authority: &str| {
+            d.resolve(&Method::CONNECT, &authority.parse().unwrap(), "web.default")
+        };
+        let b = pod("10.0.0.3", None);
+        assert_eq!(
+            resolve(&b, "web.default:8080"),
+            Ok("10.0.0.3:8080".parse().unwrap())
+        );
+        // No port named, and the tunnel connection itself was not redirected: nowhere to go.
+        assert_eq!(
+            resolve(&b, "web.default"),
+            Err(StatusCode::MISDIRECTED_REQUEST)
+        );
+        assert_eq!(b.default_target(), None);
+        // The proxy's own listeners are never a destination.
+        for own in ["web.default:15006", "web.default:19000"] {
+            assert_eq!(
+                resolve(&b, own),
+                Err(StatusCode::MISDIRECTED_REQUEST),
+                "{own}"
+            );
+        }
+        // A connection redirected from port 8443 goes there, and so do its streams naming no port.
+        let redirected = pod("fd00::3", Some(8443));
+        assert_eq!(
+            redirected.default_target(),
+            Some("[fd00::3]:8443".parse().unwrap())
+        );
+        assert_eq!(
+            resolve(&redirected, "web.default"),
+            Ok("[fd00::3]:8443".parse().unwrap())
+        );
+        // A tunnel that arrived over loopback would reach apps bound to loopback only: refused.
+        for ip in ["127.0.0.1", "::1", "0.0.0.0"] {
+            let local = pod(ip, Some(8080));
+            assert_eq!(local.default_target(), None, "{ip}");
+            assert_eq!(
+                resolve(&local, "web.default:8080"),
+                Err(StatusCode::MISDIRECTED_REQUEST),
+                "{ip}"
+            );
+        }
+        // An explicit inbound still takes no port at all.
+        let app: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let explicit = Destination::LocalApp(app);
+        assert_eq!(resolve(&explicit, "web.default"), Ok(app));
+        assert_eq!(
+            resolve(&explicit, "web.default:8080"),
+            Err(StatusCode::MISDIRECTED_REQUEST)
+        );
+    }
+
     /// A local_app that echoes what each connection sends.
     async fn echo_app() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -344,7 +516,14 @@ mod tests {
         };
         let close = CancellationToken::new();
         let log = Arc::new(ConnectionLog::new(false));
-        tokio::spawn(serve(inputs.clone(), local_app, server, peer, close, log));
+        tokio::spawn(serve(
+            inputs.clone(),
+            Destination::LocalApp(local_app),
+            server,
+            peer,
+            close,
+            log,
+        ));
         let max = inputs.limits.max_tunnel_buffer_bytes;
         let (send, conn) = super::super::client_builder(max)
             .handshake(client)
