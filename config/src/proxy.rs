@@ -17,6 +17,7 @@ pub struct ProxyConfig {
     pub credentials: CredentialSource,
     pub admin: AdminConfig,
     pub limits: Limits,
+    pub transparent: Option<TransparentConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -39,6 +40,27 @@ pub struct InboundConfig {
     pub listen: SocketAddr,
     pub local_app: SocketAddr,
     pub protocol: Protocol,
+}
+
+/// `[transparent]`: listeners for the connections `ward redirect` sends to the proxy.
+#[derive(Debug, Clone)]
+pub struct TransparentConfig {
+    /// Where arriving connections are redirected; each needs mutual TLS and goes to the app at
+    /// its original destination port on the pod's own address.
+    pub inbound_listen: Option<SocketAddr>,
+    /// Where the app's outgoing connections are redirected (loopback only).
+    pub outbound_listen: Option<SocketAddr>,
+    pub outbound_policy: OutboundPolicy,
+}
+
+/// What the transparent outbound does with a destination no mesh service owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboundPolicy {
+    /// Refused (the default: fail closed).
+    RegistryOnly,
+    /// Passed through in plain TCP.
+    AllowAny,
 }
 
 #[derive(Debug, Clone)]
@@ -160,7 +182,7 @@ struct RawConfig {
     control_plane: Option<RawControlPlane>,
     tls: Option<RawTls>,
     intentions: Option<RawIntentions>,
-    transparent: Option<toml::Table>,
+    transparent: Option<RawTransparent>,
     admin: Option<RawAdmin>,
     limits: Option<RawLimits>,
 }
@@ -227,6 +249,14 @@ struct RawRule {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawTransparent {
+    inbound_listen: Option<SocketAddr>,
+    outbound_listen: Option<SocketAddr>,
+    outbound_policy: Option<OutboundPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<SocketAddr>,
     connection_log: Option<bool>,
@@ -267,12 +297,38 @@ impl ProxyConfig {
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let invalid = |key: &str, msg: &str| ConfigError::invalid(path, key, msg);
 
-        if raw.transparent.is_some() {
-            return Err(invalid(
-                "transparent",
-                "transparent mode is not supported by this build yet; use [[upstreams]]",
-            ));
-        }
+        let transparent = match raw.transparent {
+            None => None,
+            Some(t) => {
+                if t.inbound_listen.is_none() && t.outbound_listen.is_none() {
+                    return Err(invalid(
+                        "transparent",
+                        "needs inbound_listen, outbound_listen or both",
+                    ));
+                }
+                if let Some(out) = t.outbound_listen {
+                    if !out.ip().is_loopback() {
+                        return Err(invalid(
+                            "transparent.outbound_listen",
+                            &format!(
+                                "{out} is not a loopback address; the redirect sends the app's connections to loopback, and a plain listener must stay local"
+                            ),
+                        ));
+                    }
+                }
+                if raw.control_plane.is_none() {
+                    return Err(invalid(
+                        "transparent",
+                        "needs [control_plane]: the catalog says which service owns an address",
+                    ));
+                }
+                Some(TransparentConfig {
+                    inbound_listen: t.inbound_listen,
+                    outbound_listen: t.outbound_listen,
+                    outbound_policy: t.outbound_policy.unwrap_or(OutboundPolicy::RegistryOnly),
+                })
+            }
+        };
 
         let service = ServiceConfig {
             name: raw.service.name,
@@ -500,6 +556,12 @@ impl ProxyConfig {
         for (n, u) in upstreams.iter().enumerate() {
             listens.push((format!("upstreams[{n}].listen"), u.listen));
         }
+        if let Some(t) = &transparent {
+            let keys = ["transparent.inbound_listen", "transparent.outbound_listen"];
+            for (key, addr) in keys.into_iter().zip([t.inbound_listen, t.outbound_listen]) {
+                listens.extend(addr.map(|a| (key.to_owned(), a)));
+            }
+        }
         for (i, (key, addr)) in listens.iter().enumerate() {
             if addr.port() == 0 {
                 continue;
@@ -519,6 +581,7 @@ impl ProxyConfig {
             credentials,
             admin,
             limits,
+            transparent,
         })
     }
 }
@@ -667,6 +730,69 @@ handshake_timeout = "2s"
         assert_eq!(tls.cert_file, Path::new("/etc/ward/cert.pem"));
         assert_eq!(tls.key_file, Path::new("/abs/key.pem"));
         assert_eq!(intentions.rules.len(), 2);
+    }
+
+    const TRANSPARENT: &str = r#"
+[service]
+name = "inventory"
+[transparent]
+inbound_listen = "0.0.0.0:15006"
+outbound_listen = "127.0.0.1:15001"
+[control_plane]
+address = "https://10.0.0.1:8502"
+ca_file = "ca.pem"
+"#;
+
+    #[test]
+    fn transparent_mode_takes_its_listeners_and_refuses_what_would_leak() {
+        let c = parse(TRANSPARENT).unwrap();
+        let t = c.transparent.expect("[transparent]");
+        assert_eq!(t.inbound_listen, Some("0.0.0.0:15006".parse().unwrap()));
+        assert_eq!(t.outbound_listen, Some("127.0.0.1:15001".parse().unwrap()));
+        // Fail closed unless the operator opens it.
+        assert_eq!(t.outbound_policy, OutboundPolicy::RegistryOnly);
+        let open = parse(&TRANSPARENT.replace(
+            "[control_plane]",
+            "outbound_policy = \"allow_any\"\n[control_plane]",
+        ))
+        .unwrap();
+        assert_eq!(
+            open.transparent.unwrap().outbound_policy,
+            OutboundPolicy::AllowAny
+        );
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "127.0.0.1:15001",
+                "0.0.0.0:15001",
+                "key `transparent.outbound_listen`: 0.0.0.0:15001 is not a loopback address",
+            ),
+            (
+                "inbound_listen = \"0.0.0.0:15006\"\noutbound_listen = \"127.0.0.1:15001\"\n",
+                "",
+                "key `transparent`: needs inbound_listen, outbound_listen or both",
+            ),
+            (
+                "[control_plane]\naddress = \"https://10.0.0.1:8502\"\nca_file = \"ca.pem\"\n",
+                "[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nca_file = \"ca\"\n",
+                "key `transparent`: needs [control_plane]",
+            ),
+            (
+                "[control_plane]",
+                "outbound_policy = \"open\"\n[control_plane]",
+                "transparent.outbound_policy",
+            ),
+            (
+                "127.0.0.1:15001",
+                "127.0.0.1:19000",
+                "key `transparent.outbound_listen`: 127.0.0.1:19000 is already used by `admin.listen`",
+            ),
+        ];
+        for (from, to, expected) in cases {
+            let text = TRANSPARENT.replace(from, to);
+            assert_ne!(text, TRANSPARENT, "{from}");
+            let err = refused(&text);
+            assert!(err.contains(expected), "{from} -> {to}: {err}");
+        }
     }
 
     #[test]

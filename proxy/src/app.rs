@@ -19,6 +19,8 @@ use ward_config::proxy::{CredentialSource, Protocol, ProxyConfig};
 pub enum BuildError {
     #[error("{0}")]
     Files(#[from] crate::files::FileError),
+    #[error("[transparent]: the proxy runs as root, which `ward redirect` never exempts (--proxy-uid 0 is refused), so its own connections would be redirected back to it; run it as the uid given to --proxy-uid")]
+    TransparentAsRoot,
     #[error("key `{key}`: cannot listen on {addr}: {source}")]
     Bind {
         key: String,
@@ -70,7 +72,7 @@ async fn bind(key: String, addr: SocketAddr) -> Result<TcpListener, BuildError> 
 }
 
 /// Every address the proxy listens on, with its config key: the admin listener, the inbound
-/// (if any), then the upstreams in order.
+/// (if any), the upstreams in order, then the transparent inbound and outbound (if any).
 fn listen_keys(config: &ProxyConfig) -> Vec<(String, SocketAddr)> {
     let mut keys = vec![("admin.listen".to_owned(), config.admin.listen)];
     if let Some(i) = &config.inbound {
@@ -79,7 +81,46 @@ fn listen_keys(config: &ProxyConfig) -> Vec<(String, SocketAddr)> {
     for (n, u) in config.upstreams.iter().enumerate() {
         keys.push((format!("upstreams[{n}].listen"), u.listen));
     }
+    if let Some(t) = &config.transparent {
+        if let Some(addr) = t.inbound_listen {
+            keys.push(("transparent.inbound_listen".to_owned(), addr));
+        }
+        if let Some(addr) = t.outbound_listen {
+            keys.push(("transparent.outbound_listen".to_owned(), addr));
+        }
+    }
     keys
+}
+
+/// Whether this process runs as root (the owner of `/proc/self` is its effective uid).
+fn runs_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The listener at `addr` and, for an IPv4 wildcard or loopback address, its IPv6 twin where
+/// the host has IPv6: the redirect sends IPv6 connections to `[::]` or `[::1]` at that port.
+fn with_ipv6_twin(key: &str, listener: TcpListener) -> Result<Vec<TcpListener>, BuildError> {
+    let addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    let mut all = vec![listener];
+    if let Some(twin) = crate::transparent::socket::ipv6_twin(addr) {
+        match crate::transparent::socket::bind_ipv6_only(twin) {
+            Ok(l) => all.push(l),
+            Err(e) if crate::transparent::socket::no_ipv6(&e) => {
+                tracing::info!(key, "no IPv6 on this host: listening on IPv4 only");
+            }
+            Err(source) => {
+                return Err(BuildError::Bind {
+                    key: key.to_owned(),
+                    addr: twin,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(all)
 }
 
 /// Binds every listener of `config` at once, as [`build`] would, and releases them: a port
@@ -104,6 +145,9 @@ pub async fn build(
     prometheus: Option<PrometheusHandle>,
 ) -> Result<ProxyHandle, BuildError> {
     crate::metrics::describe();
+    if config.transparent.is_some() && runs_as_root() {
+        return Err(BuildError::TransparentAsRoot);
+    }
     let credentials = Arc::new(CredentialStore::default());
     let intentions = Arc::new(IntentionStore::default());
 
@@ -131,10 +175,27 @@ pub async fn build(
     for (key, addr) in listen_keys(&config) {
         listeners.push(bind(key, addr).await?);
     }
+    // The proxy's own ports (IPv6 twins share them): never a transparent destination.
+    let own_ports: Vec<u16> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
+        .collect();
     let mut listeners = listeners.into_iter();
     let admin_listener = listeners.next().expect("the admin listener is first");
     let inbound_listener = config.inbound.as_ref().and_then(|_| listeners.next());
-    let upstream_listeners: Vec<TcpListener> = listeners.collect();
+    let upstream_listeners: Vec<TcpListener> =
+        listeners.by_ref().take(config.upstreams.len()).collect();
+    let transparent = config.transparent.as_ref();
+    let mut transparent_inbound = Vec::new();
+    if transparent.is_some_and(|t| t.inbound_listen.is_some()) {
+        let l = listeners.next().expect("bound in listen_keys order");
+        transparent_inbound = with_ipv6_twin("transparent.inbound_listen", l)?;
+    }
+    let mut transparent_outbound = Vec::new();
+    if transparent.is_some_and(|t| t.outbound_listen.is_some()) {
+        let l = listeners.next().expect("bound in listen_keys order");
+        transparent_outbound = with_ipv6_twin("transparent.outbound_listen", l)?;
+    }
 
     let inputs = Arc::new(ProxyInputs::new(
         config.service.clone(),
@@ -156,28 +217,59 @@ pub async fn build(
     tokio::spawn(admin.run(admin_listener));
 
     let mut inbound_addr = None;
+    let serves_inbound = inbound_listener.is_some() || !transparent_inbound.is_empty();
+    let tickets = serves_inbound
+        .then(crate::tls::tickets::EpochTicketer::new)
+        .flatten()
+        .map(Arc::new);
+    if let Some(t) = &tickets {
+        // New ticket keys before any new intentions, roots or own certificate are visible.
+        intentions.rotate_on_change(t.clone());
+        credentials.rotate_on_change(t.clone());
+    }
+    let new_inbound = |local_app| {
+        let log = crate::connlog::ConnectionLog::new(config.admin.connection_log);
+        Inbound::new(inputs.clone(), local_app, tickets.clone(), log)
+    };
     if let (Some(cfg), Some(listener)) = (&config.inbound, inbound_listener) {
         inbound_addr = Some(local(&listener));
         roles.push(("inbound".to_owned(), local(&listener)));
-        let tickets = crate::tls::tickets::EpochTicketer::new().map(Arc::new);
-        if let Some(t) = &tickets {
-            // New ticket keys before any new intentions, roots or own certificate are visible.
-            intentions.rotate_on_change(t.clone());
-            credentials.rotate_on_change(t.clone());
-        }
-        let log = crate::connlog::ConnectionLog::new(config.admin.connection_log);
-        let inbound = Inbound::new(inputs.clone(), cfg.local_app, tickets, log);
+        let inbound = new_inbound(cfg.local_app);
         let inbound = Arc::new(match cfg.protocol {
             ward_config::proxy::Protocol::Http => inbound.serving_http(),
             ward_config::proxy::Protocol::Tcp => inbound,
         });
         tokio::spawn(inbound.run(listener));
+    }
+    let transparent_inbound_addr = transparent_inbound.first().map(local);
+    if !transparent_inbound.is_empty() {
+        // local_app is not used: each connection goes to its own original destination.
+        let unused = SocketAddr::from(([127, 0, 0, 1], 0));
+        let inbound = Arc::new(new_inbound(unused).transparent(own_ports.clone()));
+        for listener in transparent_inbound {
+            roles.push(("transparent.inbound".to_owned(), local(&listener)));
+            tokio::spawn(inbound.clone().run(listener));
+        }
+    }
+    if serves_inbound {
         tokio::spawn(crate::connections::watch_intentions(
             inputs.connections.clone(),
             intentions.clone(),
             config.service.name.clone(),
             inputs.drain.force_close.clone(),
         ));
+    }
+    let index = Arc::new(crate::transparent::index::MeshIndex::default());
+    if let Some(t) = transparent.filter(|_| !transparent_outbound.is_empty()) {
+        let outbound = Arc::new(crate::transparent::outbound::TransparentOutbound::new(
+            inputs.clone(),
+            index.clone(),
+            t.outbound_policy,
+        ));
+        for listener in transparent_outbound {
+            roles.push(("transparent.outbound".to_owned(), local(&listener)));
+            tokio::spawn(outbound.clone().run(listener));
+        }
     }
 
     let mut upstream_addrs = Vec::new();
@@ -223,7 +315,10 @@ pub async fn build(
         admin_addr: local_admin(&inputs),
         inbound_addr,
         inbound_protocol: config.inbound.as_ref().map(|i| i.protocol),
-        transparent: None,
+        transparent: transparent.map(|_| TransparentHandles {
+            index,
+            inbound_addr: transparent_inbound_addr,
+        }),
         upstream_addrs,
         inputs,
         upstreams,

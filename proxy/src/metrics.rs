@@ -20,6 +20,7 @@ pub const MUX_STREAMS: &str = "ward_mux_streams_total";
 pub const HTTP_REQUESTS: &str = "ward_http_requests_total";
 pub const HTTP_REQUEST_DURATION: &str = "ward_http_request_duration_seconds";
 /// Counted by the control-plane client (`[control_plane]` only), described here with the rest.
+pub const TRANSPARENT_REFUSED: &str = "ward_transparent_refused_total";
 pub const CERT_RENEWALS: &str = "ward_cert_renewals_total";
 pub const CONTROL_PLANE_CONNECTED: &str = "ward_control_plane_connected";
 
@@ -159,6 +160,10 @@ pub fn describe() {
     describe_counter!(
         CERT_RENEWALS,
         "Certificates obtained from the control plane (first and renewals) by result"
+    );
+    describe_counter!(
+        TRANSPARENT_REFUSED,
+        "Connections the transparent outbound refused, by reason"
     );
     describe_gauge!(
         CONTROL_PLANE_CONNECTED,

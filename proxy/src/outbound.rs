@@ -110,7 +110,7 @@ impl Upstream {
     }
 
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        tokio::spawn(self.clone().renew_connector_on_new_credentials());
+        self.follow_credentials();
         let inputs = self.inputs.clone();
         crate::listener::accept_loop(listener, inputs, move |tcp, _peer, permit| {
             let upstream = self.clone();
@@ -133,6 +133,11 @@ impl Upstream {
             alpn,
         );
         TlsConnector::from(config)
+    }
+
+    /// Keeps the connectors current with our certificate and roots, until the proxy stops.
+    pub(crate) fn follow_credentials(self: &Arc<Self>) {
+        tokio::spawn(self.clone().renew_connector_on_new_credentials());
     }
 
     /// A fresh client config (and session cache) whenever our certificate or roots change.
@@ -171,7 +176,7 @@ impl Upstream {
         let mut skipped = Vec::new();
         for i in 0..n {
             let ep = endpoints[(first + i) % n];
-            match self.open_via(ep, None).await {
+            match self.open_via(ep, None, &self.authority).await {
                 Attempt::Open(carrier) => return Some(carrier),
                 Attempt::Failed => return None,
                 Attempt::Unreachable => {}
@@ -182,7 +187,7 @@ impl Upstream {
         // try (Envoy's panic threshold): every endpoint is marked bad, so try those anyway,
         // except one whose failure this connection saw itself (it queued behind that attempt).
         for ep in skipped {
-            match self.open_via(ep, Some(started)).await {
+            match self.open_via(ep, Some(started), &self.authority).await {
                 Attempt::Open(carrier) => return Some(carrier),
                 Attempt::Failed => return None,
                 Attempt::Unreachable | Attempt::Skipped => {}
@@ -192,12 +197,18 @@ impl Upstream {
         None
     }
 
+    /// A stream naming `authority` to `ep`, or a plain connection to it;
     /// `retry_failed_before`: see [`mux::pool::Pool::opening`].
-    async fn open_via(&self, ep: SocketAddr, retry_failed_before: Option<Instant>) -> Attempt {
+    async fn open_via(
+        &self,
+        ep: SocketAddr,
+        retry_failed_before: Option<Instant>,
+        authority: &str,
+    ) -> Attempt {
         if self.pool.prefers_plain(ep) {
             // No tunnel there lately: a connection per client connection, not serialized.
             return match self.open_tunnel(ep).await {
-                Ok(slot) => self.open_stream(slot).await,
+                Ok(slot) => self.open_stream(slot, authority).await,
                 Err(attempt) => attempt,
             };
         }
@@ -219,7 +230,7 @@ impl Upstream {
                     }
                 }
             };
-            match self.open_stream(slot).await {
+            match self.open_stream(slot, authority).await {
                 Attempt::Failed => continue,
                 done => return done,
             }
@@ -227,9 +238,9 @@ impl Upstream {
         Attempt::Unreachable
     }
 
-    async fn open_stream(&self, slot: mux::pool::StreamSlot) -> Attempt {
+    async fn open_stream(&self, slot: mux::pool::StreamSlot, authority: &str) -> Attempt {
         match slot
-            .open(&self.authority, self.inputs.limits.handshake_timeout)
+            .open(authority, self.inputs.limits.handshake_timeout)
             .await
         {
             Ok(stream) => Attempt::Open(Carrier::Stream(stream)),
@@ -384,6 +395,30 @@ impl Upstream {
         let Some(carrier) = Box::pin(self.open()).await else {
             return;
         };
+        self.carry(local, carrier).await
+    }
+
+    /// Carries one redirected connection (transparent outbound) to the sidecar at `ep`, as a
+    /// tunnel stream naming `authority`: no other endpoint is tried, since the app chose this
+    /// one's address.
+    pub(crate) async fn serve_at(
+        self: Arc<Self>,
+        local: TcpStream,
+        ep: SocketAddr,
+        authority: String,
+        _slot: OwnedSemaphorePermit,
+    ) {
+        // A failure remembered from another connection does not refuse this one: the app
+        // asked for this address and nothing else can serve it.
+        let opened = Box::pin(self.open_via(ep, Some(Instant::now()), &authority)).await;
+        let Attempt::Open(carrier) = opened else {
+            tracing::debug!(upstream = %self.service, endpoint = %ep, "transparent destination not reachable");
+            return;
+        };
+        self.carry(local, carrier).await
+    }
+
+    async fn carry(&self, local: TcpStream, carrier: Carrier) {
         let inputs = &self.inputs;
         let close = inputs.drain.force_close.child_token();
         let peer = self.service.to_string();
