@@ -76,11 +76,14 @@ fn localize(text: &str, root: &Path) -> String {
     let mut out = String::new();
     for line in text.lines() {
         let trimmed = line.trim_start();
-        let line = match trimmed.strip_prefix("listen = \"") {
-            Some(rest) => {
+        let listen = trimmed
+            .split_once("listen = \"")
+            .filter(|(key, _)| key.is_empty() || key.ends_with('_'));
+        let line = match listen {
+            Some((key, rest)) => {
                 let (addr, _) = rest.split_once('"').expect("a quoted address");
                 let (host, _) = addr.rsplit_once(':').expect("ip:port");
-                format!("listen = \"{host}:0\"")
+                format!("{key}listen = \"{host}:0\"")
             }
             None => line.replace("= \"/", &format!("= \"{}/", root.display())),
         };
@@ -144,16 +147,24 @@ fn every_example_config_passes_proxy_check() {
         }
     }
     assert!(checked >= 2, "the explicit-mode examples are there");
-    let Some(docs) = yaml_docs("examples/kubernetes/inventory.yaml") else {
-        return;
-    };
-    let config_map = kind(&docs, "ConfigMap");
-    let text = str_of(
-        &config_map["data"]["ward.toml"],
-        "the ConfigMap's ward.toml",
-    );
-    check_on_host("the Kubernetes ConfigMap", text, &pki);
+    for manifest in MANIFESTS {
+        let Some(docs) = yaml_docs(manifest) else {
+            return;
+        };
+        let config_map = kind(&docs, "ConfigMap");
+        let text = str_of(
+            &config_map["data"]["ward.toml"],
+            "the ConfigMap's ward.toml",
+        );
+        check_on_host(manifest, text, &pki);
+    }
 }
+
+/// The Kubernetes examples: explicit mode, and transparent mode with its init container.
+const MANIFESTS: [&str; 2] = [
+    "examples/kubernetes/inventory.yaml",
+    "examples/kubernetes/order-transparent.yaml",
+];
 
 fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
@@ -194,10 +205,16 @@ fn key_below(path: &Path, mount_path: &str) -> String {
 
 #[test]
 fn the_kubernetes_sidecar_gets_every_file_its_config_names() {
-    let Some(docs) = yaml_docs("examples/kubernetes/inventory.yaml") else {
+    for manifest in MANIFESTS {
+        sidecar_gets_every_file_its_config_names(manifest);
+    }
+}
+
+fn sidecar_gets_every_file_its_config_names(rel: &str) {
+    let Some(docs) = yaml_docs(rel) else {
         return;
     };
-    let manifest = read("examples/kubernetes/inventory.yaml");
+    let manifest = read(rel);
     let config_map = kind(&docs, "ConfigMap");
     let config = parse_config(str_of(&config_map["data"]["ward.toml"], "ward.toml"));
     let pod = kind(&docs, "Pod");
@@ -273,14 +290,15 @@ fn the_kubernetes_sidecar_gets_every_file_its_config_names() {
     assert_eq!(probe["path"], "/ready");
     assert_eq!(probe["port"], config.admin.listen.port());
     assert!(!config.admin.listen.ip().is_loopback());
-    let inbound = config.inbound.as_ref().expect("[inbound]");
     let ports: Vec<&Value> = ward["ports"]
         .as_array()
         .expect("ports")
         .iter()
         .map(|p| &p["containerPort"])
         .collect();
-    assert!(ports.contains(&&Value::from(inbound.listen.port())));
+    if let Some(inbound) = &config.inbound {
+        assert!(ports.contains(&&Value::from(inbound.listen.port())));
+    }
 
     // The drain: endpoints drop the pod during drain_delay, and the kubelet waits for the
     // drain before it kills the sidecar.
@@ -370,4 +388,79 @@ fn the_image_script_imports_the_base_the_dockerfile_names() {
     );
     assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/ward\"]"));
     assert!(dockerfile.contains("install -y --no-install-recommends iptables nftables"));
+}
+
+/// The transparent example's init container installs the redirect that the sidecar's config
+/// expects: the proxy's own uid exempt (so no loop), the ports its listeners use, the admin port
+/// left out (so the kubelet's probes reach it); and `ward redirect` takes those flags.
+#[test]
+fn the_transparent_example_redirects_to_the_sidecars_ports_and_exempts_its_uid() {
+    let rel = "examples/kubernetes/order-transparent.yaml";
+    let Some(docs) = yaml_docs(rel) else {
+        return;
+    };
+    let config_map = kind(&docs, "ConfigMap");
+    let config = parse_config(str_of(&config_map["data"]["ward.toml"], "ward.toml"));
+    let transparent = config.transparent.as_ref().expect("[transparent]");
+    let pod = kind(&docs, "Pod");
+    let ward = pod["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == "ward")
+        .expect("a container named ward");
+    let init = &pod["spec"]["initContainers"][0];
+    let args: Vec<&str> = init["args"]
+        .as_array()
+        .expect("the init container's args")
+        .iter()
+        .map(|a| str_of(a, "an arg"))
+        .collect();
+    assert_eq!(args[..2], ["redirect", "install"]);
+    let flag = |name: &str| {
+        let at = args.iter().position(|a| *a == name);
+        at.map(|i| args[i + 1].to_owned())
+            .unwrap_or_else(|| panic!("{name} is set"))
+    };
+    assert_eq!(
+        flag("--proxy-uid"),
+        ward["securityContext"]["runAsUser"].to_string()
+    );
+    assert_eq!(flag("--proxy-uid"), image_uid().to_string());
+    let port_of = |a: Option<std::net::SocketAddr>| a.expect("a listener").port().to_string();
+    assert_eq!(flag("--inbound-port"), port_of(transparent.inbound_listen));
+    assert_eq!(
+        flag("--outbound-port"),
+        port_of(transparent.outbound_listen)
+    );
+    let excluded = flag("--exclude-inbound-ports");
+    assert!(
+        excluded
+            .split(',')
+            .any(|p| p == config.admin.listen.port().to_string()),
+        "the admin port is left out of the redirect: {excluded}"
+    );
+    let caps = &init["securityContext"]["capabilities"]["add"];
+    assert!(caps
+        .as_array()
+        .expect("added capabilities")
+        .contains(&Value::from("NET_ADMIN")));
+    assert_eq!(ward["securityContext"]["runAsNonRoot"], true);
+
+    // The flags as written are ones `ward redirect` takes (a dry run changes nothing).
+    let child = Command::new(ward_bin())
+        .args(&args)
+        .arg("--dry-run")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ward");
+    let exit = wait_for_exit(child, Instant::now(), Duration::from_secs(30));
+    assert!(
+        exit.status.is_some_and(|s| s.success())
+            && exit.stdout.contains("REDIRECT --to-ports 15001"),
+        "ward {args:?} --dry-run: {}{}",
+        exit.stdout,
+        exit.stderr
+    );
 }
