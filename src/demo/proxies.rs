@@ -17,13 +17,32 @@ pub struct DemoDir {
 }
 
 impl DemoDir {
+    /// A new directory of this process's own under the system's temporary directory. It holds
+    /// the demo's private keys and tokens: `mkdir` fails on any name already there (a symlink
+    /// included), so no other user can have prepared it, and its random part makes a name taken
+    /// by someone else cost only another try.
     pub fn new() -> anyhow::Result<Self> {
-        let path = std::env::temp_dir().join(format!("ward-demo-{}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
-        Ok(Self { path, keep: false })
+        use std::hash::{BuildHasher, Hasher};
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::temp_dir();
+        for _ in 0..16 {
+            // std's per-process random hash keys: unpredictable enough for a name.
+            let random = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            let path = base.join(format!("ward-demo-{}-{random:016x}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(Self { path, keep: false }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot create {}", path.display()))
+                }
+            }
+        }
+        anyhow::bail!(
+            "cannot create a private directory in {}: every name tried already exists",
+            base.display()
+        )
     }
 
     pub fn path(&self) -> &Path {
@@ -290,7 +309,34 @@ impl Drop for Children {
 
 #[cfg(test)]
 mod tests {
-    use super::listening;
+    use super::{listening, DemoDir};
+
+    #[test]
+    fn the_demo_directory_is_new_and_private_never_one_prepared_by_another_user() {
+        use std::os::unix::fs::PermissionsExt;
+        // What another local user could prepare: the name the demo used to take (its pid), as
+        // a symlink to a directory of theirs.
+        let theirs = std::env::temp_dir().join(format!("ward-demo-test-{}", std::process::id()));
+        std::fs::create_dir_all(&theirs).unwrap();
+        let trap = std::env::temp_dir().join(format!("ward-demo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&trap);
+        std::os::unix::fs::symlink(&theirs, &trap).unwrap();
+        let first = DemoDir::new().unwrap();
+        let second = DemoDir::new().unwrap();
+        std::fs::write(first.path().join("key.pem"), "secret").unwrap();
+        let left_in_theirs = std::fs::read_dir(&theirs).unwrap().count();
+        let _ = std::fs::remove_file(&trap);
+        let _ = std::fs::remove_dir_all(&theirs);
+        assert_eq!(
+            left_in_theirs, 0,
+            "nothing written where another user can read"
+        );
+        assert_ne!(first.path(), trap.as_path());
+        assert_ne!(first.path(), second.path());
+        let meta = std::fs::symlink_metadata(first.path()).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    }
 
     #[test]
     fn listening_reads_text_and_json_lines() {
