@@ -78,12 +78,18 @@ pub fn mesh_peer(leaf: &CertificateDer<'_>, ca: &Ca) -> Option<MeshPeer> {
     })
 }
 
+/// The HTTP/2 client connection preface (RFC 9113 3.4): every gRPC client's first bytes.
+pub(crate) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// One accepted TLS connection, carrying its [`PeerInfo`] into tonic's request extensions.
 pub struct MeshConn {
     pub(crate) inner: tokio_rustls::server::TlsStream<TcpStream>,
     pub(crate) info: PeerInfo,
     /// Its `max_connections` slot, held until tonic drops the connection.
     pub(crate) _slot: tokio::sync::OwnedSemaphorePermit,
+    /// How much of the preface, read before the connection was handed to tonic, it has
+    /// been given back.
+    pub(crate) preface_given: usize,
 }
 
 impl tonic::transport::server::Connected for MeshConn {
@@ -99,6 +105,13 @@ impl AsyncRead for MeshConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.preface_given < H2_PREFACE.len() {
+            let rest = &H2_PREFACE[self.preface_given..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.preface_given += n;
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }

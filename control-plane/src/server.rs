@@ -507,7 +507,7 @@ async fn serve_grpc(
             let conn_tx = conn_tx.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::debug!(%remote, error = %e, "TLS handshake refused");
@@ -518,6 +518,19 @@ async fn serve_grpc(
                         return;
                     }
                 };
+                // A client that completed TLS but stays silent would hold its slot for good:
+                // tonic waits for the HTTP/2 preface with no deadline, and its keepalive starts
+                // only after it. The preface must arrive by the same deadline.
+                let mut preface = [0u8; crate::peer::H2_PREFACE.len()];
+                let read = tokio::time::timeout_at(
+                    deadline,
+                    tokio::io::AsyncReadExt::read_exact(&mut tls, &mut preface),
+                )
+                .await;
+                if !matches!(read, Ok(Ok(_))) || preface != *crate::peer::H2_PREFACE {
+                    tracing::debug!(%remote, "no HTTP/2 preface by the handshake deadline; connection closed");
+                    return;
+                }
                 drop(pending);
                 let leaf = tls
                     .get_ref()
@@ -535,6 +548,7 @@ async fn serve_grpc(
                     inner: tls,
                     info,
                     _slot: slot,
+                    preface_given: 0,
                 };
                 let _ = conn_tx.send(Ok(conn)).await;
             });

@@ -958,6 +958,53 @@ async fn silent_connections_from_one_ip_do_not_block_another_and_time_out() {
 }
 
 #[tokio::test]
+async fn a_client_silent_after_its_tls_handshake_is_closed_at_the_handshake_deadline() {
+    use rustls::pki_types::ServerName;
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.connections.handshake_timeout = Duration::from_secs(2);
+    let h = build(cfg).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&h.ca_file).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(h.grpc_addr).await.unwrap();
+    let mut silent = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("the TLS handshake completes");
+    // It sends nothing, not even the HTTP/2 preface: the server closes it at the deadline
+    // instead of keeping its connection slot for good.
+    let mut buf = [0u8; 256];
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the server closed the silent connection");
+    // A real client is served as before.
+    let token = h.admin_token().unwrap().to_owned();
+    AdminClient::new(channel(&h, None).await)
+        .list_roots(bearer(v1::ListRootsRequest {}, &token))
+        .await
+        .expect("a client that speaks is answered");
+    h.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn connections_beyond_max_connections_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
