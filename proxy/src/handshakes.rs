@@ -1,6 +1,7 @@
 //! TLS handshakes in progress, capped globally and per source IP (security rule 15, bounds,
 //! docs/security.md), so that silent connections from one address cannot take every slot. Used
-//! by the proxy's inbound and by `ward server`'s gRPC listener.
+//! by the proxy's inbound and by `ward server`'s gRPC listener. An IPv6 source counts by its /64:
+//! one host is usually given a whole /64 and can pick any address in it.
 
 use dashmap::DashMap;
 use std::net::IpAddr;
@@ -45,8 +46,7 @@ impl HandshakeSlots {
 
     /// Takes a slot for `ip`, or `None` when a cap is reached.
     pub fn begin(self: &Arc<Self>, ip: IpAddr) -> Option<PendingHandshake> {
-        // An IPv4 peer on a dual-stack listener counts as its IPv4 address.
-        let ip = ip.to_canonical();
+        let ip = source_of(ip);
         let permit = self.global.clone().try_acquire_owned().ok()?;
         let mut n = self.per_ip.entry(ip).or_insert(0);
         if *n >= self.max_per_ip {
@@ -59,6 +59,18 @@ impl HandshakeSlots {
             ip,
             _permit: permit,
         })
+    }
+}
+
+/// What the per-IP cap counts `ip` as: an IPv4 address (also when a dual-stack listener sees it
+/// as IPv4-mapped), or an IPv6 address's /64.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
     }
 }
 
@@ -85,5 +97,17 @@ mod tests {
             2,
             "counts are kept only for IPs in progress"
         );
+    }
+
+    #[test]
+    fn an_ipv6_source_counts_by_its_64() {
+        let slots = HandshakeSlots::new(10, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _a = slots.begin(ip("2001:db8:1:2::1")).unwrap();
+        let _b = slots.begin(ip("2001:db8:1:2:ffff:ffff:ffff:fffe")).unwrap();
+        // Any other address of the same /64 is the same source.
+        assert!(slots.begin(ip("2001:db8:1:2:1234::9")).is_none());
+        // The next /64 is another.
+        let _c = slots.begin(ip("2001:db8:1:3::1")).unwrap();
     }
 }
