@@ -155,7 +155,10 @@ impl Watches {
             })
             .collect();
         let opened = mesh(ch)
-            .watch_endpoints(v1::WatchEndpointsRequest { services })
+            .watch_endpoints(v1::WatchEndpointsRequest {
+                services,
+                all: false,
+            })
             .await;
         follow(opened, |snap| apply_endpoints(snap, upstreams)).await
     }
@@ -169,6 +172,7 @@ impl Watches {
         let request = v1::RegisterRequest {
             address: addr.to_string(),
             protocol: protocol as i32,
+            transparent_port: 0,
         };
         let opened = mesh(ch).register(request).await;
         let mut first = true;

@@ -10,7 +10,7 @@
 
 use crate::intentions::{blocking, ServiceRef};
 use crate::storage::{InstanceRecord, Storage, StorageError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -58,6 +58,8 @@ pub struct Instance {
     pub service: ServiceRef,
     pub address: SocketAddr,
     pub protocol: Protocol,
+    /// The port of its transparent inbound, on the IP of `address`, when it runs one.
+    pub transparent_port: Option<u16>,
     pub registered_at: i64,
     /// `None` while its stream is open.
     pub disconnected_at: Option<Instant>,
@@ -72,6 +74,7 @@ impl Instance {
             protocol: self.protocol.to_proto() as i32,
             instance_id: self.id.clone(),
             connected: self.disconnected_at.is_none(),
+            transparent_port: self.transparent_port.map_or(0, u32::from),
         }
     }
 }
@@ -91,6 +94,42 @@ impl Snapshot {
             .map(Instance::to_endpoint)
             .collect()
     }
+
+    /// The entries of a `WatchEndpoints` snapshot: one per service of `requested`, in its
+    /// order, also without an endpoint; with `all`, then every other service that has an
+    /// instance, ordered by (namespace, name).
+    ///
+    /// With `all` the snapshot is as large as the catalog, which registration bounds:
+    /// `[catalog] max_instances_per_identity` live instances per identity, each identity one a
+    /// join token was issued for.
+    pub fn watched(&self, requested: &[ServiceRef], all: bool) -> Vec<v1::ServiceEndpoints> {
+        let mut out: Vec<v1::ServiceEndpoints> = requested
+            .iter()
+            .map(|svc| v1::ServiceEndpoints {
+                service: Some(svc.to_proto()),
+                endpoints: self.endpoints(svc),
+            })
+            .collect();
+        if all {
+            // ServiceRef orders by namespace, then name.
+            let named: HashSet<&ServiceRef> = requested.iter().collect();
+            let mut others: BTreeMap<&ServiceRef, Vec<v1::Endpoint>> = BTreeMap::new();
+            for i in self.instances.values() {
+                if !named.contains(&i.service) {
+                    others.entry(&i.service).or_default().push(i.to_endpoint());
+                }
+            }
+            out.extend(
+                others
+                    .into_iter()
+                    .map(|(svc, endpoints)| v1::ServiceEndpoints {
+                        service: Some(svc.to_proto()),
+                        endpoints,
+                    }),
+            );
+        }
+        out
+    }
 }
 
 /// Why a registration was refused.
@@ -106,6 +145,9 @@ pub enum CatalogError {
     /// INVALID_ARGUMENT.
     #[error("address {0:?} is not an ip:port with a non-zero port")]
     BadAddress(String),
+    /// INVALID_ARGUMENT.
+    #[error("transparent_port {0} is not a port: 0 for none, or 1-65535")]
+    BadTransparentPort(u32),
     #[error(transparent)]
     Storage(#[from] Arc<StorageError>),
 }
@@ -159,6 +201,7 @@ impl Catalog {
                     } else {
                         Protocol::Tcp
                     },
+                    transparent_port: r.transparent_port,
                     registered_at: r.registered_at,
                     disconnected_at: Some(started),
                     generation: 0,
@@ -202,18 +245,26 @@ impl Catalog {
             .any(|i| &i.service == service && i.protocol == Protocol::Http)
     }
 
-    /// Registers (or re-registers) instance `id` of `spiffe_id` at `address`. The returned
-    /// guard marks it disconnected when dropped (the stream ended).
+    /// Registers (or re-registers) instance `id` of `spiffe_id` at `address`, with its
+    /// transparent inbound at `transparent_port` (0: none) on the same IP. The returned guard
+    /// marks it disconnected when dropped (the stream ended).
     pub async fn register(
         self: &Arc<Self>,
         id: String,
         spiffe_id: SpiffeId,
         address: SocketAddr,
         protocol: Protocol,
+        transparent_port: u32,
     ) -> Result<(Registration, Instance), CatalogError> {
         if address.port() == 0 || address.ip().is_unspecified() {
             return Err(CatalogError::BadAddress(address.to_string()));
         }
+        let transparent_port = match transparent_port {
+            0 => None,
+            p => Some(
+                u16::try_from(p).map_err(|_| CatalogError::BadTransparentPort(transparent_port))?,
+            ),
+        };
         let service = ServiceRef {
             namespace: spiffe_id.namespace.clone(),
             name: spiffe_id.service.clone(),
@@ -253,6 +304,7 @@ impl Catalog {
             spiffe_id: spiffe_id.to_string(),
             address: address.to_string(),
             protocol: protocol.as_str().to_owned(),
+            transparent_port,
             registered_at: crate::now_unix(),
         };
         let storage = self.storage.clone();
@@ -272,6 +324,7 @@ impl Catalog {
             service,
             address,
             protocol,
+            transparent_port,
             registered_at,
             disconnected_at: None,
             generation,
@@ -392,6 +445,16 @@ mod tests {
         }
     }
 
+    /// An empty catalog that deregisters after 30 s.
+    fn catalog(st: &Arc<dyn Storage>) -> Arc<Catalog> {
+        Arc::new(Catalog::new(
+            st.clone(),
+            &[],
+            &cfg(Duration::from_secs(30)),
+            Instant::now(),
+        ))
+    }
+
     fn id(svc: &str) -> SpiffeId {
         SpiffeId::parse(&format!("spiffe://ward.local/ns/default/svc/{svc}")).unwrap()
     }
@@ -409,18 +472,18 @@ mod tests {
         ));
         let addr: SocketAddr = "10.0.0.5:21000".parse().unwrap();
         let (reg, _) = c
-            .register("a".into(), id("inventory"), addr, Protocol::Tcp)
+            .register("a".into(), id("inventory"), addr, Protocol::Tcp, 0)
             .await
             .unwrap();
         let err = c
-            .register("b".into(), id("rogue"), addr, Protocol::Tcp)
+            .register("b".into(), id("rogue"), addr, Protocol::Tcp, 0)
             .await
             .unwrap_err();
         assert!(matches!(err, CatalogError::AddressTaken { .. }), "{err}");
         // Same service, new key: replaces.
         drop(reg);
         let (reg2, _) = c
-            .register("c".into(), id("inventory"), addr, Protocol::Http)
+            .register("c".into(), id("inventory"), addr, Protocol::Http, 0)
             .await
             .unwrap();
         assert!(c.is_http(&ServiceRef::parse("inventory").unwrap()));
@@ -448,20 +511,20 @@ mod tests {
         ));
         let addr: SocketAddr = "10.0.0.5:21000".parse().unwrap();
         let (reg, _) = c
-            .register("a".into(), id("inventory"), addr, Protocol::Tcp)
+            .register("a".into(), id("inventory"), addr, Protocol::Tcp, 0)
             .await
             .unwrap();
         drop(reg);
         // Closed less than deregister_after ago: still live.
         let err = c
-            .register("b".into(), id("rogue"), addr, Protocol::Tcp)
+            .register("b".into(), id("rogue"), addr, Protocol::Tcp, 0)
             .await
             .unwrap_err();
         assert!(matches!(err, CatalogError::AddressTaken { .. }), "{err}");
         // No reap runs here: the register call itself sees the holder is gone.
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let (_reg, inst) = c
-            .register("b".into(), id("rogue"), addr, Protocol::Tcp)
+            .register("b".into(), id("rogue"), addr, Protocol::Tcp, 0)
             .await
             .expect("the address of an instance gone for deregister_after is free");
         assert_eq!(inst.service.name.as_str(), "rogue");
@@ -493,15 +556,15 @@ mod tests {
         ));
         let at = |port: u16| SocketAddr::from(([10, 0, 0, 5], port));
         let (a, _) = c
-            .register("a".into(), id("inventory"), at(1), Protocol::Tcp)
+            .register("a".into(), id("inventory"), at(1), Protocol::Tcp, 0)
             .await
             .unwrap();
         let (_b, _) = c
-            .register("b".into(), id("inventory"), at(2), Protocol::Tcp)
+            .register("b".into(), id("inventory"), at(2), Protocol::Tcp, 0)
             .await
             .unwrap();
         let err = c
-            .register("c".into(), id("inventory"), at(3), Protocol::Tcp)
+            .register("c".into(), id("inventory"), at(3), Protocol::Tcp, 0)
             .await
             .unwrap_err();
         assert!(
@@ -509,19 +572,121 @@ mod tests {
             "{err}"
         );
         // Another identity has its own count; an instance re-registering is not a new one.
-        c.register("x".into(), id("order"), at(4), Protocol::Tcp)
+        c.register("x".into(), id("order"), at(4), Protocol::Tcp, 0)
             .await
             .unwrap();
         drop(a);
         let (a, _) = c
-            .register("a".into(), id("inventory"), at(1), Protocol::Tcp)
+            .register("a".into(), id("inventory"), at(1), Protocol::Tcp, 0)
             .await
             .unwrap();
         // A closed one no longer counts.
         drop(a);
-        c.register("c".into(), id("inventory"), at(3), Protocol::Tcp)
+        c.register("c".into(), id("inventory"), at(3), Protocol::Tcp, 0)
             .await
             .unwrap();
+    }
+
+    /// A transparent port is returned in the endpoint and kept across a restart; 0 is none and
+    /// a value that is not a port is refused, naming the field, with nothing registered.
+    #[tokio::test]
+    async fn a_transparent_port_is_stored_returned_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = storage(dir.path());
+        let c = catalog(&st);
+        let at = |port: u16| SocketAddr::from(([10, 0, 0, 5], port));
+        let (_web, inst) = c
+            .register("w".into(), id("web"), at(15006), Protocol::Tcp, 15006)
+            .await
+            .unwrap();
+        assert_eq!(inst.transparent_port, Some(15006));
+        let (_inv, _) = c
+            .register("i".into(), id("inventory"), at(21000), Protocol::Tcp, 0)
+            .await
+            .unwrap();
+        let err = c
+            .register("x".into(), id("order"), at(21001), Protocol::Tcp, 65536)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, CatalogError::BadTransparentPort(65536)),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with("transparent_port 65536"),
+            "{err}"
+        );
+        let ports = |snap: &Snapshot, svc: &str| -> Vec<u32> {
+            snap.endpoints(&ServiceRef::parse(svc).unwrap())
+                .iter()
+                .map(|e| e.transparent_port)
+                .collect()
+        };
+        let snap = c.snapshot();
+        assert_eq!(ports(&snap, "web"), [15006]);
+        assert_eq!(ports(&snap, "inventory"), [0]);
+        assert!(ports(&snap, "order").is_empty(), "refused: not registered");
+
+        let records = st.load().unwrap().instances;
+        let c2 = Catalog::new(st, &records, &cfg(Duration::from_secs(30)), Instant::now());
+        assert_eq!(ports(&c2.snapshot(), "web"), [15006]);
+        assert_eq!(ports(&c2.snapshot(), "inventory"), [0]);
+    }
+
+    /// The `WatchEndpoints` entries: the requested services in request order (also without an
+    /// endpoint); with `all`, then every other registered service once, by namespace, then name.
+    #[tokio::test]
+    async fn watched_lists_the_requested_then_all_others_in_a_stable_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = catalog(&storage(dir.path()));
+        let in_ns = |ns: &str, svc: &str| {
+            SpiffeId::parse(&format!("spiffe://ward.local/ns/{ns}/svc/{svc}")).unwrap()
+        };
+        let mut held = Vec::new();
+        for (n, (ns, svc)) in [
+            ("prod", "alpha"),
+            ("default", "zeta"),
+            ("default", "web"),
+            ("default", "inventory"),
+            ("default", "inventory"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let port = 21000 + n as u16;
+            let addr = SocketAddr::from(([10, 0, 0, 5], port));
+            let (reg, _) = c
+                .register(format!("i{n}"), in_ns(ns, svc), addr, Protocol::Tcp, 0)
+                .await
+                .unwrap();
+            held.push(reg);
+        }
+        let requested: Vec<ServiceRef> = ["web", "order"]
+            .iter()
+            .map(|s| ServiceRef::parse(s).unwrap())
+            .collect();
+        let listed = |all: bool| -> Vec<(String, usize)> {
+            c.snapshot()
+                .watched(&requested, all)
+                .into_iter()
+                .map(|e| {
+                    let s = e.service.unwrap();
+                    (format!("{}/{}", s.namespace, s.name), e.endpoints.len())
+                })
+                .collect()
+        };
+        let named = [
+            ("default/web".to_owned(), 1),
+            ("default/order".to_owned(), 0),
+        ];
+        assert_eq!(listed(false), named);
+        let mut everything = named.to_vec();
+        everything.extend([
+            ("default/inventory".to_owned(), 2),
+            ("default/zeta".to_owned(), 1),
+            ("prod/alpha".to_owned(), 1),
+        ]);
+        assert_eq!(listed(true), everything);
     }
 
     #[tokio::test]
@@ -540,6 +705,7 @@ mod tests {
                 id("inventory"),
                 "10.0.0.5:21000".parse().unwrap(),
                 Protocol::Tcp,
+                0,
             )
             .await
             .unwrap();

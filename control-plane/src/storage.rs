@@ -104,6 +104,10 @@ pub struct InstanceRecord {
     pub address: String,
     /// `tcp` or `http`.
     pub protocol: String,
+    /// The port of the instance's transparent inbound; absent in state written before it was
+    /// stored, and for an instance that runs none.
+    #[serde(default)]
+    pub transparent_port: Option<u16>,
     pub registered_at: i64,
 }
 
@@ -589,6 +593,11 @@ mod tests {
         .unwrap()
     }
 
+    /// The state of `dir` as a new open reads it.
+    fn reopen(dir: &Path) -> State {
+        RedbStorage::open(dir).unwrap().unwrap().load().unwrap()
+    }
+
     #[test]
     fn empty_dir_has_no_state_and_create_then_reopen_keeps_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -617,11 +626,7 @@ mod tests {
         assert_eq!(st.ca.intermediate_cert_pem, ca_before);
         s.put_intentions_default("allow", 7).unwrap();
         drop(s);
-        let st = RedbStorage::open(dir.path())
-            .unwrap()
-            .unwrap()
-            .load()
-            .unwrap();
+        let st = reopen(dir.path());
         assert_eq!(st.intentions_default.as_deref(), Some("allow"));
         assert_eq!(st.intentions_version, 7);
         assert!(!dir.path().join(STATE_TMP).exists());
@@ -630,6 +635,38 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// An instance written by a build that stored no transparent port still loads (as one that
+    /// runs none), and a stored port survives a reopen.
+    #[test]
+    fn instances_without_a_transparent_port_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = create(dir.path());
+        // The record exactly as the previous build serialized it.
+        let old = br#"{"instance_id":"a","spiffe_id":"spiffe://ward.local/ns/default/svc/inventory","address":"10.0.0.5:21000","protocol":"tcp","registered_at":5}"#;
+        s.write(|tx| {
+            tx.open_table(INSTANCES)?.insert("a", old.as_slice())?;
+            Ok(())
+        })
+        .unwrap();
+        let new = InstanceRecord {
+            instance_id: "b".into(),
+            spiffe_id: "spiffe://ward.local/ns/default/svc/web".into(),
+            address: "10.0.0.6:15006".into(),
+            protocol: "tcp".into(),
+            transparent_port: Some(15006),
+            registered_at: 6,
+        };
+        s.put_instance(&new).unwrap();
+        drop(s);
+        let st = reopen(dir.path());
+        let ports: Vec<(String, Option<u16>)> = st
+            .instances
+            .into_iter()
+            .map(|r| (r.instance_id, r.transparent_port))
+            .collect();
+        assert_eq!(ports, [("a".into(), None), ("b".into(), Some(15006))]);
     }
 
     #[test]

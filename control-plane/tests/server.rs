@@ -15,6 +15,7 @@ use ward_test_support::net::{http_request, HttpResponse};
 
 const ORDER: &str = "spiffe://ward.local/ns/default/svc/order";
 const INVENTORY: &str = "spiffe://ward.local/ns/default/svc/inventory";
+const WEB: &str = "spiffe://ward.local/ns/default/svc/web";
 
 fn config(dir: &Path) -> ServerConfig {
     let mut cfg = ServerConfig::dev(
@@ -644,6 +645,7 @@ async fn register_takes_the_identity_from_the_certificate() {
                 name: "inventory".into(),
                 namespace: String::new(),
             }],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -655,6 +657,7 @@ async fn register_takes_the_identity_from_the_certificate() {
         .register(v1::RegisterRequest {
             address: "127.0.0.1:21000".into(),
             protocol: v1::Protocol::Tcp as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -672,11 +675,109 @@ async fn register_takes_the_identity_from_the_certificate() {
         .register(v1::RegisterRequest {
             address: "127.0.0.1:21000".into(),
             protocol: v1::Protocol::Tcp as i32,
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     drop(reg);
+    h.stop().await.unwrap();
+}
+
+/// A transparent sidecar's registration carries its transparent port into every endpoint
+/// listing; a value that is not a port is INVALID_ARGUMENT naming the field. A watch with `all`
+/// lists the requested services, then every other registered one, and is still the caller's one
+/// WatchEndpoints stream (security rule 15, bounds, docs/security.md).
+#[tokio::test]
+async fn a_transparent_port_is_listed_and_all_watches_every_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = start(dir.path()).await;
+    let mut ctl = Ctl::new(&h).await;
+    let (inv, _) = enroll(&h, &ctl.join_token("inventory", 1).await, INVENTORY).await;
+    let (order, _) = enroll(&h, &ctl.join_token("order", 1).await, ORDER).await;
+    let (web, _) = enroll(&h, &ctl.join_token("web", 1).await, WEB).await;
+
+    let transparent = |address: &str, transparent_port| v1::RegisterRequest {
+        address: address.into(),
+        protocol: v1::Protocol::Tcp as i32,
+        transparent_port,
+    };
+    let err = MeshClient::new(channel(&h, Some(&web)).await)
+        .register(transparent("0.0.0.0:15006", 65536))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("transparent_port"),
+        "{}",
+        err.message()
+    );
+
+    // Only a transparent inbound: its address is the registered one, with the caller's IP.
+    let mut web_reg = MeshClient::new(channel(&h, Some(&web)).await)
+        .register(transparent("0.0.0.0:15006", 15006))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        web_reg.message().await.unwrap().unwrap().address,
+        "127.0.0.1:15006"
+    );
+    let mut inv_reg = register(&h, &inv, "127.0.0.1:21000").await.unwrap();
+    inv_reg.message().await.unwrap().unwrap();
+    let listed = ctl
+        .admin
+        .list_endpoints(bearer(
+            v1::ListEndpointsRequest {
+                service: "web".into(),
+            },
+            &ctl.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.endpoints[0].transparent_port, 15006);
+
+    let watch = || v1::WatchEndpointsRequest {
+        services: vec![v1::ServiceRef {
+            name: "payments".into(),
+            namespace: String::new(),
+        }],
+        all: true,
+    };
+    let mut watcher = MeshClient::new(channel(&h, Some(&order)).await);
+    let mut eps = watcher.watch_endpoints(watch()).await.unwrap().into_inner();
+    let first = eps.message().await.unwrap().unwrap();
+    let listed: Vec<(String, Vec<(String, u32)>)> = first
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.service.as_ref().unwrap().name.clone(),
+                s.endpoints
+                    .iter()
+                    .map(|e| (e.address.clone(), e.transparent_port))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("payments".to_owned(), vec![]),
+            (
+                "inventory".to_owned(),
+                vec![("127.0.0.1:21000".to_owned(), 0)]
+            ),
+            (
+                "web".to_owned(),
+                vec![("127.0.0.1:15006".to_owned(), 15006)]
+            ),
+        ]
+    );
+    let err = watcher.watch_endpoints(watch()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    drop((eps, web_reg, inv_reg));
     h.stop().await.unwrap();
 }
 
@@ -1053,6 +1154,7 @@ async fn register(
         .register(v1::RegisterRequest {
             address: address.into(),
             protocol: v1::Protocol::Tcp as i32,
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)

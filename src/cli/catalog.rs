@@ -33,6 +33,11 @@ fn protocol_name(p: i32) -> &'static str {
     }
 }
 
+/// The port of the endpoint's transparent inbound; the server sends 0 when it runs none.
+fn transparent_port(e: &v1::Endpoint) -> Option<u32> {
+    (e.transparent_port != 0).then_some(e.transparent_port)
+}
+
 fn namespace_of(r: &v1::ServiceRef) -> &str {
     if r.namespace.is_empty() {
         "default"
@@ -119,6 +124,7 @@ pub fn run(cmd: CatalogCmd) -> anyhow::Result<()> {
                                     e.address.clone(),
                                     protocol_name(e.protocol).to_owned(),
                                     if e.connected { "yes" } else { "no" }.to_owned(),
+                                    transparent_port(e).map_or("-".to_owned(), |p| p.to_string()),
                                     e.instance_id.clone(),
                                 ]
                             })
@@ -126,7 +132,16 @@ pub fn run(cmd: CatalogCmd) -> anyhow::Result<()> {
                         println!("service: {}/{}", namespace_of(&svc), svc.name);
                         print!(
                             "{}",
-                            table(&["ADDRESS", "PROTOCOL", "CONNECTED", "INSTANCE"], &rows)
+                            table(
+                                &[
+                                    "ADDRESS",
+                                    "PROTOCOL",
+                                    "CONNECTED",
+                                    "TRANSPARENT",
+                                    "INSTANCE"
+                                ],
+                                &rows
+                            )
                         );
                     }
                     Output::Json => print_json(&json!({
@@ -136,6 +151,7 @@ pub fn run(cmd: CatalogCmd) -> anyhow::Result<()> {
                             "protocol": protocol_name(e.protocol),
                             "instance_id": e.instance_id,
                             "connected": e.connected,
+                            "transparent_port": transparent_port(e),
                         })).collect::<Vec<_>>(),
                     })),
                 }

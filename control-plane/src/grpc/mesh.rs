@@ -154,6 +154,9 @@ impl v1::mesh_server::Mesh for MeshService {
         let (_, m) = mesh_caller(&request)?;
         let s = &self.0;
         let wanted = &request.get_ref().services;
+        // With `all` the stream still holds the one Endpoints slot of this instance, and its
+        // snapshots are bounded by the catalog itself (see `catalog::Snapshot::watched`).
+        let all = request.get_ref().all;
         if wanted.len() > 1024 {
             return Err(Status::invalid_argument(
                 "at most 1024 services per WatchEndpoints",
@@ -176,13 +179,7 @@ impl v1::mesh_server::Mesh for MeshService {
             deadline_of(m.not_after),
             slot,
             move |snap| {
-                let out: Vec<v1::ServiceEndpoints> = services
-                    .iter()
-                    .map(|svc| v1::ServiceEndpoints {
-                        service: Some(svc.to_proto()),
-                        endpoints: snap.endpoints(svc),
-                    })
-                    .collect();
+                let out = snap.watched(&services, all);
                 if last.as_ref() == Some(&out) {
                     return None;
                 }
@@ -221,12 +218,15 @@ impl v1::mesh_server::Mesh for MeshService {
                 m.spiffe_id.clone(),
                 address,
                 Protocol::from_proto(r.protocol),
+                r.transparent_port,
             )
             .await
             .map_err(|e| match e {
                 CatalogError::AddressTaken { .. } => Status::already_exists(e.to_string()),
                 CatalogError::TooManyInstances { .. } => Status::resource_exhausted(e.to_string()),
-                CatalogError::BadAddress(_) => Status::invalid_argument(e.to_string()),
+                CatalogError::BadAddress(_) | CatalogError::BadTransparentPort(_) => {
+                    Status::invalid_argument(e.to_string())
+                }
                 CatalogError::Storage(e) => storage_status(&e),
             })?;
         tracing::info!(spiffe_id = %m.spiffe_id, %address, "instance registered");
