@@ -750,6 +750,18 @@ fn every_acknowledged_intention_write_survives_kill9_during_a_burst() {
     );
 }
 
+/// `inventory`'s proxy, enrolled with a token of its own, its inbound on 127.0.0.2 (reaching the
+/// server from 127.0.0.1) forwarding to `app`.
+fn inventory_on_127_0_0_2(dir: &TempDir, server: &DevServer, app: &EchoApp) -> WardProcess {
+    let token = server.token_create("inventory", &[]);
+    let file = DevServer::token_file(dir, "inventory", &token);
+    start_proxy(
+        dir,
+        "inventory",
+        &CpProxyConfig::new("inventory", server, &file).inbound_on("127.0.0.2:0", app.addr),
+    )
+}
+
 /// The server takes a registered IP from the connection it sees (security rule 3): a sidecar
 /// whose inbound listens on another IP (here 127.0.0.2, reaching the server from 127.0.0.1; in
 /// production, a sidecar behind NAT) is told, in one WARN naming both addresses and the server
@@ -759,13 +771,7 @@ fn a_sidecar_registered_at_another_ip_than_its_inbound_warns() {
     let dir = TempDir::new("cp-register-elsewhere");
     let server = DevServer::start("cp-register-elsewhere-server", &dir.join("data"), None);
     let app = EchoApp::start();
-    let token = server.token_create("inventory", &[]);
-    let file = DevServer::token_file(&dir, "inventory", &token);
-    let inventory = start_proxy(
-        &dir,
-        "inventory",
-        &CpProxyConfig::new("inventory", &server, &file).inbound_on("127.0.0.2:0", app.addr),
-    );
+    let inventory = inventory_on_127_0_0_2(&dir, &server, &app);
     let line = inventory.wait_for_stderr(0, Duration::from_secs(10), |l| {
         l.contains("WARN") && l.contains("registered") && l.contains("trust_registered_address")
     });
@@ -779,4 +785,113 @@ fn a_sidecar_registered_at_another_ip_than_its_inbound_warns() {
         line.contains("asked=127.0.0.2:") && line.contains("registered=127.0.0.1:"),
         "{line}"
     );
+}
+
+/// Transparent mode's part of the control plane, with the real server and CLI: a proxy with
+/// only a transparent inbound (the control-plane client in this process, given the handles the
+/// proxy gives it) is in the catalog at that inbound, and `ward catalog endpoints` shows its
+/// transparent port (`-` for a sidecar that runs none); its one endpoints watch, although it
+/// names no upstream, delivers every registered service into its address index.
+#[test]
+fn a_transparent_sidecar_registers_its_port_and_indexes_services_it_never_named() {
+    use ward_proxy::transparent::index::{MeshIndex, Owner};
+
+    let dir = TempDir::new("cp-transparent");
+    // Each sidecar keeps the loopback IP it names, so that each IP has one owner in the index.
+    let server = DevServer::start_with_config(
+        "cp-transparent-server",
+        &dir.join("data"),
+        "[catalog]\ntrust_registered_address = true\n",
+    );
+    let app = EchoApp::start();
+    let inventory = inventory_on_127_0_0_2(&dir, &server, &app);
+
+    // `web`: no [inbound], no upstream, a transparent inbound (held bound for its port).
+    let token = server.token_create("web", &[]);
+    let control_plane = ward_config::proxy::ControlPlaneConfig {
+        address: server.address.clone(),
+        ca_file: server.ca_file.clone(),
+        token_file: Some(DevServer::token_file(&dir, "web", &token)),
+        state_dir: None,
+    };
+    let service = ward_config::proxy::ServiceConfig {
+        name: ward_config::Name::new("web").unwrap(),
+        namespace: ward_config::Name::default_namespace(),
+        trust_domain: None,
+    };
+    let prepared = ward_control_client::prepare(&control_plane, &service).unwrap();
+    let transparent_inbound = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let transparent_addr = transparent_inbound.local_addr().unwrap();
+    let index = Arc::new(MeshIndex::default());
+    let mesh = ward_proxy::MeshHandles {
+        credentials: Arc::default(),
+        intentions: Arc::default(),
+        upstreams: vec![],
+        inbound_addr: None,
+        inbound_protocol: None,
+        transparent: Some(ward_proxy::TransparentHandles {
+            index: index.clone(),
+            inbound_addr: Some(transparent_addr),
+        }),
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.spawn(ward_control_client::run(prepared, mesh, stop.clone()));
+
+    // Both sidecars reach the index through web's watch: itself and inventory, named by none.
+    let owner = |ip: [u8; 4]| match index.owner(ip.into()) {
+        Owner::Service {
+            service, endpoint, ..
+        } => Some((service.to_string(), endpoint)),
+        _ => None,
+    };
+    let indexed = wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        Some((owner([127, 0, 0, 1])?, owner([127, 0, 0, 2])?))
+    });
+    let Some(((web_svc, web), (inv_svc, inv))) = indexed else {
+        panic!(
+            "within 20 s the index did not list web at 127.0.0.1 and inventory at 127.0.0.2\n\
+             server:\n{}\ninventory:\n{}",
+            server.stderr_text(),
+            inventory.stderr_text()
+        );
+    };
+    assert_eq!(web_svc, "web");
+    assert_eq!(web.address, transparent_addr);
+    assert_eq!(web.transparent_port, Some(transparent_addr.port()));
+    assert_eq!(inv_svc, "inventory");
+    assert_eq!(inv.address, inventory.inbound());
+    assert_eq!(inv.transparent_port, None);
+
+    let port = transparent_addr.port().to_string();
+    let table = server
+        .cli(&["catalog", "endpoints", "web"])
+        .expect_ok("catalog endpoints web");
+    let header = table.stdout.lines().nth(1).unwrap_or_default();
+    let row = table.stdout.lines().nth(2).unwrap_or_default();
+    assert!(header.contains("TRANSPARENT"), "{table}");
+    assert!(
+        row.starts_with(&transparent_addr.to_string()) && row.split_whitespace().any(|c| c == port),
+        "{table}"
+    );
+    let json = |svc: &str| -> serde_json::Value {
+        let out = server
+            .cli(&["catalog", "endpoints", svc, "--output", "json"])
+            .expect_ok("catalog endpoints --output json");
+        serde_json::from_str(out.stdout.trim()).unwrap()
+    };
+    assert_eq!(
+        json("web")["endpoints"][0]["transparent_port"],
+        transparent_addr.port()
+    );
+    assert!(json("inventory")["endpoints"][0]["transparent_port"].is_null());
+    let table = server
+        .cli(&["catalog", "endpoints", "inventory"])
+        .expect_ok("catalog endpoints inventory");
+    let row = table.stdout.lines().nth(2).unwrap_or_default();
+    assert!(row.split_whitespace().any(|c| c == "-"), "{table}");
+
+    stop.cancel();
+    rt.block_on(client).unwrap();
+    drop(transparent_inbound);
 }

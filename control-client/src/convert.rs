@@ -5,6 +5,7 @@ use ward_config::proxy::Protocol;
 use ward_config::Name;
 use ward_proto::v1;
 use ward_proxy::intentions::IntentionSnapshot;
+use ward_proxy::transparent::index::{IndexedEndpoint, IndexedService};
 
 /// Why a snapshot was refused as a whole (the previous one stays in force).
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +39,7 @@ pub fn intentions_for(
     local_namespace: &Name,
 ) -> Result<IntentionSnapshot, SnapshotError> {
     if let (Some(local), Some(dest)) = (local, &snap.destination) {
-        let ns = if dest.namespace.is_empty() {
-            "default"
-        } else {
-            dest.namespace.as_str()
-        };
+        let ns = namespace_of(dest);
         if dest.name != local.as_str() || ns != local_namespace.as_str() {
             return Err(SnapshotError::OtherDestination(format!(
                 "{ns}/{}",
@@ -104,6 +101,55 @@ pub fn intentions_for(
     ))
 }
 
+/// A service reference's namespace; the proto's empty one is `default`.
+pub(crate) fn namespace_of(r: &v1::ServiceRef) -> &str {
+    if r.namespace.is_empty() {
+        "default"
+    } else {
+        &r.namespace
+    }
+}
+
+/// Every service of an endpoints snapshot, for the transparent outbound's address index, each
+/// endpoint with its transparent port (0: none). A name or address that does not parse (the
+/// server sends none) is left out, never guessed. An endpoint whose stream is gone stays listed,
+/// as for the upstreams: its address is still its service's.
+pub fn indexed_services(snap: &v1::EndpointsSnapshot) -> Vec<IndexedService> {
+    snap.services
+        .iter()
+        .filter_map(|entry| {
+            let svc = entry.service.as_ref()?;
+            let (Ok(service), Ok(namespace)) = (Name::new(&svc.name), Name::new(namespace_of(svc)))
+            else {
+                tracing::warn!(
+                    service = ?svc.name,
+                    "left an endpoints entry with an invalid name out of the address index"
+                );
+                return None;
+            };
+            let endpoints = entry
+                .endpoints
+                .iter()
+                .filter_map(|e| {
+                    Some(IndexedEndpoint {
+                        address: e.address.parse().ok()?,
+                        // Not a port (the server refuses one at registration): the sidecar
+                        // stays its service's, with no transparent inbound to name a port to.
+                        transparent_port: u16::try_from(e.transparent_port)
+                            .ok()
+                            .filter(|p| *p != 0),
+                    })
+                })
+                .collect();
+            Some(IndexedService {
+                service,
+                namespace,
+                endpoints,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +170,71 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    /// Each listed service with its endpoints for the address index: an empty namespace is
+    /// `default`, a transparent port of 0 (or one that is no port) is none, and what does not
+    /// parse is left out rather than guessed.
+    #[test]
+    fn endpoints_snapshots_become_indexed_services() {
+        let entry = |name: &str, ns: &str, eps: &[(&str, u32)]| v1::ServiceEndpoints {
+            service: Some(v1::ServiceRef {
+                name: name.into(),
+                namespace: ns.into(),
+            }),
+            endpoints: eps
+                .iter()
+                .map(|(address, transparent_port)| v1::Endpoint {
+                    address: (*address).into(),
+                    transparent_port: *transparent_port,
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let snap = v1::EndpointsSnapshot {
+            version: 1,
+            services: vec![
+                entry(
+                    "web",
+                    "",
+                    &[
+                        ("10.0.0.7:15006", 15006),
+                        ("10.0.0.8:21000", 0),
+                        ("not an address", 15006),
+                        ("10.0.0.9:21000", 70000),
+                    ],
+                ),
+                entry("payments", "prod", &[]),
+                entry("Bad_Name", "default", &[("10.0.0.1:21000", 0)]),
+                v1::ServiceEndpoints {
+                    service: None,
+                    endpoints: vec![],
+                },
+            ],
+        };
+        let at = |a: &str, transparent_port| IndexedEndpoint {
+            address: a.parse().unwrap(),
+            transparent_port,
+        };
+        assert_eq!(
+            indexed_services(&snap),
+            [
+                IndexedService {
+                    service: Name::new("web").unwrap(),
+                    namespace: Name::new("default").unwrap(),
+                    endpoints: vec![
+                        at("10.0.0.7:15006", Some(15006)),
+                        at("10.0.0.8:21000", None),
+                        at("10.0.0.9:21000", None),
+                    ],
+                },
+                IndexedService {
+                    service: Name::new("payments").unwrap(),
+                    namespace: Name::new("prod").unwrap(),
+                    endpoints: vec![],
+                },
+            ]
+        );
     }
 
     #[test]

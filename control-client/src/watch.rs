@@ -33,18 +33,20 @@ impl Watches {
             .filter(|u| u.endpoints.load().is_empty())
             .cloned()
             .collect();
+        // A transparent outbound needs every service's addresses, upstreams or not.
+        let watch_endpoints = !dynamic.is_empty() || self.mesh.transparent.is_some();
         tokio::join!(
             self.reconnecting("intentions", |ch| self.intentions(ch)),
             self.reconnecting("roots", |ch| self.roots(ch)),
             async {
-                if !dynamic.is_empty() {
+                if watch_endpoints {
                     self.reconnecting("endpoints", |ch| self.endpoints(ch, &dynamic))
                         .await
                 }
             },
             async {
-                if let Some(addr) = self.mesh.inbound_addr {
-                    self.reconnecting("register", |ch| self.register(ch, addr))
+                if let Some(registration) = registration(&self.mesh) {
+                    self.reconnecting("register", |ch| self.register(ch, registration))
                         .await
                 }
             },
@@ -146,6 +148,8 @@ impl Watches {
         }
     }
 
+    /// One `WatchEndpoints` stream: the dynamic upstreams by name and, in transparent mode,
+    /// every other service (`all`) for the address index.
     async fn endpoints(&self, ch: Channel, upstreams: &[Arc<Upstream>]) -> (bool, String) {
         let services = upstreams
             .iter()
@@ -157,13 +161,32 @@ impl Watches {
         let opened = mesh(ch)
             .watch_endpoints(v1::WatchEndpointsRequest {
                 services,
-                all: false,
+                all: self.mesh.transparent.is_some(),
             })
             .await;
-        follow(opened, |snap| apply_endpoints(snap, upstreams)).await
+        follow(opened, |snap| self.apply_endpoints(&snap, upstreams)).await
     }
 
-    async fn register(&self, ch: Channel, addr: SocketAddr) -> (bool, String) {
+    /// Hands an endpoints snapshot to the upstreams it names and, in transparent mode, to the
+    /// address index as a whole.
+    fn apply_endpoints(&self, snap: &v1::EndpointsSnapshot, upstreams: &[Arc<Upstream>]) {
+        apply_endpoints(snap, upstreams);
+        if let Some(t) = &self.mesh.transparent {
+            let services = crate::convert::indexed_services(snap);
+            tracing::debug!(
+                services = services.len(),
+                version = snap.version,
+                "mesh address index updated"
+            );
+            t.index.publish(services);
+        }
+    }
+
+    async fn register(&self, ch: Channel, registration: Registration) -> (bool, String) {
+        let Registration {
+            address: addr,
+            transparent_port,
+        } = registration;
         // The server accepts L7 permissions only for a destination registered as http.
         let protocol = match self.mesh.inbound_protocol {
             Some(Protocol::Http) => v1::Protocol::Http,
@@ -172,7 +195,7 @@ impl Watches {
         let request = v1::RegisterRequest {
             address: addr.to_string(),
             protocol: protocol as i32,
-            transparent_port: 0,
+            transparent_port: transparent_port.map_or(0, u32::from),
         };
         let opened = mesh(ch).register(request).await;
         let mut first = true;
@@ -192,6 +215,25 @@ impl Watches {
         })
         .await
     }
+}
+
+/// What a sidecar registers in the catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Registration {
+    /// The mesh address peers dial: `[inbound] listen`, else the transparent inbound's.
+    address: SocketAddr,
+    /// The transparent inbound's port, when it runs one.
+    transparent_port: Option<u16>,
+}
+
+/// What `mesh` registers, if it has an inbound of either kind: a proxy with only
+/// `[transparent]` is in the catalog at its transparent inbound.
+fn registration(mesh: &MeshHandles) -> Option<Registration> {
+    let transparent = mesh.transparent.as_ref().and_then(|t| t.inbound_addr);
+    Some(Registration {
+        address: mesh.inbound_addr.or(transparent)?,
+        transparent_port: transparent.map(|a| a.port()),
+    })
 }
 
 /// Whether the server stored another IP than the inbound listens on (it takes the IP from the
@@ -237,15 +279,12 @@ async fn follow<T>(
     }
 }
 
-/// Replaces the endpoints of each watched upstream named in `snap`.
-fn apply_endpoints(snap: v1::EndpointsSnapshot, upstreams: &[Arc<Upstream>]) {
-    for entry in snap.services {
-        let Some(svc) = entry.service else { continue };
-        let ns = if svc.namespace.is_empty() {
-            "default"
-        } else {
-            svc.namespace.as_str()
-        };
+/// Replaces the endpoints of each watched upstream named in `snap` (the others an `all` watch
+/// lists are for the address index).
+fn apply_endpoints(snap: &v1::EndpointsSnapshot, upstreams: &[Arc<Upstream>]) {
+    for entry in &snap.services {
+        let Some(svc) = &entry.service else { continue };
+        let ns = crate::convert::namespace_of(svc);
         let Some(u) = upstreams
             .iter()
             .find(|u| u.service.as_str() == svc.name && u.namespace.as_str() == ns)
@@ -275,6 +314,8 @@ mod tests {
     use ward_proxy::inputs::ProxyInputs;
     use ward_proxy::intentions::IntentionStore;
     use ward_proxy::tls::CredentialStore;
+    use ward_proxy::transparent::index::{MeshIndex, Owner};
+    use ward_proxy::TransparentHandles;
 
     fn inputs() -> Arc<ProxyInputs> {
         Arc::new(ProxyInputs::new(
@@ -337,7 +378,7 @@ mod tests {
                 },
             ],
         };
-        apply_endpoints(snap, &[inventory.clone(), payments.clone()]);
+        apply_endpoints(&snap, &[inventory.clone(), payments.clone()]);
         assert_eq!(addresses(&inventory), ["10.0.0.2:20000", "10.0.0.1:20000"]);
         assert_eq!(addresses(&payments), ["10.0.0.9:20000"]);
     }
@@ -402,6 +443,96 @@ mod tests {
         assert_eq!(held(), 1, "an empty snapshot is refused");
         w.apply_roots(roots(&[&root, &next]));
         assert_eq!(held(), 2);
+    }
+
+    /// In transparent mode one snapshot feeds both: the upstreams it names get their endpoints
+    /// as without it, and every listed service, named or not, goes into the address index.
+    #[test]
+    fn a_transparent_proxy_indexes_every_listed_service_and_still_feeds_its_upstreams() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = watches(dir.path(), &Ca::new("root"));
+        let index = Arc::new(MeshIndex::default());
+        w.mesh.transparent = Some(TransparentHandles {
+            index: index.clone(),
+            inbound_addr: Some("0.0.0.0:15006".parse().unwrap()),
+        });
+        let inventory = upstream(&inputs(), "inventory", "default", &[]);
+        let mut web = endpoint("10.0.0.7:15006", true);
+        web.transparent_port = 15006;
+        let snap = v1::EndpointsSnapshot {
+            version: 4,
+            services: vec![
+                v1::ServiceEndpoints {
+                    service: service_ref("inventory", ""),
+                    endpoints: vec![endpoint("10.0.0.1:20000", true)],
+                },
+                v1::ServiceEndpoints {
+                    // Nobody named it: listed because the watch asked for `all`.
+                    service: service_ref("web", "shop"),
+                    endpoints: vec![web],
+                },
+            ],
+        };
+        w.apply_endpoints(&snap, std::slice::from_ref(&inventory));
+        assert_eq!(addresses(&inventory), ["10.0.0.1:20000"]);
+        let owner = |ip: &str| match index.owner(ip.parse().unwrap()) {
+            Owner::Service {
+                service,
+                namespace,
+                endpoint,
+            } => format!("{namespace}/{service} {:?}", endpoint.transparent_port),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(owner("10.0.0.1"), "default/inventory None");
+        assert_eq!(owner("10.0.0.7"), "shop/web Some(15006)");
+        assert_eq!(owner("10.0.0.9"), "Unknown");
+        // The next snapshot replaces the index as a whole.
+        w.apply_endpoints(
+            &v1::EndpointsSnapshot {
+                version: 5,
+                services: vec![],
+            },
+            &[],
+        );
+        assert_eq!(owner("10.0.0.7"), "Unknown");
+    }
+
+    /// What a proxy registers: its inbound when it has one (with the transparent inbound's port
+    /// when it runs one too), else its transparent inbound, else nothing.
+    #[test]
+    fn the_registration_is_the_inbound_else_the_transparent_inbound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = watches(dir.path(), &Ca::new("root"));
+        let addr = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        // `transparent`: None without `[transparent]`, Some(None) with no transparent inbound.
+        let mut registered = |inbound: Option<&str>, transparent: Option<Option<&str>>| {
+            w.mesh.inbound_addr = inbound.map(addr);
+            w.mesh.transparent = transparent.map(|t| TransparentHandles {
+                index: Arc::default(),
+                inbound_addr: t.map(addr),
+            });
+            registration(&w.mesh).map(|r| (r.address.to_string(), r.transparent_port))
+        };
+        let inbound = Some("10.0.0.5:21000");
+        let transparent = Some(Some("0.0.0.0:15006"));
+        assert_eq!(registered(None, None), None);
+        assert_eq!(registered(None, Some(None)), None);
+        assert_eq!(
+            registered(inbound, None),
+            Some(("10.0.0.5:21000".into(), None))
+        );
+        assert_eq!(
+            registered(inbound, Some(None)),
+            Some(("10.0.0.5:21000".into(), None))
+        );
+        assert_eq!(
+            registered(None, transparent),
+            Some(("0.0.0.0:15006".into(), Some(15006)))
+        );
+        assert_eq!(
+            registered(inbound, transparent),
+            Some(("10.0.0.5:21000".into(), Some(15006)))
+        );
     }
 
     #[test]
