@@ -5,160 +5,31 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 use ward_test_support as common;
 
 use common::cp::CliOutput;
-use common::proc::{wait_for_exit, ward_bin, TempDir};
-
-const TOOLS: &[&str] = &[
-    "ip",
-    "iptables-save",
-    "iptables-restore",
-    "ip6tables-save",
-    "ip6tables-restore",
-    "nft",
-    "python3",
-];
+use common::netns::Netns;
+use common::proc::{ward_bin, TempDir};
 
 /// Whether this machine can run the tests; says SKIPPED with the reason when not.
 fn can_run() -> bool {
-    let uid = Command::new("id").arg("-u").output();
-    let root = uid.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root {
-        common::skipped("not root: network namespaces and nat rules need root");
-        return false;
-    }
-    let missing: Vec<&str> = TOOLS
-        .iter()
-        .copied()
-        .filter(|t| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {t}")])
-                .stdout(Stdio::null())
-                .status()
-                .map(|s| !s.success())
-                .unwrap_or(true)
-        })
-        .collect();
-    if !missing.is_empty() {
-        common::skipped(&format!(
-            "{} not installed (CI installs iproute2, iptables, nftables, python3)",
-            missing.join(", ")
-        ));
-        return false;
-    }
-    if !Path::new("/proc/net/if_inet6").exists() {
-        common::skipped("this kernel has no IPv6: the IPv6 half cannot be checked");
-        return false;
-    }
-    true
+    common::netns::can_run(&[])
 }
 
-/// A network namespace of this test, deleted when dropped (also when the test fails).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let name = format!(
-            "ward-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        run_ok("ip", &["netns", "add", &name]);
-        let ns = Self { name };
-        ns.sh("ip link set lo up");
-        ns
+/// Everything iptables and nftables hold in `ns`, comparable across runs: `iptables-save` and
+/// `ip6tables-save` less their dated comments and counters, and `nft list ruleset`.
+fn rules(ns: &Netns) -> String {
+    let mut all = String::new();
+    for (label, tool) in [("ipv4", "iptables-save"), ("ipv6", "ip6tables-save")] {
+        all.push_str(&format!("=== {label}\n"));
+        all.push_str(&normalize_save(&ns.sh(tool)));
     }
-
-    /// `program args` inside the namespace; waits up to 60 s.
-    fn exec(&self, program: &str, args: &[&str], input: Option<&str>) -> CliOutput {
-        let start = Instant::now();
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program])
-            .args(args)
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("NO_COLOR", "1");
-        let mut child = cmd.spawn().expect("spawn ip netns exec");
-        if let Some(input) = input {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().expect("stdin piped");
-            stdin.write_all(input.as_bytes()).expect("write stdin");
-        }
-        let exit = wait_for_exit(child, start, Duration::from_secs(60));
-        CliOutput {
-            args: std::iter::once(program)
-                .chain(args.iter().copied())
-                .map(str::to_owned)
-                .collect(),
-            status: exit.status,
-            stdout: exit.stdout,
-            stderr: exit.stderr,
-            elapsed: exit.elapsed,
-        }
+    all.push_str("=== nft\n");
+    for line in ns.sh("nft list ruleset").lines() {
+        all.push_str(&without_counter(line));
+        all.push('\n');
     }
-
-    /// A shell script inside the namespace, which must succeed; its stdout.
-    fn sh(&self, script: &str) -> String {
-        let out = self.exec("sh", &["-ec", script], None);
-        assert!(out.success(), "in {}: {script}: {out}", self.name);
-        out.stdout
-    }
-
-    /// `ward ARGS` inside the namespace.
-    fn ward(&self, args: &[&str]) -> CliOutput {
-        let bin = ward_bin().to_str().expect("UTF-8 path").to_owned();
-        self.exec(&bin, args, None)
-    }
-
-    /// Everything iptables and nftables hold in the namespace, comparable across runs:
-    /// `iptables-save` and `ip6tables-save` less their dated comments and counters, and
-    /// `nft list ruleset`.
-    fn rules(&self) -> String {
-        let mut all = String::new();
-        for (label, tool) in [("ipv4", "iptables-save"), ("ipv6", "ip6tables-save")] {
-            all.push_str(&format!("=== {label}\n"));
-            all.push_str(&normalize_save(&self.sh(tool)));
-        }
-        all.push_str("=== nft\n");
-        for line in self.sh("nft list ruleset").lines() {
-            all.push_str(&without_counter(line));
-            all.push('\n');
-        }
-        all
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn run_ok(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    all
 }
 
 /// iptables-save output without its `# Generated ... on <date>` lines and with the chains'
@@ -246,10 +117,10 @@ fn install_twice_then_remove(backend: &str, seed: bool) {
     if seed {
         ns.sh(OTHER_RULES);
     }
-    let before = ns.rules();
+    let before = rules(&ns);
 
     install(&ns, backend, &["--exclude-cidrs", "10.0.0.0/8,fd00::/8"]);
-    let once = ns.rules();
+    let once = rules(&ns);
     assert_ne!(once, before, "install changed nothing");
     match backend {
         "iptables" => {
@@ -280,7 +151,7 @@ fn install_twice_then_remove(backend: &str, seed: bool) {
 
     install(&ns, backend, &["--exclude-cidrs", "10.0.0.0/8,fd00::/8"]);
     assert_eq!(
-        ns.rules(),
+        rules(&ns),
         once,
         "a second install with the same flags changed the rules"
     );
@@ -290,7 +161,7 @@ fn install_twice_then_remove(backend: &str, seed: bool) {
         backend,
         &["--outbound-port", "16001", "--exclude-inbound-ports", "22"],
     );
-    let other = ns.rules();
+    let other = rules(&ns);
     assert!(!other.contains("10.0.0.0/8"), "old rules left: {other}");
     assert!(other.contains("16001"), "{other}");
     if backend == "iptables" {
@@ -301,7 +172,7 @@ fn install_twice_then_remove(backend: &str, seed: bool) {
 
     let out = remove(&ns, backend);
     assert!(!out.stdout.contains("nothing to remove"), "{out}");
-    let after = ns.rules();
+    let after = rules(&ns);
     if backend == "nftables" {
         assert_eq!(after, before, "remove did not restore the rules");
     } else {
@@ -324,10 +195,10 @@ fn install_twice_then_remove(backend: &str, seed: bool) {
     // Nothing installed: a no-op that says so and exits 0.
     let out = remove(&ns, backend);
     assert!(out.stdout.contains("nothing to remove"), "{out}");
-    assert_eq!(ns.rules(), after);
+    assert_eq!(rules(&ns), after);
 }
 
-/// The lines of one `=== label` section of [`Netns::rules`].
+/// The lines of one `=== label` section of [`rules`].
 fn section<'a>(rules: &'a str, label: &str) -> &'a str {
     let start = rules.find(label).expect("section");
     let rest = &rules[start + label.len()..];
@@ -427,7 +298,7 @@ fn dry_run_prints_the_rules_and_changes_nothing() {
     }
     let ns = Netns::new();
     ns.sh(OTHER_RULES);
-    let before = ns.rules();
+    let before = rules(&ns);
     for (backend, expected) in [
         (
             "iptables",
@@ -446,7 +317,7 @@ fn dry_run_prints_the_rules_and_changes_nothing() {
         ]);
         let out = expect_ok(out, "install --dry-run");
         assert!(out.stdout.contains(expected), "{out}");
-        assert_eq!(ns.rules(), before, "--dry-run changed the rules");
+        assert_eq!(rules(&ns), before, "--dry-run changed the rules");
         // What it printed is what the tool would take: feed it to the tool's own check.
         if backend == "iptables" {
             let v4 = &out.stdout[..out.stdout.find("# ward redirect install: ip6").unwrap()];
@@ -456,17 +327,17 @@ fn dry_run_prints_the_rules_and_changes_nothing() {
             let check = ns.exec("nft", &["--check", "-f", "-"], Some(&out.stdout));
             assert!(check.success(), "{check}\n{}", out.stdout);
         }
-        assert_eq!(ns.rules(), before, "the check changed the rules");
+        assert_eq!(rules(&ns), before, "the check changed the rules");
     }
     // Installed, a dry-run remove prints the deletions and leaves the rules in place.
     install(&ns, "nftables", &[]);
-    let installed = ns.rules();
+    let installed = rules(&ns);
     let out = expect_ok(
         ns.ward(&["redirect", "remove", "--dry-run", "--backend", "nftables"]),
         "remove --dry-run",
     );
     assert!(out.stdout.contains("delete table inet ward"), "{out}");
-    assert_eq!(ns.rules(), installed);
+    assert_eq!(rules(&ns), installed);
 }
 
 #[test]
@@ -475,7 +346,7 @@ fn bad_flags_are_refused_naming_the_flag_and_nothing_is_applied() {
         return;
     }
     let ns = Netns::new();
-    let before = ns.rules();
+    let before = rules(&ns);
     let cases: &[(&[&str], &str)] = &[
         (&["--proxy-uid", "0"], "--proxy-uid"),
         (&["--proxy-uid", "ward"], "--proxy-uid"),
@@ -518,7 +389,7 @@ fn bad_flags_are_refused_naming_the_flag_and_nothing_is_applied() {
                 1,
                 "{out}"
             );
-            assert_eq!(ns.rules(), before, "{flags:?} applied something");
+            assert_eq!(rules(&ns), before, "{flags:?} applied something");
         }
     }
     let out = ns.ward(&["redirect", "install", "--proxy-uid", "0"]);
@@ -785,7 +656,7 @@ fn an_ipv6_failure_after_ipv4_was_written_leaves_nothing_installed() {
     );
     let ns = Netns::new();
     ns.sh(OTHER_RULES);
-    let before = ns.rules();
+    let before = rules(&ns);
     let bin = ward_bin().to_str().unwrap().to_owned();
     let env_real = format!("REAL={}", real.trim());
     let out = ns.exec(
@@ -805,7 +676,7 @@ fn an_ipv6_failure_after_ipv4_was_written_leaves_nothing_installed() {
     assert!(out.stderr.contains("IPv6 rules were refused"), "{out}");
     assert!(out.stderr.contains("refused by the test"), "{out}");
     assert_eq!(
-        ns.rules(),
+        rules(&ns),
         before,
         "an install that failed left rules behind"
     );

@@ -4,6 +4,7 @@
 
 pub mod cp;
 pub mod net;
+pub mod netns;
 pub mod pki;
 pub mod proc;
 pub mod py;
