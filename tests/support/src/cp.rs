@@ -153,7 +153,8 @@ pub struct DevServer {
     pub started_at: Instant,
 }
 
-fn export_value(lines: &[String], name: &str) -> Option<String> {
+/// The value of `export NAME=VALUE` among `lines` (what `ward server --dev` prints), quotes removed.
+pub fn export_value(lines: &[String], name: &str) -> Option<String> {
     let prefix = format!("export {name}=");
     lines.iter().find_map(|l| {
         l.trim()

@@ -225,20 +225,22 @@ impl Drop for Netns {
 /// it world-executable), else `program` itself: a process run as another user than root cannot
 /// reach, say, a python3 installed under `/root`.
 pub fn executable_by_all(program: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let Ok(file) = std::fs::canonicalize(dir.join(program)) else {
-            continue;
-        };
-        let all_may = file
-            .ancestors()
-            .all(|p| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
-        if file.is_file() && all_may {
-            return file.to_string_lossy().into_owned();
-        }
-    }
-    program.to_owned()
+    std::env::split_paths(&path)
+        .filter_map(|dir| std::fs::canonicalize(dir.join(program)).ok())
+        .find(|file| file.is_file() && reachable_by_all(file))
+        .map(|file| file.to_string_lossy().into_owned())
+        .unwrap_or_else(|| program.to_owned())
+}
+
+/// Whether any user may open or run `path`: it and every directory above it have the
+/// others' execute bit (symbolic links resolved).
+pub fn reachable_by_all(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::canonicalize(path).is_ok_and(|file| {
+        file.ancestors()
+            .all(|p| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+    })
 }
 
 /// A user (and group) id a spawned process runs as: `setpriv --reuid U --regid U --clear-groups`.
