@@ -261,14 +261,43 @@ impl Pod {
         token: &str,
         dir: &TempDir,
     ) -> Self {
-        let install = host.ns.ward(&[
+        let exempt = PROXY_UID.0.to_string();
+        Self::start_redirecting(
+            host,
+            backend,
+            service,
+            policy,
+            server,
+            token,
+            dir,
+            &exempt,
+            &[],
+        )
+    }
+
+    /// [`Self::start`] with the redirect exempting `exempt_uid` and taking `extra` flags.
+    #[allow(clippy::too_many_arguments)]
+    fn start_redirecting(
+        host: &Host,
+        backend: Backend,
+        service: &str,
+        policy: &str,
+        server: &Server,
+        token: &str,
+        dir: &TempDir,
+        exempt_uid: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut args = vec![
             "redirect",
             "install",
             "--backend",
             backend.flag(),
             "--proxy-uid",
-            &PROXY_UID.0.to_string(),
-        ]);
+            exempt_uid,
+        ];
+        args.extend_from_slice(extra);
+        let install = host.ns.ward(&args);
         assert!(
             install.success(),
             "[{}] redirect install: {install}",
@@ -719,6 +748,92 @@ fn transparent_mesh_with_nftables_over_ipv6() {
     if can_run() {
         run(Backend::Nftables, Family::V6);
     }
+}
+
+/// A proxy run as another uid than the redirect exempts (a misconfigured pod): its own
+/// connection to b's sidecar comes back to its transparent outbound, which refuses it as a loop
+/// instead of carrying it again, once per call: the call fails, nothing storms, and b's app sees
+/// nothing.
+#[test]
+fn a_proxy_the_redirect_does_not_exempt_refuses_its_own_connections_as_a_loop() {
+    if !can_run() {
+        return;
+    }
+    let family = Family::V4;
+    let dir = TempDir::new("transparent-loop");
+    let lan = Lan::new(&["cp", "a", "b"]);
+    let (cp, a, b) = (lan.host("cp"), lan.host("a"), lan.host("b"));
+    let server = Server::start(cp, family, &dir);
+    server.cli(
+        cp,
+        &[
+            "intention",
+            "create",
+            "--source",
+            "order",
+            "--destination",
+            "inventory",
+            "--action",
+            "allow",
+        ],
+    );
+    let app = start_app(b, &dir, APP_UID, MARKER, APP_PORT, &["0.0.0.0", "::"]);
+    let token = server.token(cp, "inventory");
+    let _b_pod = Pod::start(
+        b,
+        Backend::Iptables,
+        "inventory",
+        "registry_only",
+        &server,
+        &token,
+        &dir,
+    );
+    // a exempts uid 4242, not the proxy's 1337; the control plane is left out so that the proxy
+    // still gets its certificate and the catalog.
+    let cp_net = format!("{}/32", cp.ip(family));
+    let token = server.token(cp, "order");
+    let _a_pod = Pod::start_redirecting(
+        a,
+        Backend::Iptables,
+        "order",
+        "registry_only",
+        &server,
+        &token,
+        &dir,
+        "4242",
+        &["--exclude-cidrs", &cp_net],
+    );
+    let loops = |m: &str| metric_sum(m, "ward_transparent_refused_total", &[("reason", "loop")]);
+    // The catalog reaches a's proxy soon after it is ready: wait until a call is refused as a
+    // loop (the proxy knows b's sidecar then), at most 20 s.
+    let b_app = url(b, family, APP_PORT);
+    let mut calls = 0u32;
+    let looped = common::wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        calls += 1;
+        let out = a.curl(Some(APP_UID), 5, &[&b_app]);
+        assert!(!out.stdout.contains(MARKER), "the call went through: {out}");
+        (loops(&metrics(a)) >= 1.0).then_some(())
+    });
+    assert!(
+        looped.is_some(),
+        "no loop refusal after {calls} calls:\n{}",
+        metrics(a)
+    );
+    // One more call: exactly one more loop refusal, not a storm of them.
+    let before = loops(&metrics(a));
+    let out = a.curl(Some(APP_UID), 5, &[&b_app]);
+    assert!(!out.stdout.contains(MARKER), "the call went through: {out}");
+    let after = metrics(a);
+    assert_eq!(
+        loops(&after) - before,
+        1.0,
+        "one loop refusal per call:\n{after}"
+    );
+    assert!(
+        accepted(&app).is_empty(),
+        "b's app accepted {:?}",
+        accepted(&app)
+    );
 }
 
 /// The test bed itself: hosts of a LAN reach each other over IPv4 and IPv6, an app runs as its
