@@ -322,6 +322,18 @@ impl ProxyConfig {
                         "needs [control_plane]: the catalog says which service owns an address",
                     ));
                 }
+                // The transparent inbound decides at L4 only; beside an http inbound the
+                // intentions carry L7 permissions, which it would take as a plain allow.
+                let http_inbound = raw
+                    .inbound
+                    .as_ref()
+                    .is_some_and(|i| i.protocol == Some(Protocol::Http));
+                if t.inbound_listen.is_some() && http_inbound {
+                    return Err(invalid(
+                        "transparent.inbound_listen",
+                        "cannot be used with [inbound] protocol = \"http\": the transparent inbound decides per connection, not per request, so it would let L7 permissions through",
+                    ));
+                }
                 Some(TransparentConfig {
                     inbound_listen: t.inbound_listen,
                     outbound_listen: t.outbound_listen,
@@ -780,6 +792,11 @@ ca_file = "ca.pem"
                 "[control_plane]",
                 "outbound_policy = \"open\"\n[control_plane]",
                 "transparent.outbound_policy",
+            ),
+            (
+                "[control_plane]",
+                "[inbound]\nlisten = \"0.0.0.0:21000\"\nlocal_app = \"127.0.0.1:8080\"\nprotocol = \"http\"\n[control_plane]",
+                "key `transparent.inbound_listen`: cannot be used with [inbound] protocol = \"http\"",
             ),
             (
                 "127.0.0.1:15001",
