@@ -50,7 +50,10 @@ impl Target {
         match self {
             Target::LocalApp(app) => Destination::LocalApp(*app),
             Target::Transparent { own_ports } => {
-                let local = tcp.local_addr().ok();
+                let local = tcp
+                    .local_addr()
+                    .ok()
+                    .map(crate::transparent::socket::canonical);
                 // A connection made straight to our port (a tunnel from a transparent outbound)
                 // was not redirected: it has no destination of its own.
                 let redirected = crate::transparent::socket::original_dst(tcp)
@@ -58,9 +61,7 @@ impl Target {
                     .filter(|dst| Some(*dst) != local)
                     .map(|dst| dst.port());
                 Destination::Pod {
-                    ip: local.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |l| {
-                        l.ip().to_canonical()
-                    }),
+                    ip: local.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |l| l.ip()),
                     redirected,
                     own_ports: own_ports.clone(),
                 }
