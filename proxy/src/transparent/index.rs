@@ -43,11 +43,15 @@ pub enum Owner {
     Ambiguous,
     /// No mesh service is known there.
     Unknown,
+    /// Nothing is known yet: the catalog has not answered since the proxy started.
+    Pending,
 }
 
 #[derive(Debug, Default)]
 struct Index {
     by_ip: HashMap<IpAddr, Owner>,
+    /// False until the first publication.
+    published: bool,
 }
 
 /// The current index; replaced as a whole on each catalog update, read without a lock.
@@ -73,22 +77,39 @@ impl MeshIndex {
                     .and_modify(|held| {
                         if !same_service(held, &owner) {
                             *held = Owner::Ambiguous;
+                        } else if transparent_port(held).is_none() {
+                            // Of two instances at one address, the one with a transparent
+                            // inbound can take the app's port.
+                            *held = owner.clone();
                         }
                     })
                     .or_insert(owner);
             }
         }
-        self.current.store(Arc::new(Index { by_ip }));
+        self.current.store(Arc::new(Index {
+            by_ip,
+            published: true,
+        }));
     }
 
     /// Who owns `ip`.
     pub fn owner(&self, ip: IpAddr) -> Owner {
-        self.current
-            .load()
+        let index = self.current.load();
+        if !index.published {
+            return Owner::Pending;
+        }
+        index
             .by_ip
             .get(&ip.to_canonical())
             .cloned()
             .unwrap_or(Owner::Unknown)
+    }
+}
+
+fn transparent_port(owner: &Owner) -> Option<u16> {
+    match owner {
+        Owner::Service { endpoint, .. } => endpoint.transparent_port,
+        _ => None,
     }
 }
 
@@ -135,18 +156,24 @@ mod tests {
             Owner::Service { service, .. } => service.to_string(),
             Owner::Ambiguous => "ambiguous".into(),
             Owner::Unknown => "unknown".into(),
+            Owner::Pending => "pending".into(),
         }
     }
 
     #[test]
     fn an_address_maps_to_its_one_service_and_a_shared_one_to_none() {
         let index = MeshIndex::default();
+        let at = |ip: &str| name_of(index.owner(ip.parse().unwrap()));
+        assert_eq!(
+            at("10.0.0.5"),
+            "pending",
+            "nothing is known before the catalog answers"
+        );
         index.publish(vec![
             service("inventory", &["10.0.0.5:15006", "10.0.0.6:15006"]),
             service("order", &["10.0.0.7:21000", "[fd00::7]:21000"]),
             service("billing", &["10.0.0.7:21001"]),
         ]);
-        let at = |ip: &str| name_of(index.owner(ip.parse().unwrap()));
         assert_eq!(at("10.0.0.5"), "inventory");
         assert_eq!(at("10.0.0.6"), "inventory");
         assert_eq!(at("fd00::7"), "order");
