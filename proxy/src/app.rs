@@ -92,10 +92,17 @@ fn listen_keys(config: &ProxyConfig) -> Vec<(String, SocketAddr)> {
     keys
 }
 
-/// Whether this process runs as root (the owner of `/proc/self` is its effective uid).
+/// Whether this process runs as root: the effective uid, the second field of the `Uid:` line
+/// of `/proc/self/status` (the owner of `/proc/self` would say root for a process that is not
+/// dumpable, such as one with file capabilities).
 fn runs_as_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    effective_uid(&status) == Some(0)
+}
+
+fn effective_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The listener at `addr` and, for an IPv4 wildcard or loopback address, its IPv6 twin where
@@ -388,5 +395,20 @@ impl ProxyHandle {
         }
         self.inputs.drain.force_close.cancel();
         tracing::info!("drained");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::effective_uid;
+
+    #[test]
+    fn the_effective_uid_is_the_second_field_of_the_uid_line() {
+        let status = "Name:\tward\nUmask:\t0022\nUid:\t1337\t0\t1337\t1337\nGid:\t0\t0\t0\t0\n";
+        assert_eq!(effective_uid(status), Some(0));
+        assert_eq!(effective_uid("Uid:\t1337\t1337\t1337\t1337\n"), Some(1337));
+        assert_eq!(effective_uid("Name:\tward\n"), None);
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(effective_uid(&own).is_some(), "{own}");
     }
 }
