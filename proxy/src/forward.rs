@@ -12,22 +12,30 @@ use tokio::net::TcpStream;
 /// How long connecting to `local_app` may take.
 pub(crate) const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connects to `local_app` for an admitted connection or stream.
+/// At most one line a second about failed connects to the app: a peer may ask for closed ports
+/// of a transparent inbound's pod as fast as it likes.
+static CONNECT_FAILURE_LOG: std::sync::LazyLock<crate::connlog::LineBudget> =
+    std::sync::LazyLock::new(|| crate::connlog::LineBudget::new(1, Duration::from_secs(1)));
+
+/// Connects to `local_app` (or a transparent inbound's pod port) for an admitted connection or
+/// stream.
 pub(crate) async fn connect_app(local_app: SocketAddr) -> Option<TcpStream> {
-    match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(local_app)).await {
+    let error = match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(local_app)).await
+    {
         Ok(Ok(app)) => {
             let _ = app.set_nodelay(true);
-            Some(app)
+            return Some(app);
         }
-        Ok(Err(e)) => {
-            tracing::warn!(local_app = %local_app, error = %e, "cannot connect to local_app");
-            None
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_owned(),
+    };
+    match CONNECT_FAILURE_LOG.admit() {
+        Some(left_out) => {
+            tracing::warn!(local_app = %local_app, error, left_out, "cannot connect to the app")
         }
-        Err(_) => {
-            tracing::warn!(local_app = %local_app, "connecting to local_app timed out");
-            None
-        }
+        None => tracing::debug!(local_app = %local_app, error, "cannot connect to the app"),
     }
+    None
 }
 
 /// Forwards one admitted connection and keeps the connection metrics (and its line in the
