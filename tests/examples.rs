@@ -440,6 +440,13 @@ fn the_transparent_example_redirects_to_the_sidecars_ports_and_exempts_its_uid()
             .any(|p| p == config.admin.listen.port().to_string()),
         "the admin port is left out of the redirect: {excluded}"
     );
+    // The config names the same ports, so no tunnel stream reaches them either.
+    let mirrored: Vec<String> = transparent
+        .exclude_inbound_ports
+        .iter()
+        .map(u16::to_string)
+        .collect();
+    assert_eq!(excluded.split(',').collect::<Vec<_>>(), mirrored);
     let caps = &init["securityContext"]["capabilities"]["add"];
     assert!(caps
         .as_array()

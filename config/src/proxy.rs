@@ -51,6 +51,9 @@ pub struct TransparentConfig {
     /// Where the app's outgoing connections are redirected (loopback only).
     pub outbound_listen: Option<SocketAddr>,
     pub outbound_policy: OutboundPolicy,
+    /// The ports `ward redirect --exclude-inbound-ports` leaves out: a tunnel stream may not name
+    /// them (they are reached without the mesh, or fenced by other means).
+    pub exclude_inbound_ports: Vec<u16>,
 }
 
 /// What the transparent outbound does with a destination no mesh service owns.
@@ -253,6 +256,8 @@ struct RawTransparent {
     inbound_listen: Option<SocketAddr>,
     outbound_listen: Option<SocketAddr>,
     outbound_policy: Option<OutboundPolicy>,
+    #[serde(default)]
+    exclude_inbound_ports: Vec<u16>,
 }
 
 #[derive(Deserialize)]
@@ -334,10 +339,17 @@ impl ProxyConfig {
                         "cannot be used with [inbound] protocol = \"http\": the transparent inbound decides per connection, not per request, so it would let L7 permissions through",
                     ));
                 }
+                if t.exclude_inbound_ports.contains(&0) {
+                    return Err(invalid(
+                        "transparent.exclude_inbound_ports",
+                        "0 is not a port",
+                    ));
+                }
                 Some(TransparentConfig {
                     inbound_listen: t.inbound_listen,
                     outbound_listen: t.outbound_listen,
                     outbound_policy: t.outbound_policy.unwrap_or(OutboundPolicy::RegistryOnly),
+                    exclude_inbound_ports: t.exclude_inbound_ports,
                 })
             }
         };
@@ -763,6 +775,16 @@ ca_file = "ca.pem"
         assert_eq!(t.outbound_listen, Some("127.0.0.1:15001".parse().unwrap()));
         // Fail closed unless the operator opens it.
         assert_eq!(t.outbound_policy, OutboundPolicy::RegistryOnly);
+        assert!(t.exclude_inbound_ports.is_empty());
+        let excluded = parse(&TRANSPARENT.replace(
+            "[control_plane]",
+            "exclude_inbound_ports = [22, 9090]\n[control_plane]",
+        ))
+        .unwrap();
+        assert_eq!(
+            excluded.transparent.unwrap().exclude_inbound_ports,
+            [22, 9090]
+        );
         let open = parse(&TRANSPARENT.replace(
             "[control_plane]",
             "outbound_policy = \"allow_any\"\n[control_plane]",
@@ -797,6 +819,16 @@ ca_file = "ca.pem"
                 "[control_plane]",
                 "[inbound]\nlisten = \"0.0.0.0:21000\"\nlocal_app = \"127.0.0.1:8080\"\nprotocol = \"http\"\n[control_plane]",
                 "key `transparent.inbound_listen`: cannot be used with [inbound] protocol = \"http\"",
+            ),
+            (
+                "[control_plane]",
+                "exclude_inbound_ports = [0]\n[control_plane]",
+                "key `transparent.exclude_inbound_ports`: 0 is not a port",
+            ),
+            (
+                "[control_plane]",
+                "exclude_inbound_ports = [70000]\n[control_plane]",
+                "transparent.exclude_inbound_ports",
             ),
             (
                 "127.0.0.1:15001",

@@ -252,7 +252,10 @@ pub async fn build(
     if !transparent_inbound.is_empty() {
         // local_app is not used: each connection goes to its own original destination.
         let unused = SocketAddr::from(([127, 0, 0, 1], 0));
-        let inbound = Arc::new(new_inbound(unused).transparent(own_ports.clone()));
+        // Never a destination: the proxy's own ports, and those the redirect leaves out.
+        let mut never = own_ports.clone();
+        never.extend(transparent.map_or(&[][..], |t| &t.exclude_inbound_ports));
+        let inbound = Arc::new(new_inbound(unused).transparent(never));
         for listener in transparent_inbound {
             roles.push(("transparent.inbound".to_owned(), local(&listener)));
             tokio::spawn(inbound.clone().run(listener));
