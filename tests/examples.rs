@@ -166,6 +166,20 @@ const MANIFESTS: [&str; 2] = [
     "examples/kubernetes/order-transparent.yaml",
 ];
 
+/// The manifest's sidecar config (its ConfigMap's `ward.toml`), its Pod and the `ward` container.
+fn sidecar(docs: &[Value]) -> (ProxyConfig, &Value, &Value) {
+    let config_map = kind(docs, "ConfigMap");
+    let config = parse_config(str_of(&config_map["data"]["ward.toml"], "ward.toml"));
+    let pod = kind(docs, "Pod");
+    let ward = pod["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == "ward")
+        .expect("a container named ward");
+    (config, pod, ward)
+}
+
 fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
     assert_eq!(found.len(), 1, "one {kind} in the manifest");
@@ -216,14 +230,7 @@ fn sidecar_gets_every_file_its_config_names(rel: &str) {
     };
     let manifest = read(rel);
     let config_map = kind(&docs, "ConfigMap");
-    let config = parse_config(str_of(&config_map["data"]["ward.toml"], "ward.toml"));
-    let pod = kind(&docs, "Pod");
-    let ward = pod["spec"]["containers"]
-        .as_array()
-        .expect("containers")
-        .iter()
-        .find(|c| c["name"] == "ward")
-        .expect("a container named ward");
+    let (config, pod, ward) = sidecar(&docs);
 
     // The config: the file the ConfigMap mounts is the one `--config` names.
     let args: Vec<&str> = ward["args"]
@@ -399,16 +406,8 @@ fn the_transparent_example_redirects_to_the_sidecars_ports_and_exempts_its_uid()
     let Some(docs) = yaml_docs(rel) else {
         return;
     };
-    let config_map = kind(&docs, "ConfigMap");
-    let config = parse_config(str_of(&config_map["data"]["ward.toml"], "ward.toml"));
+    let (config, pod, ward) = sidecar(&docs);
     let transparent = config.transparent.as_ref().expect("[transparent]");
-    let pod = kind(&docs, "Pod");
-    let ward = pod["spec"]["containers"]
-        .as_array()
-        .expect("containers")
-        .iter()
-        .find(|c| c["name"] == "ward")
-        .expect("a container named ward");
     let init = &pod["spec"]["initContainers"][0];
     let args: Vec<&str> = init["args"]
         .as_array()

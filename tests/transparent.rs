@@ -238,6 +238,12 @@ impl Server {
         out
     }
 
+    /// The one intention of these tests: `order` may call `inventory`.
+    fn allow_order_to_inventory(&self, cp: &Host) {
+        let args = "intention create --source order --destination inventory --action allow";
+        self.cli(cp, &args.split(' ').collect::<Vec<_>>());
+    }
+
     fn token(&self, cp: &Host, service: &str) -> String {
         let out = self.cli(cp, &["token", "create", "--service", service]);
         out.stdout.trim().to_owned()
@@ -470,19 +476,7 @@ fn run(backend: Backend, family: Family) {
     let mut checks = Checks::default();
 
     let server = Server::start(cp, family, &dir);
-    server.cli(
-        cp,
-        &[
-            "intention",
-            "create",
-            "--source",
-            "order",
-            "--destination",
-            "inventory",
-            "--action",
-            "allow",
-        ],
-    );
+    server.allow_order_to_inventory(cp);
 
     // b: the app on every address and one on loopback only, then its sidecar.
     let app = start_app(b, &dir, APP_UID, MARKER, APP_PORT, &["0.0.0.0", "::"]);
@@ -764,19 +758,7 @@ fn a_proxy_the_redirect_does_not_exempt_refuses_its_own_connections_as_a_loop() 
     let lan = Lan::new(&["cp", "a", "b"]);
     let (cp, a, b) = (lan.host("cp"), lan.host("a"), lan.host("b"));
     let server = Server::start(cp, family, &dir);
-    server.cli(
-        cp,
-        &[
-            "intention",
-            "create",
-            "--source",
-            "order",
-            "--destination",
-            "inventory",
-            "--action",
-            "allow",
-        ],
-    );
+    server.allow_order_to_inventory(cp);
     let app = start_app(b, &dir, APP_UID, MARKER, APP_PORT, &["0.0.0.0", "::"]);
     let token = server.token(cp, "inventory");
     let _b_pod = Pod::start(
