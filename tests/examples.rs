@@ -440,12 +440,10 @@ fn the_transparent_example_redirects_to_the_sidecars_ports_and_exempts_its_uid()
         "the admin port is left out of the redirect: {excluded}"
     );
     // The config names the same ports, so no tunnel stream reaches them either.
-    let mirrored: Vec<String> = transparent
-        .exclude_inbound_ports
-        .iter()
-        .map(u16::to_string)
-        .collect();
-    assert_eq!(excluded.split(',').collect::<Vec<_>>(), mirrored);
+    assert_eq!(
+        ward_config::ports::parse_list(&excluded).expect("the flag's ports"),
+        transparent.exclude_inbound_ports
+    );
     let caps = &init["securityContext"]["capabilities"]["add"];
     assert!(caps
         .as_array()

@@ -7,6 +7,7 @@ pub mod error;
 pub mod identity;
 pub mod intentions;
 pub mod permission;
+pub mod ports;
 pub mod private_dir;
 pub mod proxy;
 pub mod server;

@@ -51,9 +51,10 @@ pub struct TransparentConfig {
     /// Where the app's outgoing connections are redirected (loopback only).
     pub outbound_listen: Option<SocketAddr>,
     pub outbound_policy: OutboundPolicy,
-    /// The ports `ward redirect --exclude-inbound-ports` leaves out: a tunnel stream may not name
-    /// them (they are reached without the mesh, or fenced by other means).
-    pub exclude_inbound_ports: Vec<u16>,
+    /// The ports `ward redirect --exclude-inbound-ports` leaves out, written as the flag is
+    /// (`22,8000-8080`): a tunnel stream may not name them (they are reached without the mesh,
+    /// or fenced by other means).
+    pub exclude_inbound_ports: Vec<std::ops::RangeInclusive<u16>>,
 }
 
 /// What the transparent outbound does with a destination no mesh service owns.
@@ -256,8 +257,7 @@ struct RawTransparent {
     inbound_listen: Option<SocketAddr>,
     outbound_listen: Option<SocketAddr>,
     outbound_policy: Option<OutboundPolicy>,
-    #[serde(default)]
-    exclude_inbound_ports: Vec<u16>,
+    exclude_inbound_ports: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -339,17 +339,16 @@ impl ProxyConfig {
                         "cannot be used with [inbound] protocol = \"http\": the transparent inbound decides per connection, not per request, so it would let L7 permissions through",
                     ));
                 }
-                if t.exclude_inbound_ports.contains(&0) {
-                    return Err(invalid(
-                        "transparent.exclude_inbound_ports",
-                        "0 is not a port",
-                    ));
-                }
+                let exclude_inbound_ports =
+                    crate::ports::parse_list(t.exclude_inbound_ports.as_deref().unwrap_or(""))
+                        .map_err(|e| {
+                            invalid("transparent.exclude_inbound_ports", &e.to_string())
+                        })?;
                 Some(TransparentConfig {
                     inbound_listen: t.inbound_listen,
                     outbound_listen: t.outbound_listen,
                     outbound_policy: t.outbound_policy.unwrap_or(OutboundPolicy::RegistryOnly),
-                    exclude_inbound_ports: t.exclude_inbound_ports,
+                    exclude_inbound_ports,
                 })
             }
         };
@@ -778,12 +777,12 @@ ca_file = "ca.pem"
         assert!(t.exclude_inbound_ports.is_empty());
         let excluded = parse(&TRANSPARENT.replace(
             "[control_plane]",
-            "exclude_inbound_ports = [22, 9090]\n[control_plane]",
+            "exclude_inbound_ports = \"22,8000-8080\"\n[control_plane]",
         ))
         .unwrap();
         assert_eq!(
             excluded.transparent.unwrap().exclude_inbound_ports,
-            [22, 9090]
+            [22..=22, 8000..=8080]
         );
         let open = parse(&TRANSPARENT.replace(
             "[control_plane]",
@@ -822,13 +821,13 @@ ca_file = "ca.pem"
             ),
             (
                 "[control_plane]",
-                "exclude_inbound_ports = [0]\n[control_plane]",
-                "key `transparent.exclude_inbound_ports`: 0 is not a port",
+                "exclude_inbound_ports = \"22,0\"\n[control_plane]",
+                "key `transparent.exclude_inbound_ports`: \"0\" is not a port",
             ),
             (
                 "[control_plane]",
-                "exclude_inbound_ports = [70000]\n[control_plane]",
-                "transparent.exclude_inbound_ports",
+                "exclude_inbound_ports = \"9-8\"\n[control_plane]",
+                "key `transparent.exclude_inbound_ports`: \"9-8\" is not a port range",
             ),
             (
                 "127.0.0.1:15001",

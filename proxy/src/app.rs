@@ -253,8 +253,13 @@ pub async fn build(
         // local_app is not used: each connection goes to its own original destination.
         let unused = SocketAddr::from(([127, 0, 0, 1], 0));
         // Never a destination: the proxy's own ports, and those the redirect leaves out.
-        let mut never = own_ports.clone();
-        never.extend(transparent.map_or(&[][..], |t| &t.exclude_inbound_ports));
+        let mut never: Vec<_> = own_ports.iter().map(|&p| p..=p).collect();
+        never.extend(
+            transparent
+                .map_or(&[][..], |t| &t.exclude_inbound_ports)
+                .iter()
+                .cloned(),
+        );
         let inbound = Arc::new(new_inbound(unused).transparent(never));
         for listener in transparent_inbound {
             roles.push(("transparent.inbound".to_owned(), local(&listener)));

@@ -40,8 +40,10 @@ enum Target {
     /// `[inbound] local_app`.
     LocalApp(SocketAddr),
     /// `[transparent] inbound_listen`: the pod's own address at the port the connection (or
-    /// its tunnel stream) was addressed to; `own_ports` are the proxy's listeners, never a target.
-    Transparent { own_ports: Arc<[u16]> },
+    /// its tunnel stream) was addressed to; never a port of `never`.
+    Transparent {
+        never: Arc<[std::ops::RangeInclusive<u16>]>,
+    },
 }
 
 impl Target {
@@ -49,7 +51,7 @@ impl Target {
     fn destination(&self, tcp: &TcpStream) -> Destination {
         match self {
             Target::LocalApp(app) => Destination::LocalApp(*app),
-            Target::Transparent { own_ports } => {
+            Target::Transparent { never } => {
                 let local = tcp
                     .local_addr()
                     .ok()
@@ -63,7 +65,7 @@ impl Target {
                 Destination::Pod {
                     ip: local.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |l| l.ip()),
                     redirected,
-                    own_ports: own_ports.clone(),
+                    never: never.clone(),
                 }
             }
         }
@@ -113,10 +115,10 @@ impl Inbound {
 
     /// This inbound as `[transparent] inbound_listen`: each connection goes to the pod's own
     /// address at its original destination port, each tunnel stream at the port it names; never
-    /// to one of `own_ports` (the proxy's listeners).
-    pub fn transparent(mut self, own_ports: Vec<u16>) -> Self {
+    /// to a port of `never` (the proxy's listeners, and those the redirect leaves out).
+    pub fn transparent(mut self, never: Vec<std::ops::RangeInclusive<u16>>) -> Self {
         self.target = Target::Transparent {
-            own_ports: own_ports.into(),
+            never: never.into(),
         };
         self.http = None;
         self

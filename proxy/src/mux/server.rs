@@ -11,6 +11,7 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode, Uri};
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,11 +40,12 @@ pub enum Destination {
     /// A transparent inbound: a stream naming `:PORT` goes to the pod's own address `ip` (where
     /// the tunnel connection arrived) at that port; one naming no port goes to `redirected`,
     /// the original destination port of the tunnel connection itself, if it was redirected.
-    /// Never to loopback, another host, or one of the proxy's own ports.
+    /// Never to loopback, another host, or a port of `never` (the proxy's own, and those the
+    /// redirect leaves out).
     Pod {
         ip: IpAddr,
         redirected: Option<u16>,
-        own_ports: Arc<[u16]>,
+        never: Arc<[RangeInclusive<u16>]>,
     },
 }
 
@@ -56,14 +58,15 @@ impl Destination {
         }
     }
 
-    /// The pod's own address at `port`, unless that would reach loopback or the proxy itself.
+    /// The pod's own address at `port`, unless that would reach loopback, the proxy itself or a
+    /// port the redirect leaves out.
     fn pod_port(&self, port: u16) -> Option<SocketAddr> {
         match self {
-            Destination::Pod { ip, own_ports, .. }
+            Destination::Pod { ip, never, .. }
                 if port != 0
                     && !ip.is_loopback()
                     && !ip.is_unspecified()
-                    && !own_ports.contains(&port) =>
+                    && !never.iter().any(|r| r.contains(&port)) =>
             {
                 Some(SocketAddr::new(*ip, port))
             }
@@ -424,7 +427,7 @@ mod tests {
         let pod = |ip: &str, redirected: Option<u16>| Destination::Pod {
             ip: ip.parse().unwrap(),
             redirected,
-            own_ports: vec![15001, 15006, 19000].into(),
+            never: vec![15001..=15001, 15006..=15006, 19000..=19000, 22..=23].into(),
         };
         let resolve = |d: &Destination, authority: &str| {
             d.resolve(&Method::CONNECT, &authority.parse().unwrap(), "web.default")
@@ -440,8 +443,8 @@ mod tests {
             Err(StatusCode::MISDIRECTED_REQUEST)
         );
         assert_eq!(b.default_target(), None);
-        // The proxy's own listeners are never a destination.
-        for own in ["web.default:15006", "web.default:19000"] {
+        // The proxy's own listeners, and ports the redirect leaves out, are never a destination.
+        for own in ["web.default:15006", "web.default:19000", "web.default:23"] {
             assert_eq!(
                 resolve(&b, own),
                 Err(StatusCode::MISDIRECTED_REQUEST),

@@ -67,9 +67,15 @@ impl FromStr for ProxyUid {
 
 /// A port number, 1 to 65535.
 pub fn parse_port(s: &str) -> Result<u16, SpecError> {
-    match s.trim().parse::<u16>() {
-        Ok(p) if p > 0 => Ok(p),
-        _ => Err(SpecError::BadPort(s.to_owned())),
+    ward_config::ports::parse_port(s).map_err(SpecError::from)
+}
+
+impl From<ward_config::ports::PortError> for SpecError {
+    fn from(e: ward_config::ports::PortError) -> Self {
+        match e {
+            ward_config::ports::PortError::Bad(s) => SpecError::BadPort(s),
+            ward_config::ports::PortError::Reversed(s) => SpecError::ReversedRange(s),
+        }
     }
 }
 
@@ -83,17 +89,11 @@ pub struct PortRange {
 impl FromStr for PortRange {
     type Err = SpecError;
     fn from_str(s: &str) -> Result<Self, SpecError> {
-        let (first, last) = match s.split_once('-') {
-            Some((a, b)) => (parse_port(a)?, parse_port(b)?),
-            None => {
-                let p = parse_port(s)?;
-                (p, p)
-            }
-        };
-        if first > last {
-            return Err(SpecError::ReversedRange(s.to_owned()));
-        }
-        Ok(Self { first, last })
+        let range = ward_config::ports::parse_range(s)?;
+        Ok(Self {
+            first: *range.start(),
+            last: *range.end(),
+        })
     }
 }
 
