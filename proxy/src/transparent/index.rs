@@ -1,9 +1,9 @@
 //! Which mesh service owns an IP address: how the transparent outbound turns the original
 //! destination an app connected to into a service, its expected identity and its sidecar.
 //!
-//! Fed with every service's endpoints (the catalog's `WatchEndpoints` with `all`, or the static
-//! `[[upstreams]] endpoints`). An address that two services claim maps to neither: the outbound
-//! refuses it rather than guess whose identity to expect (fail closed).
+//! Fed with every service's endpoints by the catalog's `WatchEndpoints` with `all`. An address
+//! that two services claim maps to neither: the outbound refuses it rather than guess whose
+//! identity to expect (fail closed).
 
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
