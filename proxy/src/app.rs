@@ -276,6 +276,7 @@ pub async fn build(
     }
     let index = Arc::new(crate::transparent::index::MeshIndex::default());
     if let Some(t) = transparent.filter(|_| !transparent_outbound.is_empty()) {
+        let _ = inputs.mesh_index.set(index.clone());
         let outbound = Arc::new(crate::transparent::outbound::TransparentOutbound::new(
             inputs.clone(),
             index.clone(),

@@ -92,6 +92,11 @@ impl MeshIndex {
         }));
     }
 
+    /// Whether the catalog has answered once.
+    pub fn published(&self) -> bool {
+        self.current.load().published
+    }
+
     /// Who owns `ip`.
     pub fn owner(&self, ip: IpAddr) -> Owner {
         let index = self.current.load();
