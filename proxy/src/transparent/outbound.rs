@@ -216,7 +216,13 @@ impl TransparentOutbound {
             .and_then(|s| s.local_addr().ok())
             .map(|a| a.port());
         let (Ok(socket), Some(port)) = (bound, port) else {
-            tracing::warn!("cannot open a socket for a passthrough connection");
+            // Out of file descriptors or ports, typically: said at most once a second.
+            if let Some(left_out) = self.refusal_log.admit() {
+                tracing::warn!(
+                    left_out,
+                    "cannot open a socket for a passthrough connection"
+                );
+            }
             return;
         };
         self.passthrough.insert(port, ());
