@@ -309,6 +309,18 @@ impl Output {
         }
     }
 
+    /// Waits until the stream has ended, at most until `deadline`; whether it did.
+    pub fn wait_closed(&self, deadline: Instant) -> bool {
+        let mut state = self.lines.lock().unwrap();
+        loop {
+            let now = Instant::now();
+            if state.1 || now >= deadline {
+                return state.1;
+            }
+            state = self.changed.wait_timeout(state, deadline - now).unwrap().0;
+        }
+    }
+
     /// Waits up to `timeout` until `pred` holds for the lines so far (`false` if it never did).
     pub fn wait_until(&self, timeout: Duration, pred: impl Fn(&[String]) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
@@ -351,19 +363,12 @@ impl Spawned {
     }
 
     /// Waits up to `timeout` for it to exit (after a [`Spawned::signal`]); whether it did.
+    /// Its stdout and stderr close when it exits (it is their only writer), so their ends are
+    /// the condition; then it is reaped.
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
-        // Its stdout closes when it exits (it is the only writer of the pipe).
-        self.stdout.wait_until(timeout, |_| false);
-        let deadline = Instant::now() + Duration::from_secs(1);
-        loop {
-            if !self.is_running() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        let deadline = Instant::now() + timeout;
+        let closed = self.stdout.wait_closed(deadline) && self.stderr.wait_closed(deadline);
+        closed && self.child.wait().is_ok()
     }
 
     /// Everything it printed so far, for a failure message.
