@@ -55,6 +55,26 @@ PORTS = {  # (outbound hop listen, inbound hop listen, admin ports for ward)
     "stunnel": (PORT_BASE + 40, PORT_BASE + 41),
 }
 WARD_ADMIN = (PORT_BASE + 12, PORT_BASE + 13)
+# [limits] of the `ward` setup, `key=value` separated by `;` (say
+# "max_tunnel_buffer_bytes=419430400").
+WARD_LIMITS = ENV.get("WARD_LIMITS", "")
+# More ward setups in the same run, each a pair of its own, space-separated `name=binary` or
+# `name=binary;limit=value;...`: setup `ward-<name>` (a build from before a change, another
+# crypto provider, other limits), measured beside `ward` round after round.
+WARD_ALT = {}
+for i, spec in enumerate(ENV.get("WARD_ALT", "").split()):
+    name, _, rest = spec.partition("=")
+    binary, *limits = rest.split(";")
+    base = PORT_BASE + 50 + 10 * i
+    WARD_ALT[f"ward-{name}"] = {"bin": binary, "limits": ";".join(limits),
+                                "ports": (base, base + 1), "admin": (base + 2, base + 3)}
+    PORTS[f"ward-{name}"] = (base, base + 1)
+    if f"ward-{name}" not in SETUPS:
+        SETUPS.insert(SETUPS.index("ward") + 1 + i if "ward" in SETUPS else 0, f"ward-{name}")
+IPERF_ARGS = ENV.get("IPERF_ARGS", "").split()
+ALL_WORKLOADS = ("keepalive", "seq", "newconn", "hold", "iperf")
+# A subset for a quick look at one column: `WORKLOADS=iperf`.
+WORKLOADS = set(ENV.get("WORKLOADS", ",".join(ALL_WORKLOADS)).split(","))
 
 started = []  # Popen objects we own
 
@@ -153,18 +173,29 @@ def cpu_s(pids):
 
 # ---------------------------------------------------------------- configs
 
-def ward_configs(default):
-    out_p, in_p = PORTS["ward"]
+def ward_setup(name):
+    """(binary, [limits] lines, (outbound, inbound) ports, admin ports) of a ward setup."""
+    if name in WARD_ALT:
+        a = WARD_ALT[name]
+        return a["bin"], a["limits"], a["ports"], a["admin"]
+    return WARD_BIN, WARD_LIMITS, PORTS["ward"], WARD_ADMIN
+
+
+def ward_configs(default, name="ward"):
+    _, limits, (out_p, in_p), admin = ward_setup(name)
+    limits = "".join(f"{k.strip()} = {v.strip()}\n"
+                     for k, _, v in (x.partition("=") for x in limits.split(";")) if k.strip())
+    limits = f"\n[limits]\n{limits}" if limits else ""
     tls = (f'[tls]\ncert_file = "{PKI}/{{svc}}.chain.pem"\nkey_file = "{PKI}/{{svc}}.key.pem"\n'
            f'ca_file = "{PKI}/root.pem"\n')
     outbound = (f'[service]\nname = "order"\n\n[[upstreams]]\nservice = "inventory"\n'
                 f'listen = "127.0.0.1:{out_p}"\nprotocol = "tcp"\nendpoints = ["127.0.0.1:{in_p}"]\n\n'
-                + tls.format(svc="order") + f'\n[admin]\nlisten = "127.0.0.1:{WARD_ADMIN[0]}"\n')
+                + tls.format(svc="order") + f'\n[admin]\nlisten = "127.0.0.1:{admin[0]}"\n' + limits)
     inbound = (f'[service]\nname = "inventory"\n\n[inbound]\nlisten = "127.0.0.1:{in_p}"\n'
                f'local_app = "127.0.0.1:{BACKEND}"\nprotocol = "tcp"\n\n'
                + tls.format(svc="inventory")
                + '\n[intentions]\ndefault = "deny"\nrules = [{ source = "order", action = "allow" }]\n'
-               + f'\n[admin]\nlisten = "127.0.0.1:{WARD_ADMIN[1]}"\n')
+               + f'\n[admin]\nlisten = "127.0.0.1:{admin[1]}"\n' + limits)
     return outbound, inbound
 
 
@@ -242,13 +273,14 @@ def write(name, text):
 def start_setup(name, default):
     """Starts the two hops of `name`; returns the list of Popen (outbound, inbound)."""
     tag = "default" if default else "pinned"
-    if name == "ward":
-        o, i = ward_configs(default)
+    if name == "ward" or name in WARD_ALT:
+        o, i = ward_configs(default, name)
+        binary = ward_setup(name)[0]
         procs = []
         for hop, text in (("out", o), ("in", i)):
-            cfg = write(f"ward-{hop}.toml", text)
-            argv = [WARD_BIN, "proxy", "--config", cfg] + ([] if default else ["--workers", "1"])
-            procs.append(spawn(f"ward-{hop}-{tag}", argv, env=dict(ENV, WARD_LOG="warn")))
+            cfg = write(f"{name}-{hop}.toml", text)
+            argv = [binary, "proxy", "--config", cfg] + ([] if default else ["--workers", "1"])
+            procs.append(spawn(f"{name}-{hop}-{tag}", argv, env=dict(ENV, WARD_LOG="warn")))
         return procs
     if name == "haproxy":
         o, i = haproxy_configs(default)
@@ -363,7 +395,8 @@ def wrk(port, conns, extra=()):
 
 
 def iperf(port):
-    r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(DURATION), "-J"],
+    r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(DURATION), "-J",
+                        *IPERF_ARGS],
                        capture_output=True, text=True, timeout=DURATION + 30)
     try:
         j = json.loads(r.stdout)
@@ -537,16 +570,16 @@ def table(med, cols):
             v = med[s].get(key)
             cells.append(fmt.format(v) if v is not None else "—")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    if "ward" in med:
+    for s in [s for s in SETUPS if s == "ward" or s in WARD_ALT]:
         cells = []
         for _, key, higher, _ in present:
             b, who = best_peer(med, key, higher)
-            w = med["ward"].get(key)
+            w = med[s].get(key)
             if b is None or w is None or b == 0:
                 cells.append("—")
             else:
                 cells.append(f"{w / b:.2f}x ({who})")
-        lines.append("| **ward / best peer** | " + " | ".join(cells) + " |")
+        lines.append(f"| **{s} / best peer** | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -614,7 +647,7 @@ def cpu_model():
 
 def main():
     t0 = time.time()
-    raw = {"pinned": run_suite(False, ROUNDS, {"keepalive", "seq", "newconn", "hold", "iperf"})}
+    raw = {"pinned": run_suite(False, ROUNDS, WORKLOADS & set(ALL_WORKLOADS))}
     if DEFAULTS:
         raw["defaults"] = run_suite(True, DEFAULT_ROUNDS, {"keepalive", "seq", "newconn"})
     raw["meta"] = {
@@ -634,7 +667,10 @@ def main():
             "openssl": version(["openssl", "version"]),
             "wrk": version(["wrk", "-v"]),
             "iperf3": version(["iperf3", "--version"]),
+            **{s: version([a["bin"], "--version"]) for s, a in WARD_ALT.items()},
         },
+        "ward_limits": {"ward": WARD_LIMITS, **{s: a["limits"] for s, a in WARD_ALT.items()}},
+        "iperf_args": IPERF_ARGS,
         "link_order": link_order_coverage(),
     }
     with open(RAW, "w") as f:
@@ -654,6 +690,11 @@ def link_order_coverage():
         return None
     have = {line.split()[-1] for line in out.splitlines() if line.strip()}
     return {"listed": len(listed), "present": len(listed & have)}
+
+
+def limits_note(meta, setup):
+    limits = meta.get("ward_limits", {}).get(setup)
+    return f"; `[limits]` {limits}" if limits else ""
 
 
 def render(raw):
@@ -688,7 +729,9 @@ def render(raw):
     md.append("## Versions and settings (pinned table)\n")
     md.append("| setup | version | per hop |\n|---|---|---|")
     md.append(f"| ward | {versions['ward']} | `ward proxy --workers 1` (one thread: tokio current-thread runtime); "
-              "ward's own TLS settings |")
+              "ward's own TLS settings" + limits_note(meta, "ward") + " |")
+    for s in sorted(k for k in versions if k.startswith("ward-")):
+        md.append(f"| {s} | {versions[s]} | as ward" + limits_note(meta, s) + " |")
     md.append(f"| haproxy | {versions['haproxy']} | `nbthread 1`, mode tcp; `no-ssl-reuse` on the "
               "server line, `no-tls-tickets` on the bind |")
     md.append(f"| nginx | {versions['nginx']} | `worker_processes 1` (+ master), stream module; "
@@ -701,7 +744,9 @@ def render(raw):
         md.append(f"ward's binary has {lo['present']} of the {lo['listed']} functions of its link "
                   "order (`perf/ward.order`, see perf/README.md).\n")
     md.append(f"TLS library of the peers: {versions['openssl']}; load: {versions['wrk']}, "
-              f"{versions['iperf3']}. Resumption is off for every peer in this table so that "
+              f"{versions['iperf3']}"
+              + (f" (`{' '.join(meta['iperf_args'])}`)" if meta.get("iperf_args") else "")
+              + ". Resumption is off for every peer in this table so that "
               "every peer connection pays a full mutual handshake.\n")
     md.append(f"## Medians of {rounds} round{'s' if rounds != 1 else ''}, one worker per hop\n")
     speed = ("ka_rps", "ka_p99_ms", "seq_p50_us", "seq_p99_us", "added_p50_us", "new_cps",

@@ -19,6 +19,11 @@
 #   H2_CONNS [10], H2_STREAMS [10]  h2load's connections and concurrent streams (MODE=http)
 #   WARD_BIN, PKI_BIN, GRPC_BIN  use these ward, ward-perf-pki and ward-perf-grpc-backend
 #                       binaries instead of building them
+#   WARD_LIMITS         `[limits]` of ward, `;`-separated `key=value` ("max_tunnel_buffer_bytes=419430400")
+#   WARD_ALT            more ward setups in the same run, space-separated `name=BINARY[;key=value...]`:
+#                       setup ward-<name> (a build from before a change, other limits) beside ward
+#   WORKLOADS           a subset of keepalive,seq,newconn,hold,iperf (say `iperf` for the bulk column)
+#   IPERF_ARGS          extra iperf3 client arguments (say `-Z`, `-R`, `-l 128K`)
 #   CARGO_TARGET_DIR    where cargo builds (default: cargo's own)
 #   OUT [perf/RESULTS.md]
 #   WORK                scratch directory (default: a new mktemp -d; removed unless KEEP=1)
