@@ -1,6 +1,9 @@
 //! Issue 2, "Must show": the refusals seen from clients nobody here wrote, `openssl s_client`
 //! and Python's `ssl` module, run as subprocesses: each fails with the fitting TLS alert, and a
 //! valid `order` gets its echo.
+//!
+//! Issue 21, item 3: two ward sidecars agree on the hybrid post-quantum key exchange
+//! X25519MLKEM768, and a classical client (OpenSSL offering X25519 and P-256 only) gets X25519.
 
 use ward_test_support as common;
 
@@ -12,8 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use common::cp::echo_once;
+use common::net::metric_sum;
 use common::pki::IdentityFiles;
-use common::{refusal_cases, tool_available, wait_until, Inventory};
+use common::proc::{ProxyConfig, WardProcess};
+use common::{refusal_cases, tool_available, wait_until, write_tls_files, Inventory};
 
 struct Output {
     status: Option<ExitStatus>,
@@ -80,6 +86,17 @@ fn drive(mut child: Child, input: &[u8], until_stdout: Option<&str>, timeout: Du
 }
 
 fn openssl(addr: SocketAddr, roots: &Path, id: Option<&IdentityFiles>, input: &[u8]) -> Output {
+    openssl_with(addr, roots, id, input, &[])
+}
+
+/// [`openssl`] with `extra` arguments for `s_client`.
+fn openssl_with(
+    addr: SocketAddr,
+    roots: &Path,
+    id: Option<&IdentityFiles>,
+    input: &[u8],
+    extra: &[&str],
+) -> Output {
     let mut cmd = Command::new("openssl");
     cmd.arg("s_client")
         .arg("-connect")
@@ -87,7 +104,8 @@ fn openssl(addr: SocketAddr, roots: &Path, id: Option<&IdentityFiles>, input: &[
         .arg("-tls1_3")
         .arg("-CAfile")
         .arg(roots)
-        .arg("-verify_return_error");
+        .arg("-verify_return_error")
+        .args(extra);
     if let Some(id) = id {
         cmd.arg("-cert").arg(&id.leaf).arg("-key").arg(&id.key);
         if let Some(extra) = &id.extra {
@@ -279,5 +297,73 @@ fn python_ssl_sees_the_refusals_as_alerts() {
         "{} failure(s):\n{}",
         failures.len(),
         failures.join("\n----\n")
+    );
+}
+
+/// `ward_tls_key_exchanges_total{direction,group}` of `p`.
+fn key_exchanges(p: &WardProcess, direction: &str, group: &str) -> f64 {
+    metric_sum(
+        &p.metrics(),
+        "ward_tls_key_exchanges_total",
+        &[("direction", direction), ("group", group)],
+    )
+}
+
+#[test]
+fn two_sidecars_agree_on_post_quantum_key_exchange_and_a_classical_client_on_x25519() {
+    let inv = Inventory::start("interop-kx");
+    let files = write_tls_files(&inv.dir, "order", &inv.pki, &inv.pki.leaf("order"));
+    let cfg = inv.dir.join("order.toml");
+    ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
+        .upstream("inventory", &[inv.proxy.inbound()])
+        .write(&cfg);
+    let order = WardProcess::start("order", &cfg, &["upstream.inventory"]);
+    echo_once(
+        order.upstream("inventory"),
+        b"hello-through-the-mesh\n",
+        Duration::from_secs(10),
+    )
+    .expect("echo through order's and inventory's sidecars");
+
+    // The outbound counts its handshake once the tunnel's first frame arrived, which the echo
+    // waited for; the inbound counts it before it forwards. No handshake used a classical group.
+    for (p, direction) in [(&order, "outbound"), (&inv.proxy, "inbound")] {
+        assert!(
+            key_exchanges(p, direction, "X25519MLKEM768") >= 1.0,
+            "{direction}: a handshake with the hybrid group; metrics:\n{}",
+            p.metrics()
+        );
+        assert_eq!(key_exchanges(p, direction, "X25519"), 0.0, "{direction}");
+    }
+
+    if !tool_available("openssl", &["version"]) {
+        return;
+    }
+    let id = inv.pki.leaf("order").write(inv.dir.path(), "openssl-kx");
+    let out = openssl_with(
+        inv.proxy.inbound(),
+        &inv.files.ca,
+        Some(&id),
+        b"hello-from-openssl\n",
+        &["-groups", "X25519:P-256"],
+    );
+    assert!(
+        out.stdout.contains("hello-from-openssl"),
+        "a classical client is served; exit {:?}, output:\n{}",
+        out.status,
+        out.all()
+    );
+    assert!(
+        // OpenSSL 3.0 names the group as "Server Temp Key", 3.2 and later as "Negotiated TLS1.3
+        // group" (3.5 would offer the hybrid group by default, hence `-groups`).
+        out.stdout.contains("Server Temp Key: X25519,") || out.stdout.contains("group: X25519\n"),
+        "openssl reports X25519 as the agreed group:\n{}",
+        out.all()
+    );
+    assert_eq!(
+        key_exchanges(&inv.proxy, "inbound", "X25519"),
+        1.0,
+        "{}",
+        inv.proxy.metrics()
     );
 }

@@ -110,10 +110,10 @@ impl ServerTarget {
         &self,
         credentials: Option<Arc<CredentialStore>>,
     ) -> Result<Channel, tonic::transport::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = ward_proxy::tls::provider();
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("ring supports TLS 1.3")
+            .expect("the provider supports TLS 1.3")
             .dangerous()
             .with_custom_certificate_verifier(self.verifier.clone());
         let mut tls = match credentials {

@@ -190,8 +190,7 @@ impl ServerCert {
     ) -> Result<(CertifiedKey, crate::ca::Issued), ServerCertError> {
         let (issued, key) = ca.issue_server(ips, dns, ttl)?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signer =
-            rustls::crypto::ring::sign::any_ecdsa_type(&der).map_err(ServerCertError::Key)?;
+        let signer = ward_proxy::tls::provider::signing_key(&der).map_err(ServerCertError::Key)?;
         let chain = vec![issued.der.clone(), ca.intermediate().clone()];
         Ok((CertifiedKey::new(chain, signer), issued))
     }
@@ -229,7 +228,7 @@ pub fn tls_config(
     ca: &Ca,
     cert: Arc<ServerCert>,
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = ward_proxy::tls::provider();
     let mut roots = rustls::RootCertStore::empty();
     for r in ca.roots() {
         roots.add(r.der.clone())?;

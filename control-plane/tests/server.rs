@@ -957,7 +957,7 @@ async fn the_server_speaks_tls13_only_as_spiffe_ward_server() {
         roots.add(c.unwrap()).unwrap();
     }
     let roots = std::sync::Arc::new(roots);
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let connect = |versions: &'static [&'static rustls::SupportedProtocolVersion]| {
         let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(versions)
@@ -1072,7 +1072,7 @@ async fn a_client_silent_after_its_tls_handshake_is_closed_at_the_handshake_dead
         roots.add(c.unwrap()).unwrap();
     }
     let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .unwrap()

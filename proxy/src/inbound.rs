@@ -217,6 +217,8 @@ impl Inbound {
             }
         };
         m::handshake(Direction::Inbound, HandshakeResult::Ok, elapsed);
+        let group = tls.get_ref().1.negotiated_key_exchange_group();
+        m::key_exchange(Direction::Inbound, tls::provider::group_name(group));
         let peer_id = session.leaf.id;
         let registration = inputs.connections.register(
             peer_id.clone(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub const HANDSHAKES: &str = "ward_tls_handshakes_total";
 pub const HANDSHAKE_DURATION: &str = "ward_tls_handshake_duration_seconds";
+pub const KEY_EXCHANGES: &str = "ward_tls_key_exchanges_total";
 pub const CONNECTIONS_OPENED: &str = "ward_connections_opened_total";
 pub const CONNECTIONS_CLOSED: &str = "ward_connections_closed_total";
 pub const CONNECTIONS_ACTIVE: &str = "ward_connections_active";
@@ -122,6 +123,10 @@ pub fn describe() {
         Unit::Seconds,
         "TLS handshake duration, from TCP accept or connect"
     );
+    describe_counter!(
+        KEY_EXCHANGES,
+        "Accepted TLS handshakes by direction and key-exchange group (X25519MLKEM768 is post-quantum)"
+    );
     describe_counter!(CONNECTIONS_OPENED, "Connections admitted and forwarded");
     describe_counter!(CONNECTIONS_CLOSED, "Forwarded connections that ended");
     describe_gauge!(CONNECTIONS_ACTIVE, "Forwarded connections open now");
@@ -174,6 +179,9 @@ pub fn describe() {
             counter!(HANDSHAKES, "direction" => d.as_str(), "result" => r.as_str()).absolute(0);
         }
         gauge!(CONNECTIONS_ACTIVE, "direction" => d.as_str()).set(0.0);
+        for g in ["X25519MLKEM768", "X25519"] {
+            counter!(KEY_EXCHANGES, "direction" => d.as_str(), "group" => g).absolute(0);
+        }
         for r in ["ok", "refused"] {
             counter!(MUX_STREAMS, "direction" => d.as_str(), "result" => r).absolute(0);
         }
@@ -185,6 +193,11 @@ pub fn handshake(direction: Direction, result: HandshakeResult, seconds: f64) {
     counter!(HANDSHAKES, "direction" => direction.as_str(), "result" => result.as_str())
         .increment(1);
     metrics::histogram!(HANDSHAKE_DURATION, "direction" => direction.as_str()).record(seconds);
+}
+
+/// The key-exchange group of a handshake counted `ok` (`crate::tls::provider::group_name`).
+pub fn key_exchange(direction: Direction, group: &'static str) {
+    counter!(KEY_EXCHANGES, "direction" => direction.as_str(), "group" => group).increment(1);
 }
 
 pub fn mux_stream(direction: Direction, ok: bool) {

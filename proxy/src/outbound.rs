@@ -334,6 +334,7 @@ impl Upstream {
             endpoint: ep,
             started,
             finished: None,
+            group: "none",
             log: self.failure_log.clone(),
         };
         // SNI is off and the verifier checks the SPIFFE ID, so the name only keys the session
@@ -359,6 +360,8 @@ impl Upstream {
             Ok(Ok(s)) => s,
         };
         unanswered.finished = Some(Instant::now());
+        unanswered.group =
+            tls::provider::group_name(tls.get_ref().1.negotiated_key_exchange_group());
         let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
         // The path the verifier built for the server's chain if it is valid now, else (a
         // resumed session, say) a full verification against our current roots at the current
@@ -486,6 +489,8 @@ pub(crate) struct Unanswered {
     /// From the TCP connect to the end of our side of the handshake: the duration recorded.
     started: Instant,
     finished: Option<Instant>,
+    /// The key-exchange group our side of the handshake agreed on.
+    group: &'static str,
     log: Arc<LineBudget>,
 }
 
@@ -502,6 +507,7 @@ impl Unanswered {
         let seconds = finished.duration_since(self.started).as_secs_f64();
         m::handshake(Direction::Outbound, result, seconds);
         if result == HandshakeResult::Ok {
+            m::key_exchange(Direction::Outbound, self.group);
             return;
         }
         let Some(left_out) = self.log.admit() else {

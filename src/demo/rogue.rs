@@ -69,7 +69,7 @@ pub async fn attempt(addr: SocketAddr, leaf: Option<&LeafFiles>) -> Outcome {
 }
 
 async fn try_connect(addr: SocketAddr, leaf: Option<&LeafFiles>) -> Outcome {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = ward_proxy::tls::provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("TLS 1.3")

@@ -8,8 +8,8 @@ pub(crate) const HEADER: &str = "x-forwarded-client-cert";
 /// `By=<own SPIFFE ID>;Hash=<sha256 of the peer's leaf certificate DER, hex>;URI=<peer's
 /// SPIFFE ID>`. SPIFFE IDs hold none of `,;="`, so no value needs quoting.
 pub(crate) fn value(own: &SpiffeId, peer_leaf_der: &[u8], peer: &SpiffeId) -> HeaderValue {
-    let digest = ring::digest::digest(&ring::digest::SHA256, peer_leaf_der);
-    let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let digest = crate::tls::provider::sha256(peer_leaf_der);
+    let hash: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     HeaderValue::from_str(&format!("By={own};Hash={hash};URI={peer}"))
         .expect("SPIFFE IDs and hex are visible ASCII")
 }

@@ -2,6 +2,7 @@
 //! resumption only under the rules of `tickets.rs`.
 
 use super::credentials::CredentialStore;
+use super::provider::provider;
 use super::verify::{InboundVerifier, OutboundVerifier};
 use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -34,10 +35,6 @@ impl ResolvesClientCert for StoreResolver {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The inbound acceptor's config.
 pub fn server_config(
     credentials: Arc<CredentialStore>,
@@ -46,7 +43,7 @@ pub fn server_config(
 ) -> Arc<rustls::ServerConfig> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("ring supports TLS 1.3")
+        .expect("the provider supports TLS 1.3")
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(StoreResolver(credentials)));
     // Security rule 8 (resumption and early data, docs/security.md): resumption only through
@@ -79,7 +76,7 @@ pub fn client_config(
 ) -> Arc<rustls::ClientConfig> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("ring supports TLS 1.3")
+        .expect("the provider supports TLS 1.3")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(StoreResolver(credentials)));

@@ -73,14 +73,12 @@ pub type ChainKey = [u8; 32];
 /// The key of the chain `end_entity` + `intermediates`, exactly as the peer presented it (and
 /// as rustls keeps it with the session).
 pub fn chain_key(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> ChainKey {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = super::provider::Sha256::default();
     for der in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
         ctx.update(&(der.len() as u64).to_be_bytes());
         ctx.update(der);
     }
-    let mut key = [0u8; 32];
-    key.copy_from_slice(ctx.finish().as_ref());
-    key
+    ctx.finish()
 }
 
 impl std::fmt::Debug for Credentials {
@@ -138,8 +136,7 @@ impl Credentials {
             None,
         )
         .map_err(CredentialError::Chain)?;
-        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-            .map_err(|_| CredentialError::BadKey)?;
+        let signer = super::provider::signing_key(&key).map_err(|_| CredentialError::BadKey)?;
         let key = CertifiedKey::new(chain, signer);
         match key.keys_match() {
             Ok(()) => {}

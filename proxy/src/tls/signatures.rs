@@ -1,6 +1,6 @@
 //! The handshake-signature half of every ward certificate verifier: the proxy's (both ways)
 //! and the control-plane client's. ward's connections are TLS 1.3 only, so a TLS 1.2
-//! signature is refused, and a TLS 1.3 one is checked with the ring provider's algorithms.
+//! signature is refused, and a TLS 1.3 one is checked with the provider's algorithms (`provider.rs`).
 //! A verifier's `impl` writes [`crate::tls13_signatures!`] in place of the three methods.
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -9,10 +9,10 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::CertificateDer;
 use std::sync::OnceLock;
 
-/// The ring provider's signature algorithms, for certificate chains and handshake signatures.
+/// The provider's signature algorithms, for certificate chains and handshake signatures.
 pub fn algorithms() -> &'static WebPkiSupportedAlgorithms {
     static ALGS: OnceLock<WebPkiSupportedAlgorithms> = OnceLock::new();
-    ALGS.get_or_init(|| rustls::crypto::ring::default_provider().signature_verification_algorithms)
+    ALGS.get_or_init(|| super::provider::provider().signature_verification_algorithms)
 }
 
 /// No ward config offers TLS 1.2, so a TLS 1.2 signature is never valid.

@@ -35,7 +35,7 @@ impl std::fmt::Debug for EpochTicketer {
 }
 
 fn new_epoch() -> Option<Epoch> {
-    match rustls::crypto::ring::Ticketer::new() {
+    match super::provider::ticketer() {
         Ok(keys) => Some(Epoch {
             started: Instant::now(),
             keys,

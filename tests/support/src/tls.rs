@@ -16,7 +16,7 @@ use rustls::{
 use super::pki::{uri_sans_of_der, Identity};
 
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// What the client requires of the server's certificate.
