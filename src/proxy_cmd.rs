@@ -8,6 +8,10 @@ use ward_config::proxy::ProxyConfig;
 pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<()> {
     // Before any thread exists: which libraries the release of startup memory may touch.
     ward_proxy::startup_memory::note_startup_libraries();
+    // Buffers the data path frees are reused, not given back to the kernel and faulted in again.
+    if !ward_proxy::heap::keep_freed_memory() {
+        tracing::debug!("the allocator did not take the trim threshold");
+    }
     let mut config = ProxyConfig::load(path)?;
     if check {
         // What start would refuse, without starting: every file it reads, every address it binds.

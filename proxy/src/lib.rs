@@ -32,6 +32,7 @@ pub mod drain;
 pub mod files;
 mod forward;
 pub mod handshakes;
+pub mod heap;
 mod http;
 pub mod inbound;
 pub mod inputs;
