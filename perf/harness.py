@@ -732,12 +732,17 @@ def render(raw):
               "ward's own TLS settings" + limits_note(meta, "ward") + " |")
     for s in sorted(k for k in versions if k.startswith("ward-")):
         md.append(f"| {s} | {versions[s]} | as ward" + limits_note(meta, s) + " |")
-    md.append(f"| haproxy | {versions['haproxy']} | `nbthread 1`, mode tcp; `no-ssl-reuse` on the "
-              "server line, `no-tls-tickets` on the bind |")
-    md.append(f"| nginx | {versions['nginx']} | `worker_processes 1` (+ master), stream module; "
-              "`proxy_ssl_session_reuse off`, `ssl_session_tickets off`, `ssl_session_cache off` |")
-    md.append(f"| stunnel | {versions['stunnel']} | one process per hop (stunnel has no worker "
-              "setting: a thread per connection); `sessionResume = no`, `NO_TICKET` |")
+    peers = set(raw["pinned"])
+    if "haproxy" in peers:
+        md.append(f"| haproxy | {versions['haproxy']} | `nbthread 1`, mode tcp; `no-ssl-reuse` on "
+                  "the server line, `no-tls-tickets` on the bind |")
+    if "nginx" in peers:
+        md.append(f"| nginx | {versions['nginx']} | `worker_processes 1` (+ master), stream "
+                  "module; `proxy_ssl_session_reuse off`, `ssl_session_tickets off`, "
+                  "`ssl_session_cache off` |")
+    if "stunnel" in peers:
+        md.append(f"| stunnel | {versions['stunnel']} | one process per hop (stunnel has no "
+                  "worker setting: a thread per connection); `sessionResume = no`, `NO_TICKET` |")
     md.append(f"| direct | backend alone | — |\n")
     lo = meta.get("link_order")
     if lo:
