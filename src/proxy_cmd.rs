@@ -26,6 +26,7 @@ pub fn run(path: &Path, check: bool, workers: Option<usize>) -> anyhow::Result<(
                 ward_control_client::check(cp, &config.service).map_err(|e| at(&e))?
             }
         }
+        ward_proxy::check_user(&config).map_err(|e| at(&e))?;
         ward_proxy::check_listeners(&config).map_err(|e| at(&e))?;
         println!("{}: ok", path.display());
         return Ok(());

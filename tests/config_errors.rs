@@ -503,3 +503,53 @@ fn check_takes_static_permissions_only_on_an_http_inbound() {
     );
     assert!(stdout.contains("ok"), "{stdout}");
 }
+
+/// Whether this test process runs as root (the effective uid of `/proc/self/status`).
+fn runs_as_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false)
+}
+
+/// Transparent mode as root (which `ward redirect` never exempts, so the proxy's own
+/// connections would come back to it): start refuses it before anything listens, and so does
+/// `--check`, each in one line naming `[transparent]` and root.
+#[test]
+fn transparent_mode_as_root_is_refused_by_start_and_by_check() {
+    if !runs_as_root() {
+        common::skipped("not root: the refusal applies to a proxy running as root");
+        return;
+    }
+    let transparent = free_port();
+    expect_config_error(
+        "transparent-root",
+        |fx| {
+            let state = fx.dir.join("state");
+            control_plane_parts(fx, &state);
+            fx.parts.top = format!("[transparent]\ninbound_listen = \"127.0.0.1:{transparent}\"\n");
+        },
+        &["[transparent]", "runs as root"],
+        true,
+    );
+
+    let mut fx = fixture("check-transparent-root");
+    let state = fx.dir.join("state");
+    control_plane_parts(&mut fx, &state);
+    fx.parts.top = format!("[transparent]\ninbound_listen = \"127.0.0.1:{transparent}\"\n");
+    let (ok, stdout, stderr) = check_config(&fx, "transparent-root");
+    assert!(
+        !ok,
+        "--check passed a transparent proxy running as root:\n{stdout}{stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("[transparent]")
+            && lines[0].contains("runs as root")
+            && lines[0].contains("transparent-root.toml"),
+        "{stderr}"
+    );
+}

@@ -130,6 +130,15 @@ fn with_ipv6_twin(key: &str, listener: TcpListener) -> Result<Vec<TcpListener>, 
     Ok(all)
 }
 
+/// Refuses transparent mode to a proxy running as root, as [`build`] does: `ward redirect`
+/// never exempts uid 0, so the proxy's own connections would come back to it.
+pub fn check_user(config: &ProxyConfig) -> Result<(), BuildError> {
+    if config.transparent.is_some() && runs_as_root() {
+        return Err(BuildError::TransparentAsRoot);
+    }
+    Ok(())
+}
+
 /// Binds every listener of `config` at once, as [`build`] would, and releases them: a port
 /// already in use (or used twice in the config) is the same error start would give.
 pub fn check_listeners(config: &ProxyConfig) -> Result<(), BuildError> {
@@ -152,9 +161,7 @@ pub async fn build(
     prometheus: Option<PrometheusHandle>,
 ) -> Result<ProxyHandle, BuildError> {
     crate::metrics::describe();
-    if config.transparent.is_some() && runs_as_root() {
-        return Err(BuildError::TransparentAsRoot);
-    }
+    check_user(&config)?;
     let credentials = Arc::new(CredentialStore::default());
     let intentions = Arc::new(IntentionStore::default());
 

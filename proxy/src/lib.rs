@@ -50,5 +50,7 @@ mod test_pki;
 pub mod tls;
 pub mod transparent;
 
-pub use app::{build, check_listeners, BuildError, MeshHandles, ProxyHandle, TransparentHandles};
+pub use app::{
+    build, check_listeners, check_user, BuildError, MeshHandles, ProxyHandle, TransparentHandles,
+};
 pub(crate) use ward_config::time::now_unix;
