@@ -533,3 +533,42 @@ fn the_grafana_dashboard_queries_only_metrics_that_exist() {
         refused.join("\n")
     );
 }
+
+/// `ward_ca_expiry_timestamp_seconds{ca}`: the root's is the notAfter of the root in the
+/// server's CA file; the intermediate's ends after the default intermediate_ttl (8760h) and no
+/// later than the root.
+#[test]
+fn the_server_exports_when_its_root_and_intermediate_end() {
+    let dir = TempDir::new("ca-expiry");
+    let server = common::cp::DevServer::start("ca-expiry", dir.path(), None);
+    let text = scrape("server", server.admin);
+    let samples = common::net::parse_prometheus(&text);
+    let expiry = |ca: &str| {
+        samples
+            .iter()
+            .find(|s| {
+                s.name == "ward_ca_expiry_timestamp_seconds"
+                    && s.labels.iter().any(|(k, v)| k == "ca" && v == ca)
+            })
+            .map(|s| s.value)
+            .unwrap_or_else(|| panic!("no ward_ca_expiry_timestamp_seconds{{ca={ca:?}}}:\n{text}"))
+    };
+    let pem = std::fs::read(&server.ca_file).expect("the server's CA file");
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(&pem)
+        .map(|c: rustls_pki_types::CertificateDer<'static>| c)
+        .expect("a root certificate in the CA file");
+    let (_, root) = x509_parser::parse_x509_certificate(&der).expect("the root parses");
+    let root_not_after = root.validity().not_after.timestamp() as f64;
+    assert_eq!(expiry("root"), root_not_after, "{text}");
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let intermediate = expiry("intermediate");
+    let year = 8760.0 * 3600.0;
+    assert!(
+        intermediate > now + year - 600.0 && intermediate <= root_not_after,
+        "intermediate ends at {intermediate}, now {now}, root {root_not_after}"
+    );
+}

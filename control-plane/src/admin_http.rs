@@ -75,8 +75,8 @@ impl Endpoints for ServerAdmin {
             .catalog
             .upgrade()
             .map_or(0, |c| c.snapshot().instances.len());
-        let ca_expiry = self.ca.intermediate_not_after().unix_timestamp();
-        self.metrics.render(n_int, n_inst, ca_expiry)
+        let ca = crate::ca_expiry::CaExpiry::of(&self.ca);
+        self.metrics.render(n_int, n_inst, &ca)
     }
 
     fn config(&self) -> Value {

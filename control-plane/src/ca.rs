@@ -411,6 +411,10 @@ impl Ca {
         self.intermediate_not_after
     }
 
+    pub fn intermediate_not_before(&self) -> OffsetDateTime {
+        self.intermediate_not_before
+    }
+
     /// Verifies a CSR (security rule 2, what a CSR may ask, docs/security.md) and returns the only
     /// two things taken from it.
     pub fn verify_csr(&self, der: &[u8]) -> Result<CsrRequest, CsrError> {

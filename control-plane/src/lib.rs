@@ -56,6 +56,7 @@
 mod admin_http;
 pub mod admin_token;
 pub mod ca;
+pub mod ca_expiry;
 pub mod catalog;
 mod grpc;
 pub mod intentions;

@@ -4,6 +4,7 @@
 //! servers can run in one process, as the tests do. The handles are made once, at start, so
 //! counting is an atomic add. Every label value is from a small fixed set.
 
+use crate::ca_expiry::CaExpiry;
 use crate::grpc::StreamKind;
 use metrics::{counter, describe_counter, describe_gauge, gauge, Counter, Gauge, Unit};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -15,6 +16,7 @@ const INTENTIONS: &str = "ward_server_intentions";
 const CATALOG_INSTANCES: &str = "ward_server_catalog_instances";
 const STREAMS: &str = "ward_server_streams";
 const CA_EXPIRY: &str = "ward_server_ca_expiry_timestamp_seconds";
+const CA_EXPIRY_BY_CA: &str = "ward_ca_expiry_timestamp_seconds";
 
 const STREAM_KINDS: [StreamKind; 4] = [
     StreamKind::Roots,
@@ -39,6 +41,9 @@ pub struct Metrics {
     intentions: Gauge,
     instances: Gauge,
     ca_expiry: Gauge,
+    /// `ca="root"`, `ca="intermediate"`.
+    root_expiry: Gauge,
+    intermediate_expiry: Gauge,
 }
 
 fn idx(k: StreamKind) -> usize {
@@ -67,6 +72,11 @@ impl Default for Metrics {
                 Unit::Seconds,
                 "notAfter of the intermediate CA, as a Unix timestamp"
             );
+            describe_gauge!(
+                CA_EXPIRY_BY_CA,
+                Unit::Seconds,
+                "notAfter of the active root and of the intermediate CA, as Unix timestamps"
+            );
             let sign = |result: &'static str| {
                 let c = counter!(SIGN, "result" => result);
                 c.absolute(0);
@@ -94,6 +104,8 @@ impl Default for Metrics {
                 intentions: zero(gauge!(INTENTIONS)),
                 instances: zero(gauge!(CATALOG_INSTANCES)),
                 ca_expiry: zero(gauge!(CA_EXPIRY)),
+                root_expiry: zero(gauge!(CA_EXPIRY_BY_CA, "ca" => "root")),
+                intermediate_expiry: zero(gauge!(CA_EXPIRY_BY_CA, "ca" => "intermediate")),
             }
         })
     }
@@ -128,12 +140,17 @@ impl Metrics {
         self.streams[idx(k)].decrement(1.0);
     }
 
-    /// Prometheus text exposition; `intentions`, `instances` and `ca_expiry` are gauges read
-    /// at render time.
-    pub fn render(&self, intentions: usize, instances: usize, ca_expiry: i64) -> String {
+    /// Prometheus text exposition; `intentions`, `instances` and the CA's expiry are gauges
+    /// read at render time.
+    pub fn render(&self, intentions: usize, instances: usize, ca: &CaExpiry) -> String {
         self.intentions.set(intentions as f64);
         self.instances.set(instances as f64);
-        self.ca_expiry.set(ca_expiry as f64);
+        let intermediate = ca.intermediate.not_after.unix_timestamp() as f64;
+        self.ca_expiry.set(intermediate);
+        self.intermediate_expiry.set(intermediate);
+        if let Some(root) = ca.root {
+            self.root_expiry.set(root.not_after.unix_timestamp() as f64);
+        }
         self.prometheus.render()
     }
 }
@@ -151,7 +168,18 @@ mod tests {
         a.stream_opened(StreamKind::Register);
         a.stream_opened(StreamKind::Register);
         a.stream_closed(StreamKind::Register);
-        let text = a.render(3, 2, 1_800_000_000);
+        let at = |t| time::OffsetDateTime::from_unix_timestamp(t).unwrap();
+        let expiry = |root, intermediate| CaExpiry {
+            root: Some(crate::ca_expiry::Validity {
+                not_before: at(1_700_000_000),
+                not_after: at(root),
+            }),
+            intermediate: crate::ca_expiry::Validity {
+                not_before: at(1_700_000_000),
+                not_after: at(intermediate),
+            },
+        };
+        let text = a.render(3, 2, &expiry(2_000_000_000, 1_800_000_000));
         for line in [
             "ward_server_sign_total{result=\"ok\"} 1",
             "ward_server_sign_total{result=\"resource_exhausted\"} 1",
@@ -161,13 +189,15 @@ mod tests {
             "ward_server_intentions 3",
             "ward_server_catalog_instances 2",
             "ward_server_ca_expiry_timestamp_seconds 1800000000",
+            "ward_ca_expiry_timestamp_seconds{ca=\"intermediate\"} 1800000000",
+            "ward_ca_expiry_timestamp_seconds{ca=\"root\"} 2000000000",
             "ward_server_tokens_created_total 0",
             "# HELP ward_server_sign_total Identity.Sign calls by result",
             "# TYPE ward_server_streams gauge",
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
         }
-        let other = b.render(0, 0, 0);
+        let other = b.render(0, 0, &expiry(1_700_000_001, 1_700_000_001));
         assert!(
             other
                 .lines()

@@ -601,6 +601,13 @@ async fn housekeeping(
         if let Err(e) = catalog.reap(Instant::now()).await {
             tracing::warn!(error = %e, "catalog cleanup failed");
         }
+        // At start and hourly: the operator hears of a CA that ends soon (ca_expiry.rs).
+        if n == 1 || n.is_multiple_of(3600) {
+            let now = time::OffsetDateTime::now_utc();
+            for warning in crate::ca_expiry::CaExpiry::of(&ca).warnings(now) {
+                tracing::warn!("{warning}");
+            }
+        }
         if n.is_multiple_of(30) {
             if let Err(e) = server_cert.refresh_if_due(&ca) {
                 tracing::error!(error = %e, "cannot renew the server certificate");
