@@ -190,7 +190,8 @@ impl ServerCert {
     ) -> Result<(CertifiedKey, crate::ca::Issued), ServerCertError> {
         let (issued, key) = ca.issue_server(ips, dns, ttl)?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let signer = ward_proxy::tls::provider::signing_key(&der).map_err(ServerCertError::Key)?;
+        let signer =
+            ward_proxy::tls::provider::ecdsa_signing_key(&der).map_err(ServerCertError::Key)?;
         let chain = vec![issued.der.clone(), ca.intermediate().clone()];
         Ok((CertifiedKey::new(chain, signer), issued))
     }

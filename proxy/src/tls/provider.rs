@@ -41,7 +41,15 @@ pub fn signing_key(
     aws_lc_rs::sign::any_supported_type(key)
 }
 
-/// Session-ticket keys (AES-256-GCM under a random key) from the provider.
+/// An ECDSA signer for a private key (PKCS#8 or SEC1 DER): what the control plane's own
+/// certificate uses, refusing any other kind of key.
+pub fn ecdsa_signing_key(
+    key: &rustls_pki_types::PrivateKeyDer<'_>,
+) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+    aws_lc_rs::sign::any_ecdsa_type(key)
+}
+
+/// Session-ticket keys from the provider (random keys, never written anywhere).
 pub fn ticketer() -> Result<Arc<dyn rustls::server::ProducesTickets>, rustls::Error> {
     aws_lc_rs::Ticketer::new()
 }
