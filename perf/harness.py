@@ -62,9 +62,14 @@ WARD_LIMITS = ENV.get("WARD_LIMITS", "")
 # `name=binary;limit=value;...`: setup `ward-<name>` (a build from before a change, another
 # crypto provider, other limits), measured beside `ward` round after round.
 WARD_ALT = {}
-for i, spec in enumerate(ENV.get("WARD_ALT", "").split()):
+ALT_SPECS = ENV.get("WARD_ALT", "").split()
+if len(ALT_SPECS) > 4:  # ports PORT_BASE+50..+89; +100 on are the HTTP harness's
+    sys.exit("perf/harness.py: WARD_ALT takes at most 4 setups")
+for i, spec in enumerate(ALT_SPECS):
     name, _, rest = spec.partition("=")
     binary, *limits = rest.split(";")
+    if not name or not binary:
+        sys.exit(f"perf/harness.py: WARD_ALT entry {spec!r} is not name=BINARY[;key=value...]")
     base = PORT_BASE + 50 + 10 * i
     WARD_ALT[f"ward-{name}"] = {"bin": binary, "limits": ";".join(limits),
                                 "ports": (base, base + 1), "admin": (base + 2, base + 3)}
@@ -75,6 +80,9 @@ IPERF_ARGS = ENV.get("IPERF_ARGS", "").split()
 ALL_WORKLOADS = ("keepalive", "seq", "newconn", "hold", "iperf")
 # A subset for a quick look at one column: `WORKLOADS=iperf`.
 WORKLOADS = set(ENV.get("WORKLOADS", ",".join(ALL_WORKLOADS)).split(","))
+if not WORKLOADS <= set(ALL_WORKLOADS):
+    sys.exit(f"perf/harness.py: WORKLOADS {sorted(WORKLOADS - set(ALL_WORKLOADS))} unknown; "
+             f"known: {','.join(ALL_WORKLOADS)}")
 
 started = []  # Popen objects we own
 

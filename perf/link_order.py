@@ -21,7 +21,7 @@ Symbol names depend on the rustc version, the dependency versions and the releas
 (fat LTO, so no `.llvm.<hash>` names and nothing that depends on the build's paths); a name the
 binary does not have is skipped, so a stale list costs memory, never correctness. Regenerate
 after a toolchain or dependency update, a profile change or a large change to the data path. A native pass with `perf` (page faults of the same workload) appends some of what runs
-only natively (e.g. the variants of ring's assembly this CPU selects, ADX, VAES); it sees one
+only natively (e.g. the variants of the crypto library's assembly this CPU selects, AVX-512, VAES); it sees one
 fault per 64 KiB window, so it finds some, not all.
 """
 
@@ -217,12 +217,12 @@ def profile(exe, mode, runtime_args):
 
 def native_faults(exe, listed):
     """Functions the native run executes that callgrind did not list (among them the variants of
-    ring's assembly that this CPU selects): both hops run without valgrind (`--workers 1`), and
+    the crypto library's assembly that this CPU selects): both hops run without valgrind (`--workers 1`), and
     the page faults of the workload are recorded with `perf`. Only the first fault of each
     64 KiB window is seen, in the binary as it is linked now, so this finds some of what is
     missing, not all; run the script twice to find more. Needs `perf`; returns [] without it."""
     if shutil.which("perf") is None:
-        print("perf not found: the native pass is skipped (ring's CPU-specific code unlisted)")
+        print("perf not found: the native pass is skipped (CPU-specific crypto code unlisted)")
         return []
     procs = start_hops("native", lambda hop, cfg: [exe, "proxy", "--config", cfg,
                                                    "--workers", "1"])

@@ -13,7 +13,7 @@
 #   HOLD_CONNS [1000]   idle connections held for the RSS column
 #   DEFAULTS [1]        also run the everyone's-defaults table (DEFAULT_ROUNDS [1] rounds)
 #   SETUPS [ward,haproxy,nginx,stunnel,direct]
-#   PORT_BASE [24100]   ports PORT_BASE..PORT_BASE+41 on 127.0.0.1 are used
+#   PORT_BASE [24100]   ports PORT_BASE..PORT_BASE+41 on 127.0.0.1 are used (+50..+89 with WARD_ALT)
 #   MODE [l4]           http: the HTTP harness (perf/http_harness.py: wrk, h2load; ward,
 #                       haproxy and nginx as HTTP proxies), which writes its own section of OUT
 #   H2_CONNS [10], H2_STREAMS [10]  h2load's connections and concurrent streams (MODE=http)
