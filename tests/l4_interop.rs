@@ -3,7 +3,8 @@
 //! valid `order` gets its echo.
 //!
 //! Issue 21, item 3: two ward sidecars agree on the hybrid post-quantum key exchange
-//! X25519MLKEM768, and a classical client (OpenSSL offering X25519 and P-256 only) gets X25519.
+//! X25519MLKEM768; a classical client (OpenSSL offering X25519 and P-256 only) gets X25519 from
+//! a ward inbound, and a ward outbound agrees on X25519 with a classical server.
 
 use ward_test_support as common;
 
@@ -366,4 +367,87 @@ fn two_sidecars_agree_on_post_quantum_key_exchange_and_a_classical_client_on_x25
         "{}",
         inv.proxy.metrics()
     );
+}
+
+/// Ends the `openssl s_server` it holds when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_ward_client_agrees_on_x25519_with_a_classical_server() {
+    if !tool_available("openssl", &["version"]) {
+        return;
+    }
+    let inv = Inventory::start("interop-kx-client");
+    // inventory's identity on `openssl s_server` instead of ward: X25519 and P-256 only,
+    // client certificate required, each line sent back reversed.
+    let server_id = inv.pki.leaf("inventory").write(inv.dir.path(), "s-server");
+    let port = common::net::free_port();
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_server",
+        "-accept",
+        &format!("127.0.0.1:{port}"),
+        "-rev",
+        "-tls1_3",
+    ])
+    .args([
+        "-groups",
+        "X25519:P-256",
+        "-Verify",
+        "3",
+        "-verify_return_error",
+    ])
+    .arg("-cert")
+    .arg(&server_id.leaf)
+    .arg("-key")
+    .arg(&server_id.key)
+    .arg("-CAfile")
+    .arg(&inv.files.ca);
+    if let Some(extra) = &server_id.extra {
+        cmd.arg("-cert_chain").arg(extra);
+    }
+    let server = Killed(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn openssl s_server"),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listening = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        common::net::is_listening(addr).then_some(())
+    });
+    assert!(
+        listening.is_some(),
+        "openssl s_server did not listen on {addr}"
+    );
+
+    let files = write_tls_files(&inv.dir, "order", &inv.pki, &inv.pki.leaf("order"));
+    let cfg = inv.dir.join("order-to-openssl.toml");
+    ProxyConfig::new("order", &files.cert, &files.key, &files.ca)
+        .upstream("inventory", &[addr])
+        .write(&cfg);
+    let order = WardProcess::start("order", &cfg, &["upstream.inventory"]);
+    let mut s = std::net::TcpStream::connect(order.upstream("inventory")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"hello\n").unwrap();
+    let mut back = [0u8; 6];
+    s.read_exact(&mut back)
+        .expect("the reversed line from openssl s_server");
+    assert_eq!(&back, b"olleh\n");
+    // Counted before the server's first record reached the client (outbound.rs, `Answered`).
+    assert!(
+        key_exchanges(&order, "outbound", "X25519") == 1.0
+            && key_exchanges(&order, "outbound", "X25519MLKEM768") == 0.0,
+        "one outbound handshake with X25519:\n{}",
+        order.metrics()
+    );
+    drop(server);
 }
