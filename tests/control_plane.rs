@@ -8,7 +8,8 @@
 //! - kill -9 of the server: the data plane keeps working; after the restart the proxies
 //!   reconnect and apply a change written after it;
 //! - allow -> deny: new handshakes refused and the open connection closed, each within 1 s;
-//! - kill -9 during a burst of intention writes: every acknowledged write survives.
+//! - kill -9 during a burst of intention writes: every acknowledged write survives;
+//! - a proxy whose certificate cannot be renewed warns once 80 % of its life has passed.
 
 use ward_test_support as common;
 
@@ -894,4 +895,29 @@ fn a_transparent_sidecar_registers_its_port_and_indexes_services_it_never_named(
     stop.cancel();
     rt.block_on(client).unwrap();
     drop(transparent_inbound);
+}
+
+/// Issue 22, item 3: with the server gone, the proxies keep their certificates and retry; once
+/// 80 % of a certificate's life has passed without a renewal, each proxy says so in a warning
+/// of its own (the routine "renewal failed" lines say nothing of how close the end is).
+#[test]
+fn a_proxy_that_cannot_renew_warns_when_80_percent_of_its_certificate_life_is_gone() {
+    let mut mesh = Mesh::start("cp-late-renewal", Some("10s"));
+    let since = mesh.order.stderr_len();
+    mesh.server.kill9();
+    let warned = mesh
+        .order
+        .wait_for_stderr(since, Duration::from_secs(20), |l| {
+            l.contains("used 80 % of its life and cannot be renewed")
+        });
+    let line = warned.unwrap_or_else(|| {
+        panic!(
+            "no late-renewal warning within 20 s of a 10 s certificate:\n{}",
+            mesh.order.stderr_text()
+        )
+    });
+    assert!(
+        line.contains("WARN") && line.contains("not_after"),
+        "{line}"
+    );
 }

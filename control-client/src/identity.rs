@@ -366,6 +366,8 @@ impl Identity {
                 _ = tokio::time::sleep_until(at) => {}
             }
             let mut backoff = Backoff::control_plane();
+            // The not_after of the certificate the late-renewal warning was given for.
+            let mut warned_for = None;
             loop {
                 let expired = store.load().is_none_or(|c| c.leaf.not_after <= now_unix());
                 let result = if expired {
@@ -383,6 +385,20 @@ impl Identity {
                         metrics::counter!(ward_proxy::metrics::CERT_RENEWALS, "result" => "error")
                             .increment(1);
                         tracing::warn!("certificate renewal failed; keeping the current one: {e}");
+                        let now = now_unix();
+                        if let Some(c) = store.load() {
+                            let (from, to) = (c.leaf.not_before, c.leaf.not_after);
+                            if late_in_life(from, to, now) && warned_for != Some(to) {
+                                warned_for = Some(to);
+                                tracing::warn!(
+                                    not_after = to,
+                                    "the certificate has used 80 % of its life and cannot be \
+                                     renewed; it expires in {} s, and every mesh connection \
+                                     fails after that unless the control plane answers",
+                                    (to - now).max(0)
+                                );
+                            }
+                        }
                     }
                 }
                 tokio::select! {
@@ -392,6 +408,12 @@ impl Identity {
             }
         }
     }
+}
+
+/// Whether a certificate valid from `not_before` to `not_after` has used 80 % of its life at
+/// `now`: from then on a failed renewal is worth a warning of its own.
+fn late_in_life(not_before: i64, not_after: i64, now: i64) -> bool {
+    now >= not_before + (not_after - not_before) / 5 * 4
 }
 
 pub fn issued_from(resp: v1::SignResponse) -> Issued {
@@ -672,6 +694,13 @@ pub(crate) mod tests {
     }
 
     /// The log lines keep their wording: the variant carries what the old string said.
+    #[test]
+    fn late_in_life_is_the_last_fifth() {
+        assert!(!late_in_life(1000, 2000, 1799));
+        assert!(late_in_life(1000, 2000, 1800));
+        assert!(late_in_life(1000, 2000, 2500));
+    }
+
     #[test]
     fn refusals_read_as_before() {
         let e = CertError::SignRefused {
