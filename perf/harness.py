@@ -678,6 +678,9 @@ def main():
             **{s: version([a["bin"], "--version"]) for s, a in WARD_ALT.items()},
         },
         "ward_limits": {"ward": WARD_LIMITS, **{s: a["limits"] for s, a in WARD_ALT.items()}},
+        # The rows to lay out again when `--render` rewrites RESULTS.md from this file.
+        "setups": SETUPS,
+        "ward_alt": WARD_ALT,
         "iperf_args": IPERF_ARGS,
         "link_order": link_order_coverage(),
     }
@@ -708,6 +711,10 @@ def limits_note(meta, setup):
 def render(raw):
     """Writes OUT (RESULTS.md) from the raw figures; `harness.py --render RAW` redoes it."""
     meta = raw["meta"]
+    # The run's own setups (a raw file from before they were recorded: the environment's).
+    global SETUPS, WARD_ALT
+    SETUPS = meta.get("setups", SETUPS)
+    WARD_ALT = meta.get("ward_alt", WARD_ALT)
     st = meta["settings"]
     rounds, duration, dround = st["ROUNDS"], st["DURATION"], st["DEFAULT_ROUNDS"]
     versions = meta["versions"]
