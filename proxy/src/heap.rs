@@ -6,7 +6,8 @@
 //! and the next allocation faults fresh zeroed pages in again: a profile of both hops under one
 //! iperf3 stream spent about a tenth of their CPU in page faults, page clearing and memory-cgroup
 //! charging. Keeping up to `TRIM_THRESHOLD` free for reuse took single-stream bulk through the
-//! two hops from 4.1-4.5 to 5.0-5.3 Gbit/s in the same run (perf/profile-notes.md, "Bulk").
+//! two hops from 4.1-4.5 to 5.0-5.3 Gbit/s in the same run (perf/profile-notes.md, "L4 bulk and
+//! the crypto provider").
 //!
 //! The cost is bounded: at most `TRIM_THRESHOLD` of freed memory stays resident per malloc
 //! arena after a burst (glibc makes up to 8 arenas per core, as threads contend; `--workers 1`
