@@ -504,22 +504,12 @@ fn check_takes_static_permissions_only_on_an_http_inbound() {
     assert!(stdout.contains("ok"), "{stdout}");
 }
 
-/// Whether this test process runs as root (the effective uid of `/proc/self/status`).
-fn runs_as_root() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
-        .unwrap_or(false)
-}
-
 /// Transparent mode as root (which `ward redirect` never exempts, so the proxy's own
 /// connections would come back to it): start refuses it before anything listens, and so does
 /// `--check`, each in one line naming `[transparent]` and root.
 #[test]
 fn transparent_mode_as_root_is_refused_by_start_and_by_check() {
-    if !runs_as_root() {
+    if !common::proc::runs_as_root() {
         common::skipped("not root: the refusal applies to a proxy running as root");
         return;
     }

@@ -118,7 +118,17 @@ fn check_on_host(what: &str, text: &str, pki: &Pki) {
     }
     let path = dir.join("ward.toml");
     std::fs::write(&path, &text).expect("write config");
-    let child = Command::new(ward_bin())
+    // As in the pod: a transparent sidecar runs as the image's user (ward refuses transparent
+    // mode as root, `--check` too), which owns its files.
+    let mut cmd = Command::new(ward_bin());
+    if config.transparent.is_some() && common::proc::runs_as_root() {
+        let uid = image_uid().to_string();
+        chown_tree(dir.path(), image_uid() as u32);
+        cmd = Command::new("setpriv");
+        cmd.args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .arg(ward_bin());
+    }
+    let child = cmd
         .args(["proxy", "--check", "--config"])
         .arg(&path)
         .stdout(Stdio::piped())
@@ -132,6 +142,19 @@ fn check_on_host(what: &str, text: &str, pki: &Pki) {
         exit.stdout,
         exit.stderr
     );
+}
+
+/// Gives `dir` and everything below it to `uid` (group `uid`).
+fn chown_tree(dir: &Path, uid: u32) {
+    std::os::unix::fs::chown(dir, Some(uid), Some(uid)).expect("chown");
+    for entry in std::fs::read_dir(dir).expect("read_dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            chown_tree(&path, uid);
+        } else {
+            std::os::unix::fs::chown(&path, Some(uid), Some(uid)).expect("chown");
+        }
+    }
 }
 
 #[test]

@@ -595,3 +595,13 @@ pub fn wait_for_exit(mut child: Child, start: Instant, timeout: Duration) -> Exi
         stdout,
     }
 }
+
+/// Whether this test process runs as root (the effective uid of `/proc/self/status`).
+pub fn runs_as_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false)
+}
